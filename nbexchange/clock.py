@@ -1,0 +1,48 @@
+"""Time for the whole exchange: timezone-aware UTC, made and formatted here only."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+#: nbgrader's own timestamp format, used on the wire and in ``timestamp.txt``.
+NBGRADER_FORMAT = "%Y-%m-%d %H:%M:%S.%f %Z"
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(timezone.utc)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """The same moment in UTC; a naive datetime is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+def format_timestamp(moment: datetime) -> str:
+    """Format a moment in nbgrader's format: ``2026-01-31 23:59:59.123456 UTC``."""
+    return as_utc(moment).strftime(NBGRADER_FORMAT)
+
+
+def format_iso(moment: datetime) -> str:
+    """Format a moment as ISO 8601 with microseconds, for the log's canonical encoding."""
+    return as_utc(moment).isoformat(timespec="microseconds")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse a client's timestamp: nbgrader's format or ISO 8601; naive means UTC.
+
+    Raises ``ValueError`` for anything else.
+    """
+    text = text.strip()
+    for suffix in (" UTC", " Z", "Z"):
+        if text.endswith(suffix):
+            text = text[: -len(suffix)]
+            break
+    for fmt in ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S"):
+        try:
+            return datetime.strptime(text, fmt).replace(tzinfo=timezone.utc)
+        except ValueError:
+            pass
+    return as_utc(datetime.fromisoformat(text))
