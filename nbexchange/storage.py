@@ -1,0 +1,234 @@
+"""Durable, content-addressed storage of uploaded archives, each named by the sha256 of its bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from nbexchange.errors import NotFound, TooLarge
+
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+#: How much is read or hashed at a time: files are never held whole in memory.
+CHUNK_SIZE = 1024 * 1024
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class StoredArchive:
+    """An archive safely on disk: its sha256 (hex), its size in bytes and where it lives."""
+
+    sha256: str
+    size: int
+    path: Path
+
+
+class ArchiveStore:
+    """Archives under ``root/archives/ab/<sha256>``; uploads in progress under ``root/tmp``.
+
+    ``root/extracted/ab/<sha256>`` is where a worker puts an archive's unpacked tree.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.archives = self.root / "archives"
+        self.tmp = self.root / "tmp"
+        self.extracted = self.root / "extracted"
+        for folder in (self.root, self.archives, self.tmp, self.extracted):
+            make_dirs(folder)
+
+    def new_upload(self, max_size: int | None = None) -> Upload:
+        """Start a streamed upload that refuses to grow past ``max_size`` bytes."""
+        return Upload(self, max_size)
+
+    def path(self, sha256: str) -> Path:
+        """Where the archive with this sha256 lives; NotFound if it is not stored."""
+        path = self._archive_path(sha256)
+        if not path.is_file():
+            raise NotFound(f"No archive with sha256 {sha256} is stored.")
+        return path
+
+    def exists(self, sha256: str) -> bool:
+        """Whether the archive with this sha256 is stored (never, for a malformed digest)."""
+        if not _is_digest(sha256):
+            return False
+        return self._archive_path(sha256).is_file()
+
+    def open(self, sha256: str) -> BinaryIO:
+        """Open the stored archive for reading; NotFound if it is not stored."""
+        try:
+            return self.path(sha256).open("rb")
+        except FileNotFoundError as e:
+            # Purged between the check and the open.
+            raise NotFound(f"No archive with sha256 {sha256} is stored.") from e
+
+    def remove(self, sha256: str) -> bool:
+        """Purge the archive and its unpacked tree; True if the archive was there to remove."""
+        if not _is_digest(sha256):
+            return False
+        shutil.rmtree(self.extracted_path(sha256), ignore_errors=True)
+        path = self._archive_path(sha256)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        fsync_dir(path.parent)
+        return True
+
+    def verify(self, sha256: str) -> bool:
+        """Whether the stored bytes still hash to their name; NotFound if not stored."""
+        digest = hashlib.sha256()
+        with self.open(sha256) as stored:
+            while chunk := stored.read(CHUNK_SIZE):
+                digest.update(chunk)
+        return digest.hexdigest() == sha256
+
+    def extracted_path(self, sha256: str) -> Path:
+        """Where the unpacked tree of this archive belongs (whether or not it exists yet)."""
+        _check_digest(sha256)
+        return self.extracted / sha256[:2] / sha256
+
+    def store_bytes(self, data: bytes) -> StoredArchive:
+        """Store a small payload held in memory, as durably as a streamed upload."""
+        with self.new_upload() as upload:
+            upload.write(data)
+            return upload.finish()
+
+    def _archive_path(self, sha256: str) -> Path:
+        _check_digest(sha256)
+        return self.archives / sha256[:2] / sha256
+
+
+class Upload:
+    """One streamed upload in progress: written to a temp file, hashed and counted as it comes.
+
+    Used as a context manager, leaving the block without ``finish()`` discards it.
+    """
+
+    def __init__(self, store: ArchiveStore, max_size: int | None = None) -> None:
+        self._store = store
+        self._max_size = max_size
+        self._digest = hashlib.sha256()
+        self._size = 0
+        self._head = b""
+        self._result: StoredArchive | None = None
+        self._aborted = False
+        fd, name = tempfile.mkstemp(prefix="upload-", dir=store.tmp)
+        self._temp = Path(name)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            self._file: BinaryIO = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            self._temp.unlink(missing_ok=True)
+            raise
+
+    @property
+    def size(self) -> int:
+        """How many bytes have been written so far."""
+        return self._size
+
+    @property
+    def head(self) -> bytes:
+        """The first (up to) two bytes written, enough to check the gzip magic."""
+        return self._head
+
+    def write(self, chunk: bytes) -> None:
+        """Append a chunk; TooLarge (and the upload discarded) if it would pass ``max_size``."""
+        self._check_open()
+        if self._max_size is not None and self._size + len(chunk) > self._max_size:
+            self.abort()
+            raise TooLarge(f"The upload is larger than the {self._max_size} bytes this exchange accepts.")
+        self._file.write(chunk)
+        self._digest.update(chunk)
+        if len(self._head) < 2:
+            self._head += bytes(chunk[: 2 - len(self._head)])
+        self._size += len(chunk)
+
+    def finish(self) -> StoredArchive:
+        """Make the upload durable under its sha256 and say where it is."""
+        if self._result is not None:
+            return self._result
+        self._check_open()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        sha256 = self._digest.hexdigest()
+        dest = self._store._archive_path(sha256)
+        make_dirs(dest.parent)
+        if dest.exists():
+            # The same name means the same bytes: keep the copy already stored.
+            self._temp.unlink()
+        else:
+            os.replace(self._temp, dest)
+        # Both entries must reach the disk before an event may name this archive.
+        fsync_dir(dest.parent)
+        fsync_dir(dest.parent.parent)
+        self._result = StoredArchive(sha256, self._size, dest)
+        return self._result
+
+    def abort(self) -> None:
+        """Discard the upload; harmless if already aborted or finished."""
+        if self._aborted or self._result is not None:
+            return
+        self._aborted = True
+        self._file.close()
+        self._temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+    def _check_open(self) -> None:
+        if self._aborted:
+            raise ValueError("This upload was aborted.")
+        if self._result is not None:
+            raise ValueError("This upload is already finished.")
+
+
+def _is_digest(sha256: str) -> bool:
+    return isinstance(sha256, str) and _DIGEST.fullmatch(sha256) is not None
+
+
+def _check_digest(sha256: str) -> None:
+    # Names come from clients: anything but a hex digest could walk out of the store.
+    if not _is_digest(sha256):
+        raise NotFound(f"{str(sha256)[:80]!r} is not a sha256 hex digest.")
+
+
+def make_dirs(path: Path) -> None:
+    """Create a folder and its missing parents, each with DIR_MODE whatever the umask."""
+    missing: list[Path] = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, DIR_MODE)
+        except FileExistsError:
+            continue  # made meanwhile by a concurrent upload
+        os.chmod(folder, DIR_MODE)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to disk, so that a rename or an unlink in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
