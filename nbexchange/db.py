@@ -1,0 +1,130 @@
+"""The database: one metadata for every table, engines tuned per backend, and migrations."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import StaticPool
+
+from nbexchange.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for ``url``: SQLite in WAL mode with fsync'd commits, or PostgreSQL.
+
+    On SQLite, transactions begin ``DEFERRED`` unless the connection's
+    execution option ``sqlite_immediate`` is set, in which case they take the
+    write lock at ``BEGIN`` (see :func:`write_transaction`).
+    """
+    sa_url = sa.make_url(url)
+    if sa_url.get_backend_name() != "sqlite":
+        kwargs.setdefault("pool_pre_ping", True)
+        kwargs.setdefault("pool_size", 10)
+        kwargs.setdefault("max_overflow", 20)
+        return sa.create_engine(sa_url, **kwargs)
+
+    in_memory = sa_url.database in (None, "", ":memory:")
+    if in_memory:
+        # One connection shared by all threads, or every connection would see
+        # its own empty database.
+        kwargs.setdefault("poolclass", StaticPool)
+    else:
+        Path(sa_url.database or "").parent.mkdir(parents=True, exist_ok=True)
+    connect_args = kwargs.setdefault("connect_args", {})
+    connect_args.setdefault("check_same_thread", False)
+    connect_args.setdefault("timeout", 60)
+    engine = sa.create_engine(sa_url, **kwargs)
+
+    @sa_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's begin hook below decide how each transaction starts.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        if not in_memory:
+            cur.execute("PRAGMA journal_mode=WAL")
+        # FULL: every commit is fsync'd, so a 2xx answer survives power loss.
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("sqlite_immediate"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def is_sqlite(engine: Engine | Connection) -> bool:
+    """Whether this engine or connection talks to SQLite."""
+    return engine.dialect.name == "sqlite"
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that writes: on SQLite it holds the write lock from ``BEGIN``.
+
+    Taking the lock up front means two writers queue instead of deadlocking
+    when both try to upgrade a read lock.
+    """
+    with translate_errors():
+        with engine.connect() as conn:
+            if is_sqlite(engine):
+                conn.execution_options(sqlite_immediate=True)
+            with conn.begin():
+                yield conn
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn a lost or unreachable database into ``Unavailable`` (HTTP 503)."""
+    try:
+        yield
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+        if isinstance(e, sa.exc.OperationalError) and "locked" in str(e.orig):
+            raise Unavailable(
+                "The database is busy; retry shortly.", retry_after=1
+            ) from e
+        raise Unavailable("The database is unreachable; retry shortly.") from e
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the database up to ``revision`` with alembic; a new one is created from empty."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The alembic revision the database stands at, or ``None`` for an empty one."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

@@ -1,0 +1,312 @@
+"""Domain events: the immutable facts of the exchange, one frozen dataclass per action."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, TypeVar
+
+from nbexchange.clock import format_iso, parse_timestamp
+
+JSON = dict[str, Any]
+
+#: Roles an actor can hold. ``system`` is a worker acting on the log's behalf.
+INSTRUCTOR = "Instructor"
+STUDENT = "Student"
+SYSTEM = "system"
+
+
+def assignment_stream(org_id: int, course_id: str, assignment_id: str) -> str:
+    """The stream that orders an assignment's releases and unreleases.
+
+    Ids never contain ``/`` (the API refuses them), so ``/`` separates safely.
+    """
+    return f"assignment/{org_id}/{course_id}/{assignment_id}"
+
+
+def student_stream(
+    org_id: int, course_id: str, assignment_id: str, student_id: str
+) -> str:
+    """The stream of one student's work on one assignment.
+
+    Each student has their own, so that thousands of students submitting at
+    once never contend for the same stream version.
+    """
+    return f"student/{org_id}/{course_id}/{assignment_id}/{student_id}"
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acted, and in which role, at the moment they acted."""
+
+    name: str
+    role: str
+    full_name: str | None = None
+    email: str | None = None
+    lms_user_id: str | None = None
+
+    def to_json(self) -> JSON:
+        """The actor as a JSON object; absent profile fields are left out."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Actor:
+        """Rebuild an actor from :meth:`to_json`'s output."""
+        return cls(
+            name=data["name"],
+            role=data["role"],
+            full_name=data.get("full_name"),
+            email=data.get("email"),
+            lms_user_id=data.get("lms_user_id"),
+        )
+
+
+SYSTEM_ACTOR = Actor(name="nbexchange-worker", role=SYSTEM)
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """Fields every action shares: where in the exchange it happened."""
+
+    TYPE: ClassVar[str] = ""
+    SCHEMA: ClassVar[int] = 1
+
+    org_id: int
+    course_id: str
+    assignment_id: str
+
+    def stream(self) -> str:
+        """The stream this event belongs to."""
+        return assignment_stream(self.org_id, self.course_id, self.assignment_id)
+
+    def archive(self) -> str | None:
+        """The sha256 of an uploaded archive that a worker must check, if any."""
+        return None
+
+    def to_payload(self) -> JSON:
+        """The event's facts as JSON: tuples become lists, datetimes ISO strings."""
+        out: JSON = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, datetime):
+                value = format_iso(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_payload(cls: type[E], payload: Mapping[str, Any]) -> E:
+        """Rebuild the event from a payload already upcast to ``SCHEMA``."""
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in payload:
+                continue  # a field with a default, added in a later schema
+            value = payload[f.name]
+            if f.type in ("datetime", "datetime | None") and isinstance(value, str):
+                value = parse_timestamp(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+E = TypeVar("E", bound=DomainEvent)
+
+
+@dataclass(frozen=True)
+class StudentEvent(DomainEvent):
+    """An action on one student's work; it lives in that student's stream."""
+
+    student_id: str
+
+    def stream(self) -> str:
+        return student_stream(
+            self.org_id, self.course_id, self.assignment_id, self.student_id
+        )
+
+
+@dataclass(frozen=True)
+class Released(DomainEvent):
+    """An instructor released an assignment's archive to the course."""
+
+    TYPE: ClassVar[str] = "released"
+    notebooks: tuple[str, ...]
+    archive_sha256: str
+    archive_size: int
+
+    def archive(self) -> str | None:
+        return self.archive_sha256
+
+
+@dataclass(frozen=True)
+class Unreleased(DomainEvent):
+    """An instructor withdrew an assignment; a purge names the archives it removed."""
+
+    TYPE: ClassVar[str] = "unreleased"
+    purge: bool = False
+    purged_archives: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Fetched(StudentEvent):
+    """A member downloaded the released archive."""
+
+    TYPE: ClassVar[str] = "fetched"
+    release_position: int
+    archive_sha256: str
+
+
+@dataclass(frozen=True)
+class Submitted(StudentEvent):
+    """A student submitted an archive; ``timestamp`` is the client's own."""
+
+    TYPE: ClassVar[str] = "submitted"
+    timestamp: datetime
+    archive_sha256: str
+    archive_size: int
+    notebooks: tuple[str, ...] = ()
+
+    def archive(self) -> str | None:
+        return self.archive_sha256
+
+
+@dataclass(frozen=True)
+class Collected(StudentEvent):
+    """An instructor downloaded one submission."""
+
+    TYPE: ClassVar[str] = "collected"
+    submission_position: int
+    archive_sha256: str
+
+
+@dataclass(frozen=True)
+class FeedbackReleased(StudentEvent):
+    """An instructor released feedback on one notebook of one submission."""
+
+    TYPE: ClassVar[str] = "feedback_released"
+    notebook_id: str
+    timestamp: datetime
+    checksum: str
+    feedback_sha256: str
+    feedback_size: int
+
+
+@dataclass(frozen=True)
+class FeedbackFetched(StudentEvent):
+    """A student downloaded their feedback; names the feedback events fetched."""
+
+    TYPE: ClassVar[str] = "feedback_fetched"
+    feedback_positions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ArchiveUnpacked(DomainEvent):
+    """A worker found the archive of event ``source_position`` safe and unpacked it."""
+
+    TYPE: ClassVar[str] = "archive_unpacked"
+    source_position: int
+    archive_sha256: str
+    members: int
+    total_size: int
+    notebooks: tuple[str, ...] = ()
+    student_id: str | None = None
+
+    def stream(self) -> str:
+        if self.student_id is not None:
+            return student_stream(
+                self.org_id, self.course_id, self.assignment_id, self.student_id
+            )
+        return super().stream()
+
+
+@dataclass(frozen=True)
+class ArchiveRejected(DomainEvent):
+    """A worker refused the archive of event ``source_position``; the bytes stay stored."""
+
+    TYPE: ClassVar[str] = "archive_rejected"
+    source_position: int
+    archive_sha256: str
+    reason: str
+    student_id: str | None = None
+
+    def stream(self) -> str:
+        if self.student_id is not None:
+            return student_stream(
+                self.org_id, self.course_id, self.assignment_id, self.student_id
+            )
+        return super().stream()
+
+
+EVENT_TYPES: dict[str, type[DomainEvent]] = {
+    cls.TYPE: cls
+    for cls in (
+        Released,
+        Unreleased,
+        Fetched,
+        Submitted,
+        Collected,
+        FeedbackReleased,
+        FeedbackFetched,
+        ArchiveUnpacked,
+        ArchiveRejected,
+    )
+}
+
+Upcaster = Callable[[JSON], JSON]
+
+
+@dataclass
+class Upcasters:
+    """Payload upgrades: ``(type, schema) -> function`` lifting a payload one schema up.
+
+    Events are never rewritten in the log; an old payload is lifted each time
+    it is read, one schema at a time, until it reaches the class's ``SCHEMA``.
+    """
+
+    steps: dict[tuple[str, int], Upcaster] = field(default_factory=dict)
+
+    def register(self, type_: str, from_schema: int) -> Callable[[Upcaster], Upcaster]:
+        """Decorator: register the step from ``from_schema`` to ``from_schema + 1``."""
+
+        def decorate(fn: Upcaster) -> Upcaster:
+            self.steps[(type_, from_schema)] = fn
+            return fn
+
+        return decorate
+
+    def upcast(self, type_: str, schema: int, payload: Mapping[str, Any]) -> JSON:
+        """Lift ``payload`` from ``schema`` to the current schema of ``type_``."""
+        target = EVENT_TYPES[type_].SCHEMA
+        data = dict(payload)
+        while schema < target:
+            try:
+                step = self.steps[(type_, schema)]
+            except KeyError:
+                raise ValueError(f"no upcaster for {type_!r} schema {schema}") from None
+            data = step(data)
+            schema += 1
+        if schema > target:
+            raise ValueError(
+                f"{type_!r} schema {schema} is newer than this code ({target})"
+            )
+        return data
+
+
+UPCASTERS = Upcasters()
+
+
+def decode(
+    type_: str,
+    schema: int,
+    payload: Mapping[str, Any],
+    upcasters: Upcasters = UPCASTERS,
+) -> DomainEvent:
+    """Turn a stored payload of any known schema into its domain event."""
+    try:
+        cls = EVENT_TYPES[type_]
+    except KeyError:
+        raise ValueError(f"unknown event type {type_!r}") from None
+    return cls.from_payload(upcasters.upcast(type_, schema, payload))

@@ -1,0 +1,54 @@
+"""Read models built from the log: one module per projection, each with its checkpoint."""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine
+
+from nbexchange.projections.assignments import AssignmentsProjection
+from nbexchange.projections.base import (
+    Projection,
+    catch_up,
+    checkpoints,
+    lag,
+    rebuild,
+    replay,
+    snapshot,
+)
+from nbexchange.projections.collections import CollectionsProjection
+from nbexchange.projections.feedback import FeedbackProjection
+from nbexchange.projections.history import HistoryProjection
+
+#: Every read model the API serves, in the order they are caught up.
+PROJECTIONS: tuple[Projection, ...] = (
+    AssignmentsProjection(),
+    CollectionsProjection(),
+    FeedbackProjection(),
+    HistoryProjection(),
+)
+
+NAMES = tuple(p.name for p in PROJECTIONS)
+
+
+def catch_up_all(engine: Engine, until: int | None = None) -> dict[str, int]:
+    """Catch every projection up to the head of the log (or ``until``); returns their checkpoints."""
+    return {p.name: catch_up(engine, p, until=until) for p in PROJECTIONS}
+
+
+def rebuild_all(engine: Engine) -> dict[str, int]:
+    """Rebuild every projection from position 0."""
+    return {p.name: rebuild(engine, p) for p in PROJECTIONS}
+
+
+__all__ = [
+    "NAMES",
+    "PROJECTIONS",
+    "Projection",
+    "catch_up",
+    "catch_up_all",
+    "checkpoints",
+    "lag",
+    "rebuild",
+    "rebuild_all",
+    "replay",
+    "snapshot",
+]

@@ -1,0 +1,228 @@
+"""Read model: each course's released assignments and each user's own actions on them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from nbexchange.clock import as_utc
+from nbexchange.db import metadata
+from nbexchange.events.domain import (
+    ArchiveRejected,
+    ArchiveUnpacked,
+    Collected,
+    FeedbackFetched,
+    FeedbackReleased,
+    Fetched,
+    Released,
+    Submitted,
+    Unreleased,
+)
+from nbexchange.events.store import RecordedEvent
+from nbexchange.projections.base import Rows
+
+PENDING, UNPACKED, REJECTED = "pending", "unpacked", "rejected"
+
+releases = sa.Table(
+    "proj_releases",
+    metadata,
+    sa.Column("org_id", sa.Integer, primary_key=True),
+    sa.Column("course_id", sa.String(255), primary_key=True),
+    sa.Column("assignment_id", sa.String(255), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("released_by", sa.String(255), nullable=False),
+    sa.Column("released_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("notebooks", sa.Text, nullable=False),
+    sa.Column("archive_sha256", sa.String(64), nullable=False),
+    sa.Column("archive_state", sa.String(16), nullable=False),
+    sa.Column("archive_reason", sa.Text, nullable=True),
+    sa.Column("active", sa.Boolean, nullable=False),
+)
+
+actions = sa.Table(
+    "proj_actions",
+    metadata,
+    sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("org_id", sa.Integer, nullable=False),
+    sa.Column("course_id", sa.String(255), nullable=False),
+    sa.Column("assignment_id", sa.String(255), nullable=False),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("student_id", sa.String(255), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("notebooks", sa.Text, nullable=False),
+    sa.Column("archive_sha256", sa.String(64), nullable=True),
+    sa.Column("archive_state", sa.String(16), nullable=True),
+    sa.Column("archive_reason", sa.Text, nullable=True),
+    sa.Index("ix_proj_actions_user", "org_id", "course_id", "user_id"),
+)
+
+
+class AssignmentsProjection:
+    """Releases per course, and every action a user took, keyed by who acted."""
+
+    name = "assignments"
+    tables = (releases, actions)
+
+    def apply(self, rows: Rows, event: RecordedEvent) -> None:
+        data = event.data
+        key = (data.org_id, data.course_id, data.assignment_id)
+        where_release = sa.and_(
+            releases.c.org_id == key[0],
+            releases.c.course_id == key[1],
+            releases.c.assignment_id == key[2],
+        )
+        if isinstance(data, Released):
+            rows.execute(releases.delete().where(where_release))
+            rows.insert(
+                releases,
+                {
+                    "org_id": key[0],
+                    "course_id": key[1],
+                    "assignment_id": key[2],
+                    "position": event.position,
+                    "released_by": event.actor.name,
+                    "released_at": event.recorded_at,
+                    "notebooks": json.dumps(list(data.notebooks)),
+                    "archive_sha256": data.archive_sha256,
+                    "archive_state": PENDING,
+                    "archive_reason": None,
+                    "active": True,
+                },
+            )
+        elif isinstance(data, Unreleased):
+            rows.execute(releases.update().where(where_release).values(active=False))
+        elif isinstance(
+            data, (Fetched, Submitted, Collected, FeedbackReleased, FeedbackFetched)
+        ):
+            notebooks = rows.execute(
+                sa.select(releases.c.notebooks).where(where_release)
+            ).scalar()
+            timestamp = (
+                data.timestamp if isinstance(data, Submitted) else event.recorded_at
+            )
+            sha = (
+                data.archive_sha256
+                if isinstance(data, (Fetched, Submitted, Collected))
+                else None
+            )
+            rows.insert(
+                actions,
+                {
+                    "position": event.position,
+                    "org_id": key[0],
+                    "course_id": key[1],
+                    "assignment_id": key[2],
+                    "user_id": event.actor.name,
+                    "student_id": data.student_id,
+                    "status": data.TYPE,
+                    "timestamp": timestamp,
+                    "notebooks": notebooks or "[]",
+                    "archive_sha256": sha,
+                    "archive_state": PENDING if isinstance(data, Submitted) else None,
+                    "archive_reason": None,
+                },
+            )
+        elif isinstance(data, (ArchiveUnpacked, ArchiveRejected)):
+            state = UNPACKED if isinstance(data, ArchiveUnpacked) else REJECTED
+            reason = data.reason if isinstance(data, ArchiveRejected) else None
+            rows.execute(
+                releases.update()
+                .where(where_release, releases.c.position == data.source_position)
+                .values(archive_state=state, archive_reason=reason)
+            )
+            rows.execute(
+                actions.update()
+                .where(actions.c.position == data.source_position)
+                .values(archive_state=state, archive_reason=reason)
+            )
+
+
+@dataclass(frozen=True)
+class Release:
+    """One assignment as it stands released (or withdrawn)."""
+
+    org_id: int
+    course_id: str
+    assignment_id: str
+    position: int
+    released_by: str
+    released_at: datetime
+    notebooks: tuple[str, ...]
+    archive_sha256: str
+    archive_state: str
+    archive_reason: str | None
+    active: bool
+
+
+def _release(row: Any) -> Release:
+    return Release(
+        org_id=row.org_id,
+        course_id=row.course_id,
+        assignment_id=row.assignment_id,
+        position=row.position,
+        released_by=row.released_by,
+        released_at=as_utc(row.released_at),
+        notebooks=tuple(json.loads(row.notebooks)),
+        archive_sha256=row.archive_sha256,
+        archive_state=row.archive_state,
+        archive_reason=row.archive_reason,
+        active=row.active,
+    )
+
+
+def get_release(
+    conn: Connection, org_id: int, course_id: str, assignment_id: str
+) -> Release | None:
+    """The assignment's latest release, active or not; ``None`` if it was never released."""
+    row = conn.execute(
+        sa.select(releases).where(
+            releases.c.org_id == org_id,
+            releases.c.course_id == course_id,
+            releases.c.assignment_id == assignment_id,
+        )
+    ).first()
+    return _release(row) if row else None
+
+
+def course_releases(conn: Connection, org_id: int, course_id: str) -> list[Release]:
+    """The course's active releases, oldest first."""
+    rows = conn.execute(
+        sa.select(releases)
+        .where(
+            releases.c.org_id == org_id,
+            releases.c.course_id == course_id,
+            releases.c.active.is_(True),
+        )
+        .order_by(releases.c.position)
+    )
+    return [_release(r) for r in rows]
+
+
+def user_actions(
+    conn: Connection,
+    org_id: int,
+    course_id: str,
+    user_id: str,
+    assignment_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """A user's own actions in a course, oldest first."""
+    query = sa.select(actions).where(
+        actions.c.org_id == org_id,
+        actions.c.course_id == course_id,
+        actions.c.user_id == user_id,
+    )
+    if assignment_id is not None:
+        query = query.where(actions.c.assignment_id == assignment_id)
+    out = []
+    for row in conn.execute(query.order_by(actions.c.position)):
+        item = dict(row._mapping)
+        item["timestamp"] = as_utc(item["timestamp"])
+        item["notebooks"] = tuple(json.loads(item["notebooks"]))
+        out.append(item)
+    return out

@@ -1,0 +1,234 @@
+"""What a projection is, its checkpoint, and the runners: catch up, rebuild, replay."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine
+
+from nbexchange.clock import utcnow
+from nbexchange.db import (
+    is_sqlite,
+    make_engine,
+    metadata,
+    translate_errors,
+    write_transaction,
+)
+from nbexchange.events.sql import events_table, read_events
+from nbexchange.events.store import RecordedEvent
+
+log = logging.getLogger(__name__)
+
+checkpoints_table = sa.Table(
+    "projection_checkpoints",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+class Rows:
+    """A projection's write access to its tables within one transaction.
+
+    Consecutive inserts into one table are sent as one ``executemany``; any
+    other statement first sends what is pending, so statements still run in
+    the order ``apply`` issued them.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._table: sa.Table | None = None
+        self._pending: list[dict[str, Any]] = []
+
+    def insert(self, table: sa.Table, row: dict[str, Any]) -> None:
+        """Add a row (sent in bulk with its neighbours)."""
+        if table is not self._table:
+            self.flush()
+            self._table = table
+        self._pending.append(row)
+
+    def execute(self, statement: sa.Executable) -> sa.CursorResult[Any]:
+        """Run a statement after every pending insert."""
+        self.flush()
+        return self.conn.execute(statement)
+
+    def flush(self) -> None:
+        """Send the pending inserts."""
+        if self._pending and self._table is not None:
+            self.conn.execute(self._table.insert(), self._pending)
+        self._pending = []
+        self._table = None
+
+
+class Projection(Protocol):
+    """A read model: tables, and a pure function applying one event to their rows."""
+
+    name: str
+    tables: Sequence[sa.Table]
+
+    def apply(self, rows: Rows, event: RecordedEvent) -> None:
+        """Change the rows as ``event`` says; must not read or write anything else."""
+        ...
+
+
+def checkpoint(conn: Connection, name: str) -> int:
+    """The position a projection has applied up to (0 if it never ran)."""
+    value = conn.execute(
+        sa.select(checkpoints_table.c.position).where(checkpoints_table.c.name == name)
+    ).scalar()
+    return int(value or 0)
+
+
+def checkpoints(engine: Engine) -> dict[str, int]:
+    """Every projection's checkpoint."""
+    with translate_errors(), engine.connect() as conn:
+        return {
+            row.name: int(row.position)
+            for row in conn.execute(sa.select(checkpoints_table))
+        }
+
+
+def _lock_checkpoint(conn: Connection, name: str) -> int:
+    # Row lock on PostgreSQL (SQLite's write lock is already held), so two
+    # workers catching up the same projection take turns instead of both
+    # applying the same events.
+    insert = sqlite_insert if is_sqlite(conn) else pg_insert
+    conn.execute(
+        insert(checkpoints_table)
+        .values(name=name, position=0, updated_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+    query = sa.select(checkpoints_table.c.position).where(
+        checkpoints_table.c.name == name
+    )
+    if not is_sqlite(conn):
+        query = query.with_for_update()
+    return int(conn.execute(query).scalar_one())
+
+
+def apply_batch(
+    conn: Connection, projection: Projection, events: Iterable[RecordedEvent]
+) -> int:
+    """Apply events to a projection on ``conn`` and move its checkpoint; returns the new checkpoint."""
+    rows = Rows(conn)
+    last = None
+    for event in events:
+        projection.apply(rows, event)
+        last = event.position
+    rows.flush()
+    if last is not None:
+        conn.execute(
+            checkpoints_table.update()
+            .where(checkpoints_table.c.name == projection.name)
+            .values(position=last, updated_at=utcnow())
+        )
+        return last
+    return checkpoint(conn, projection.name)
+
+
+def catch_up(
+    engine: Engine,
+    projection: Projection,
+    batch_size: int = 2000,
+    until: int | None = None,
+) -> int:
+    """Apply every event after the checkpoint, a batch per transaction; returns the checkpoint.
+
+    The checkpoint moves in the same transaction as the rows, so a crash
+    between batches loses nothing and applies nothing twice.
+    """
+    while True:
+        with write_transaction(engine) as conn:
+            after = _lock_checkpoint(conn, projection.name)
+            events = read_events(conn, after, batch_size, until_position=until)
+            position = apply_batch(conn, projection, events)
+        if len(events) < batch_size:
+            return position
+
+
+def rebuild(engine: Engine, projection: Projection, batch_size: int = 2000) -> int:
+    """Empty the projection's tables and apply the whole log from position 0."""
+    with write_transaction(engine) as conn:
+        _lock_checkpoint(conn, projection.name)
+        for table in reversed(projection.tables):
+            conn.execute(table.delete())
+        conn.execute(
+            checkpoints_table.update()
+            .where(checkpoints_table.c.name == projection.name)
+            .values(position=0, updated_at=utcnow())
+        )
+    return catch_up(engine, projection, batch_size)
+
+
+def lag(engine: Engine, names: Iterable[str]) -> int:
+    """How many positions the slowest of these projections is behind the log's head."""
+    with translate_errors(), engine.connect() as conn:
+        head = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))
+        ).scalar_one()
+        marks = dict(
+            conn.execute(
+                sa.select(checkpoints_table.c.name, checkpoints_table.c.position)
+            )
+            .tuples()
+            .all()
+        )
+    return max((int(head) - int(marks.get(name, 0)) for name in names), default=0)
+
+
+def replay(
+    source: Engine,
+    projections: Sequence[Projection],
+    *,
+    until_position: int | None = None,
+    until_time: datetime | None = None,
+    batch_size: int = 5000,
+) -> Engine:
+    """Build projections in a private in-memory database as the log stood at a moment.
+
+    The live rows are not touched; query the returned engine with the
+    projections' own query functions. Replaying the same moment twice gives
+    identical rows.
+    """
+    memory = make_engine("sqlite://")
+    tables = [checkpoints_table, *(t for p in projections for t in p.tables)]
+    metadata.create_all(memory, tables=tables)
+    after = 0
+    while True:
+        with translate_errors(), source.connect() as conn:
+            events = read_events(
+                conn,
+                after,
+                batch_size,
+                until_position=until_position,
+                until_time=until_time,
+            )
+        if not events:
+            break
+        with memory.begin() as conn:
+            for projection in projections:
+                _lock_checkpoint(conn, projection.name)
+                apply_batch(conn, projection, events)
+        after = events[-1].position
+        if len(events) < batch_size:
+            break
+    return memory
+
+
+def snapshot(
+    engine: Engine, projection: Projection
+) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of a projection's tables in a stable order, for comparing two builds."""
+    with engine.connect() as conn:
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        for table in projection.tables:
+            rows = conn.execute(sa.select(table)).all()
+            out[table.name] = sorted((tuple(r) for r in rows), key=repr)
+        return out

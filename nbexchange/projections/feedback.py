@@ -1,0 +1,104 @@
+"""Read model: the feedback released to each student, per submission and notebook."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from nbexchange.clock import as_utc
+from nbexchange.db import metadata
+from nbexchange.events.domain import FeedbackFetched, FeedbackReleased
+from nbexchange.events.store import RecordedEvent
+from nbexchange.projections.base import Rows
+
+feedback = sa.Table(
+    "proj_feedback",
+    metadata,
+    sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("org_id", sa.Integer, nullable=False),
+    sa.Column("course_id", sa.String(255), nullable=False),
+    sa.Column("assignment_id", sa.String(255), nullable=False),
+    sa.Column("student_id", sa.String(255), nullable=False),
+    sa.Column("notebook_id", sa.String(255), nullable=False),
+    sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("checksum", sa.String(255), nullable=False),
+    sa.Column("feedback_sha256", sa.String(64), nullable=False),
+    sa.Column("released_by", sa.String(255), nullable=False),
+    sa.Column("released_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index(
+        "ix_proj_feedback_student", "org_id", "course_id", "assignment_id", "student_id"
+    ),
+)
+
+
+class FeedbackProjection:
+    """The current feedback file for each (student, submission timestamp, notebook)."""
+
+    name = "feedback"
+    tables = (feedback,)
+
+    def apply(self, rows: Rows, event: RecordedEvent) -> None:
+        data = event.data
+        if isinstance(data, FeedbackReleased):
+            # Releasing feedback again for the same notebook of the same
+            # submission replaces it; the log keeps both.
+            rows.execute(
+                feedback.delete().where(
+                    feedback.c.org_id == data.org_id,
+                    feedback.c.course_id == data.course_id,
+                    feedback.c.assignment_id == data.assignment_id,
+                    feedback.c.student_id == data.student_id,
+                    feedback.c.notebook_id == data.notebook_id,
+                    feedback.c.timestamp == data.timestamp,
+                )
+            )
+            rows.insert(
+                feedback,
+                {
+                    "position": event.position,
+                    "org_id": data.org_id,
+                    "course_id": data.course_id,
+                    "assignment_id": data.assignment_id,
+                    "student_id": data.student_id,
+                    "notebook_id": data.notebook_id,
+                    "timestamp": data.timestamp,
+                    "checksum": data.checksum,
+                    "feedback_sha256": data.feedback_sha256,
+                    "released_by": event.actor.name,
+                    "released_at": event.recorded_at,
+                    "fetched_at": None,
+                },
+            )
+        elif isinstance(data, FeedbackFetched) and data.feedback_positions:
+            rows.execute(
+                feedback.update()
+                .where(feedback.c.position.in_(list(data.feedback_positions)))
+                .values(fetched_at=event.recorded_at)
+            )
+
+
+def student_feedback(
+    conn: Connection, org_id: int, course_id: str, assignment_id: str, student_id: str
+) -> list[dict[str, Any]]:
+    """A student's current feedback on an assignment, oldest first."""
+    rows = conn.execute(
+        sa.select(feedback)
+        .where(
+            feedback.c.org_id == org_id,
+            feedback.c.course_id == course_id,
+            feedback.c.assignment_id == assignment_id,
+            feedback.c.student_id == student_id,
+        )
+        .order_by(feedback.c.position)
+    )
+    out = []
+    for row in rows:
+        item = dict(row._mapping)
+        for name in ("timestamp", "released_at", "fetched_at"):
+            if item[name] is not None:
+                item[name] = as_utc(item[name])
+        out.append(item)
+    return out

@@ -1,0 +1,79 @@
+"""Small builders of domain events for tests."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from nbexchange.events.domain import (
+    INSTRUCTOR,
+    STUDENT,
+    Actor,
+    Released,
+    Submitted,
+)
+from nbexchange.events.store import AppendRequest
+
+T0 = datetime(2026, 1, 31, 23, 0, tzinfo=timezone.utc)
+TEACHER = Actor(
+    name="ada", role=INSTRUCTOR, full_name="Ada Lovelace", email="ada@example.org"
+)
+
+
+def student(name: str) -> Actor:
+    """A student actor with a profile."""
+    return Actor(
+        name=name,
+        role=STUDENT,
+        full_name=name.title(),
+        email=f"{name}@example.org",
+        lms_user_id=name[::-1],
+    )
+
+
+def release(
+    course: str = "phys101",
+    assignment: str = "ps1",
+    sha: str = "a" * 64,
+    expected: int | None = None,
+    key: str | None = None,
+    org: int = 1,
+) -> AppendRequest:
+    """An instructor's release of ``assignment``."""
+    return AppendRequest(
+        Released(
+            org,
+            course,
+            assignment,
+            notebooks=("nb1", "nb2"),
+            archive_sha256=sha,
+            archive_size=10,
+        ),
+        TEACHER,
+        expected_version=expected,
+        idempotency_key=key,
+    )
+
+
+def submit(
+    name: str,
+    course: str = "phys101",
+    assignment: str = "ps1",
+    minutes: int = 0,
+    sha: str = "b" * 64,
+    key: str | None = None,
+    org: int = 1,
+) -> AppendRequest:
+    """A student's submission, ``minutes`` after T0."""
+    return AppendRequest(
+        Submitted(
+            org,
+            course,
+            assignment,
+            student_id=name,
+            timestamp=T0 + timedelta(minutes=minutes),
+            archive_sha256=sha,
+            archive_size=20,
+        ),
+        student(name),
+        idempotency_key=key,
+    )

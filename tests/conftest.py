@@ -1,0 +1,73 @@
+"""Shared fixtures: a fresh database per test (SQLite or PostgreSQL) and a live exchange service.
+
+The backend is chosen by the environment, as JupyterHub's suite does:
+
+- ``NBEX_TEST_DB_URL``: a PostgreSQL URL (e.g.
+  ``postgresql+psycopg://postgres@127.0.0.1:5432/test``); each test gets a
+  schema of its own there. Unset: a SQLite file in the test's tmp folder.
+- ``NBEX_TEST_BROKER_URL``: a Redis URL; the live service then runs
+  ``nbexchange worker`` processes on it. Unset: the embedded in-process
+  broker and worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from nbexchange.db import make_engine, upgrade
+from nbexchange.events.sql import SQLEventStore
+
+TEST_DB_URL = os.environ.get("NBEX_TEST_DB_URL", "")
+TEST_BROKER_URL = os.environ.get("NBEX_TEST_BROKER_URL", "")
+
+
+def fresh_db_url(tmp_path: Path) -> tuple[str, object]:
+    """A URL to an empty database for one test, and a token to drop it with."""
+    if not TEST_DB_URL:
+        return f"sqlite:///{tmp_path / 'exchange.sqlite'}", None
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(TEST_DB_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    admin.dispose()
+    sep = "&" if "?" in TEST_DB_URL else "?"
+    return f"{TEST_DB_URL}{sep}options=-csearch_path%3D{schema}", schema
+
+
+def drop_db(token: object) -> None:
+    """Drop what :func:`fresh_db_url` made."""
+    if token is None:
+        return
+    admin = sa.create_engine(TEST_DB_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {token} CASCADE")
+    admin.dispose()
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> Iterator[str]:
+    """An empty database for this test (not yet migrated)."""
+    url, token = fresh_db_url(tmp_path)
+    yield url
+    drop_db(token)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    """A migrated database for this test."""
+    eng = make_engine(db_url)
+    upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def store(engine: sa.Engine) -> SQLEventStore:
+    """The action log on this test's database."""
+    return SQLEventStore(engine)

@@ -1,0 +1,332 @@
+"""The action log: appends, optimistic concurrency, idempotency, tailing, and the hash chain."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from dataclasses import replace
+
+import pytest
+import sqlalchemy as sa
+
+from builders import T0, TEACHER, release, submit
+from nbexchange.db import make_engine
+from nbexchange.errors import ConflictError, NotFound
+from nbexchange.events.domain import (
+    EVENT_TYPES,
+    UPCASTERS,
+    Collected,
+    Released,
+    Submitted,
+    Upcasters,
+    decode,
+)
+from nbexchange.events.sql import SQLEventStore, events_table
+from nbexchange.events.store import GENESIS, AppendRequest, canonical_json
+
+
+def test_append_assigns_positions_versions_and_chains_hashes(store):
+    first = store.append(release())
+    second = store.append(submit("s1"))
+    third = store.append(submit("s1", minutes=5))
+
+    assert [first.event.position, second.event.position, third.event.position] == [
+        1,
+        2,
+        3,
+    ]
+    assert (
+        first.event.version == 1
+        and second.event.version == 1
+        and third.event.version == 2
+    )
+    assert first.event.prev_hash == GENESIS
+    assert second.event.prev_hash == first.event.hash
+    assert third.event.prev_hash == second.event.hash
+    assert store.head() == 3
+    assert [e.position for e in store.read()] == [1, 2, 3]
+    assert [e.position for e in store.read(after=1, limit=1)] == [2]
+    assert store.get(2).hash == second.event.hash
+    with pytest.raises(NotFound):
+        store.get(99)
+
+
+def test_events_round_trip_through_the_log(store):
+    store.append(release())
+    store.append(submit("s1", minutes=3))
+    events = list(store.read())
+    assert isinstance(events[0].data, Released) and events[0].data.notebooks == (
+        "nb1",
+        "nb2",
+    )
+    sub = events[1].data
+    assert isinstance(sub, Submitted)
+    assert sub.timestamp == T0.replace(minute=3) and sub.timestamp.tzinfo is not None
+    assert events[1].actor.full_name == "S1"
+    assert events[1].recorded_at.tzinfo is not None
+    assert events[1].recorded_at >= events[0].recorded_at
+
+
+def test_stale_writer_gets_conflict(store):
+    store.append(release(expected=0))
+    with pytest.raises(ConflictError) as info:
+        store.append(release(expected=0))
+    assert info.value.expected == 0 and info.value.actual == 1
+    assert "version 1" in info.value.note
+    store.append(release(expected=1))
+    assert store.stream_version("assignment/1/phys101/ps1") == 2
+    assert store.head() == 2
+
+
+def test_repeated_idempotency_key_appends_nothing(store):
+    first = store.append(submit("s1", key="k-1"))
+    again = store.append(submit("s1", minutes=9, key="k-1"))
+    assert again.duplicate and not first.duplicate
+    assert again.event == first.event
+    assert store.head() == 1
+    assert store.by_idempotency_key("k-1") == first.event
+    assert store.by_idempotency_key("nope") is None
+
+
+def test_batch_outcomes_are_independent(store):
+    store.append(release(expected=0))
+    outcomes = store.append_batch(
+        [
+            submit("s1", key="a"),
+            release(expected=0),
+            submit("s2"),
+            submit("s1", key="a"),
+        ]
+    )
+    assert outcomes[0].event.position == 2
+    assert isinstance(outcomes[1], ConflictError)
+    assert outcomes[2].event.position == 3
+    assert outcomes[3].duplicate and outcomes[3].event.position == 2
+    assert store.head() == 3
+    assert store.verify().ok
+
+
+def test_students_never_conflict_but_releases_do(store):
+    """Students' streams are their own; two releases of one assignment share a stream."""
+    requests = [submit(f"s{i}") for i in range(50)]
+    assert all(not isinstance(o, Exception) for o in store.append_batch(requests))
+    assert store.append(release(expected=0)).event.version == 1
+    with pytest.raises(ConflictError):
+        store.append(release(expected=0))
+
+
+def test_concurrent_threads_on_one_stream_and_many(store):
+    errors: list[Exception] = []
+    conflicts: list[int] = []
+
+    def releaser(n: int) -> None:
+        for _ in range(n):
+            while True:
+                seen = store.stream_version("assignment/1/phys101/ps1")
+                try:
+                    store.append(release(expected=seen))
+                    break
+                except ConflictError:
+                    conflicts.append(1)
+
+    def submitter(name: str, n: int) -> None:
+        try:
+            for i in range(n):
+                store.append(submit(name, minutes=i))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=releaser, args=(15,)) for _ in range(3)]
+    threads += [
+        threading.Thread(target=submitter, args=(f"s{i}", 15)) for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    events = list(store.read())
+    assert [e.position for e in events] == list(range(1, 3 * 15 + 4 * 15 + 1))
+    releases = [e for e in events if e.stream == "assignment/1/phys101/ps1"]
+    assert sorted(e.version for e in releases) == list(range(1, 46))
+    assert store.verify().ok
+
+
+def _append_in_process(url: str, name: str, n: int) -> None:
+    store = SQLEventStore(make_engine(url))
+    for i in range(n):
+        store.append(submit(name, minutes=i))
+
+
+def test_tailing_reader_never_skips_with_concurrent_processes(store, db_url):
+    """Writers in other processes; a reader tails the log and must see every position in order."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_append_in_process, args=(db_url, f"p{i}", 40))
+        for i in range(3)
+    ]
+    for p in procs:
+        p.start()
+    seen: list[int] = []
+    total = 3 * 40
+    while len(seen) < total:
+        after = seen[-1] if seen else 0
+        batch = [e.position for e in store.read(after=after)]
+        # Whatever a tail read returns must continue exactly where the last one stopped.
+        assert batch == list(range(after + 1, after + 1 + len(batch)))
+        seen.extend(batch)
+        if not any(p.is_alive() for p in procs) and not batch:
+            break
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert seen == list(range(1, total + 1))
+    assert store.verify().ok
+
+
+def _tamper(engine, sql: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text(sql))
+
+
+def _fill(store, n: int = 6) -> None:
+    store.append(release())
+    for i in range(n - 1):
+        store.append(submit(f"s{i}"))
+
+
+def test_verify_passes_an_untouched_log(store):
+    _fill(store)
+    report = store.verify()
+    assert report.ok and report.checked == 6 and report.head_hash == store.get(6).hash
+
+
+def test_verify_names_a_changed_payload(store, engine):
+    _fill(store)
+    _tamper(
+        engine,
+        "UPDATE events SET payload = replace(payload, 's2', 'sX') WHERE position = 4",
+    )
+    report = store.verify()
+    assert not report.ok
+    assert [(f.position, "changed" in f.reason) for f in report.faults] == [(4, True)]
+
+
+def test_verify_names_a_deleted_event(store, engine):
+    _fill(store)
+    _tamper(engine, "DELETE FROM events WHERE position = 3")
+    report = store.verify()
+    positions = {f.position for f in report.faults}
+    assert 3 in positions and any("missing" in f.reason for f in report.faults)
+
+
+def test_verify_names_a_swapped_pair(store, engine):
+    """Swap the contents of positions 3 and 4 (as a reordering would)."""
+    _fill(store)
+    with engine.begin() as conn:
+        rows = {
+            r.position: r
+            for r in conn.execute(
+                sa.select(events_table).where(events_table.c.position.in_([3, 4]))
+            )
+        }
+        conn.execute(events_table.delete().where(events_table.c.position.in_([3, 4])))
+        for old, new in ((3, 4), (4, 3)):
+            row = dict(rows[old]._mapping)
+            row["position"] = new
+            conn.execute(events_table.insert().values(**row))
+    report = store.verify()
+    assert {f.position for f in report.faults} >= {3, 4}
+    assert any("prev_hash" in f.reason for f in report.faults)
+
+
+def test_verify_catches_a_rewritten_hash(store, engine):
+    """A forger who changes an event and recomputes its hash still breaks the next link."""
+    _fill(store)
+    event = store.get(2)
+    forged = replace(event, payload={**event.payload, "student_id": "mallory"})
+    forged = replace(forged, hash=forged.computed_hash())
+    with engine.begin() as conn:
+        conn.execute(
+            events_table.update()
+            .where(events_table.c.position == 2)
+            .values(payload=canonical_json(dict(forged.payload)), hash=forged.hash)
+        )
+    report = store.verify()
+    assert [(f.position, "prev_hash" in f.reason) for f in report.faults] == [(3, True)]
+
+
+def test_old_payload_is_upcast_when_read():
+    """A payload written under an older schema loads through the registered steps."""
+    upcasters = Upcasters()
+
+    class CollectedV3(Collected):
+        SCHEMA = 3
+
+    EVENT_TYPES["collected"], original = CollectedV3, EVENT_TYPES["collected"]
+    try:
+
+        @upcasters.register("collected", 1)
+        def v1_to_v2(payload):
+            # v1 called the submission "submission"; v2 renamed it.
+            return {**payload, "submission_position": payload.pop("submission")}
+
+        @upcasters.register("collected", 2)
+        def v2_to_v3(payload):
+            return {
+                **payload,
+                "archive_sha256": payload.get("archive_sha256", "0" * 64),
+            }
+
+        old = {
+            "org_id": 1,
+            "course_id": "c",
+            "assignment_id": "a",
+            "student_id": "s",
+            "submission": 7,
+        }
+        event = decode("collected", 1, old, upcasters)
+        assert event.submission_position == 7 and event.archive_sha256 == "0" * 64
+        with pytest.raises(ValueError, match="newer"):
+            decode("collected", 4, old, upcasters)
+        with pytest.raises(ValueError, match="no upcaster"):
+            decode("collected", 0, old, upcasters)
+    finally:
+        EVENT_TYPES["collected"] = original
+    assert decode(
+        "collected",
+        1,
+        {
+            "org_id": 1,
+            "course_id": "c",
+            "assignment_id": "a",
+            "student_id": "s",
+            "submission_position": 7,
+            "archive_sha256": "f" * 64,
+        },
+        UPCASTERS,
+    )
+
+
+def test_unique_constraints_hold_even_without_the_lock(store, engine):
+    """The schema itself refuses a duplicate (stream, version) and a duplicate key."""
+    store.append(submit("s1", key="same"))
+    row = {c.name: getattr(store.get(1), c.name, None) for c in events_table.columns}
+    with pytest.raises(sa.exc.IntegrityError):
+        with engine.begin() as conn:
+            conn.execute(
+                events_table.insert().values(
+                    position=2,
+                    stream=row["stream"],
+                    version=1,
+                    type="submitted",
+                    schema=1,
+                    actor="{}",
+                    recorded_at=T0,
+                    idempotency_key=None,
+                    payload="{}",
+                    prev_hash="0",
+                    hash="0",
+                )
+            )
+    assert AppendRequest(release().event, TEACHER).stream == "assignment/1/phys101/ps1"
