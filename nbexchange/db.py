@@ -89,12 +89,11 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     Taking the lock up front means two writers queue instead of deadlocking
     when both try to upgrade a read lock.
     """
-    with translate_errors():
-        with engine.connect() as conn:
-            if is_sqlite(engine):
-                conn.execution_options(sqlite_immediate=True)
-            with conn.begin():
-                yield conn
+    with translate_errors(), engine.connect() as conn:
+        if is_sqlite(engine):
+            conn.execution_options(sqlite_immediate=True)
+        with conn.begin():
+            yield conn
 
 
 @contextlib.contextmanager
@@ -104,9 +103,7 @@ def translate_errors() -> Iterator[None]:
         yield
     except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
         if isinstance(e, sa.exc.OperationalError) and "locked" in str(e.orig):
-            raise Unavailable(
-                "The database is busy; retry shortly.", retry_after=1
-            ) from e
+            raise Unavailable("The database is busy; retry shortly.", retry_after=1) from e
         raise Unavailable("The database is unreachable; retry shortly.") from e
 
 

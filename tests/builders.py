@@ -14,9 +14,7 @@ from nbexchange.events.domain import (
 from nbexchange.events.store import AppendRequest
 
 T0 = datetime(2026, 1, 31, 23, 0, tzinfo=timezone.utc)
-TEACHER = Actor(
-    name="ada", role=INSTRUCTOR, full_name="Ada Lovelace", email="ada@example.org"
-)
+TEACHER = Actor(name="ada", role=INSTRUCTOR, full_name="Ada Lovelace", email="ada@example.org")
 
 
 def student(name: str) -> Actor:

@@ -1,9 +1,9 @@
 """The action log: event types, the append-only store and its verification."""
 
 from nbexchange.events.domain import (
+    Actor,
     ArchiveRejected,
     ArchiveUnpacked,
-    Actor,
     Collected,
     DomainEvent,
     FeedbackFetched,

@@ -26,9 +26,7 @@ def assignment_stream(org_id: int, course_id: str, assignment_id: str) -> str:
     return f"assignment/{org_id}/{course_id}/{assignment_id}"
 
 
-def student_stream(
-    org_id: int, course_id: str, assignment_id: str, student_id: str
-) -> str:
+def student_stream(org_id: int, course_id: str, assignment_id: str, student_id: str) -> str:
     """The stream of one student's work on one assignment.
 
     Each student has their own, so that thousands of students submitting at
@@ -123,9 +121,7 @@ class StudentEvent(DomainEvent):
     student_id: str
 
     def stream(self) -> str:
-        return student_stream(
-            self.org_id, self.course_id, self.assignment_id, self.student_id
-        )
+        return student_stream(self.org_id, self.course_id, self.assignment_id, self.student_id)
 
 
 @dataclass(frozen=True)
@@ -216,9 +212,7 @@ class ArchiveUnpacked(DomainEvent):
 
     def stream(self) -> str:
         if self.student_id is not None:
-            return student_stream(
-                self.org_id, self.course_id, self.assignment_id, self.student_id
-            )
+            return student_stream(self.org_id, self.course_id, self.assignment_id, self.student_id)
         return super().stream()
 
 
@@ -234,9 +228,7 @@ class ArchiveRejected(DomainEvent):
 
     def stream(self) -> str:
         if self.student_id is not None:
-            return student_stream(
-                self.org_id, self.course_id, self.assignment_id, self.student_id
-            )
+            return student_stream(self.org_id, self.course_id, self.assignment_id, self.student_id)
         return super().stream()
 
 
@@ -289,9 +281,7 @@ class Upcasters:
             data = step(data)
             schema += 1
         if schema > target:
-            raise ValueError(
-                f"{type_!r} schema {schema} is newer than this code ({target})"
-            )
+            raise ValueError(f"{type_!r} schema {schema} is newer than this code ({target})")
         return data
 
 

@@ -17,8 +17,8 @@ from nbexchange.errors import ConflictError, ExchangeError, NotFound
 from nbexchange.events.domain import Actor
 from nbexchange.events.store import (
     GENESIS,
-    AppendRequest,
     Appended,
+    AppendRequest,
     RecordedEvent,
     VerifyReport,
     canonical_json,
@@ -86,24 +86,18 @@ class SQLEventStore:
             raise outcome
         return outcome
 
-    def append_batch(
-        self, requests: Sequence[AppendRequest]
-    ) -> list[Appended | ExchangeError]:
+    def append_batch(self, requests: Sequence[AppendRequest]) -> list[Appended | ExchangeError]:
         """Append many events in one transaction; each fails or succeeds on its own."""
         if not requests:
             return []
         with write_transaction(self.engine) as conn:
             return self._append_locked(conn, requests)
 
-    def _append_locked(
-        self, conn: Connection, requests: Sequence[AppendRequest]
-    ) -> list[Appended | ExchangeError]:
+    def _append_locked(self, conn: Connection, requests: Sequence[AppendRequest]) -> list[Appended | ExchangeError]:
         if not is_sqlite(conn):
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_APPEND_LOCK)))
         head = conn.execute(
-            sa.select(
-                events_table.c.position, events_table.c.hash, events_table.c.recorded_at
-            )
+            sa.select(events_table.c.position, events_table.c.hash, events_table.c.recorded_at)
             .order_by(events_table.c.position.desc())
             .limit(1)
         ).first()
@@ -117,9 +111,7 @@ class SQLEventStore:
         keys = [r.idempotency_key for r in requests if r.idempotency_key]
         known: dict[str, RecordedEvent] = {}
         if keys:
-            for row in conn.execute(
-                sa.select(events_table).where(events_table.c.idempotency_key.in_(keys))
-            ):
+            for row in conn.execute(sa.select(events_table).where(events_table.c.idempotency_key.in_(keys))):
                 known[row.idempotency_key] = _row_to_event(row)
         streams = sorted({r.stream for r in requests})
         versions: dict[str, int] = dict.fromkeys(streams, 0)
@@ -140,13 +132,8 @@ class SQLEventStore:
                 outcomes.append(Appended(known[key], duplicate=True))
                 continue
             current = versions[request.stream]
-            if (
-                request.expected_version is not None
-                and request.expected_version != current
-            ):
-                outcomes.append(
-                    ConflictError(request.stream, request.expected_version, current)
-                )
+            if request.expected_version is not None and request.expected_version != current:
+                outcomes.append(ConflictError(request.stream, request.expected_version, current))
                 continue
             position += 1
             event = RecordedEvent(
@@ -208,9 +195,7 @@ class SQLEventStore:
     def get(self, position: int) -> RecordedEvent:
         """The event at ``position``; ``NotFound`` if there is none."""
         with translate_errors(), self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(events_table).where(events_table.c.position == position)
-            ).first()
+            row = conn.execute(sa.select(events_table).where(events_table.c.position == position)).first()
         if row is None:
             raise NotFound(f"There is no event at position {position}.")
         return _row_to_event(row)
@@ -218,28 +203,22 @@ class SQLEventStore:
     def head(self) -> int:
         """The position of the last committed event (0 for an empty log)."""
         with translate_errors(), self.engine.connect() as conn:
-            return int(
-                conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))
-                ).scalar_one()
-            )
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))).scalar_one())
 
     def stream_version(self, stream: str) -> int:
         """The version of the last event in ``stream`` (0 if it has none)."""
         with translate_errors(), self.engine.connect() as conn:
             value = conn.execute(
-                sa.select(
-                    sa.func.coalesce(sa.func.max(events_table.c.version), 0)
-                ).where(events_table.c.stream == stream)
+                sa.select(sa.func.coalesce(sa.func.max(events_table.c.version), 0)).where(
+                    events_table.c.stream == stream
+                )
             ).scalar_one()
         return int(value)
 
     def by_idempotency_key(self, key: str) -> RecordedEvent | None:
         """The event appended with ``key``, if any."""
         with translate_errors(), self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(events_table).where(events_table.c.idempotency_key == key)
-            ).first()
+            row = conn.execute(sa.select(events_table).where(events_table.c.idempotency_key == key)).first()
         return _row_to_event(row) if row else None
 
     def verify(self) -> VerifyReport:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from nbexchange.clock import format_iso
 from nbexchange.errors import ExchangeError
-from nbexchange.events.domain import Actor, DomainEvent, Upcasters, UPCASTERS, decode
+from nbexchange.events.domain import UPCASTERS, Actor, DomainEvent, Upcasters, decode
 
 #: The ``prev_hash`` of the first event.
 GENESIS = "0" * 64
@@ -162,17 +162,9 @@ def verify_chain(events: Iterator[RecordedEvent]) -> VerifyReport:
             else:
                 faults.append(ChainFault(event.position, "position out of order"))
         if event.prev_hash != prev_hash:
-            faults.append(
-                ChainFault(
-                    event.position, "prev_hash does not match the previous event's hash"
-                )
-            )
+            faults.append(ChainFault(event.position, "prev_hash does not match the previous event's hash"))
         if event.computed_hash() != event.hash:
-            faults.append(
-                ChainFault(
-                    event.position, "hash does not match the event's contents (changed)"
-                )
-            )
+            faults.append(ChainFault(event.position, "hash does not match the event's contents (changed)"))
         expected_position = event.position + 1
         prev_hash = event.hash
     return VerifyReport(checked=checked, head_hash=prev_hash, faults=tuple(faults))
@@ -185,9 +177,7 @@ class EventStore(Protocol):
         """Append one event; raise ``ConflictError`` for a stale ``expected_version``."""
         ...
 
-    def append_batch(
-        self, requests: Sequence[AppendRequest]
-    ) -> list[Appended | ExchangeError]:
+    def append_batch(self, requests: Sequence[AppendRequest]) -> list[Appended | ExchangeError]:
         """Append many events in one transaction; each fails or succeeds on its own."""
         ...
 

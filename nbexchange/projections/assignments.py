@@ -97,20 +97,10 @@ class AssignmentsProjection:
             )
         elif isinstance(data, Unreleased):
             rows.execute(releases.update().where(where_release).values(active=False))
-        elif isinstance(
-            data, (Fetched, Submitted, Collected, FeedbackReleased, FeedbackFetched)
-        ):
-            notebooks = rows.execute(
-                sa.select(releases.c.notebooks).where(where_release)
-            ).scalar()
-            timestamp = (
-                data.timestamp if isinstance(data, Submitted) else event.recorded_at
-            )
-            sha = (
-                data.archive_sha256
-                if isinstance(data, (Fetched, Submitted, Collected))
-                else None
-            )
+        elif isinstance(data, (Fetched, Submitted, Collected, FeedbackReleased, FeedbackFetched)):
+            notebooks = rows.execute(sa.select(releases.c.notebooks).where(where_release)).scalar()
+            timestamp = data.timestamp if isinstance(data, Submitted) else event.recorded_at
+            sha = data.archive_sha256 if isinstance(data, (Fetched, Submitted, Collected)) else None
             rows.insert(
                 actions,
                 {
@@ -176,9 +166,7 @@ def _release(row: Any) -> Release:
     )
 
 
-def get_release(
-    conn: Connection, org_id: int, course_id: str, assignment_id: str
-) -> Release | None:
+def get_release(conn: Connection, org_id: int, course_id: str, assignment_id: str) -> Release | None:
     """The assignment's latest release, active or not; ``None`` if it was never released."""
     row = conn.execute(
         sa.select(releases).where(

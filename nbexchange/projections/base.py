@@ -80,19 +80,14 @@ class Projection(Protocol):
 
 def checkpoint(conn: Connection, name: str) -> int:
     """The position a projection has applied up to (0 if it never ran)."""
-    value = conn.execute(
-        sa.select(checkpoints_table.c.position).where(checkpoints_table.c.name == name)
-    ).scalar()
+    value = conn.execute(sa.select(checkpoints_table.c.position).where(checkpoints_table.c.name == name)).scalar()
     return int(value or 0)
 
 
 def checkpoints(engine: Engine) -> dict[str, int]:
     """Every projection's checkpoint."""
     with translate_errors(), engine.connect() as conn:
-        return {
-            row.name: int(row.position)
-            for row in conn.execute(sa.select(checkpoints_table))
-        }
+        return {row.name: int(row.position) for row in conn.execute(sa.select(checkpoints_table))}
 
 
 def _lock_checkpoint(conn: Connection, name: str) -> int:
@@ -105,17 +100,13 @@ def _lock_checkpoint(conn: Connection, name: str) -> int:
         .values(name=name, position=0, updated_at=utcnow())
         .on_conflict_do_nothing(index_elements=["name"])
     )
-    query = sa.select(checkpoints_table.c.position).where(
-        checkpoints_table.c.name == name
-    )
+    query = sa.select(checkpoints_table.c.position).where(checkpoints_table.c.name == name)
     if not is_sqlite(conn):
         query = query.with_for_update()
     return int(conn.execute(query).scalar_one())
 
 
-def apply_batch(
-    conn: Connection, projection: Projection, events: Iterable[RecordedEvent]
-) -> int:
+def apply_batch(conn: Connection, projection: Projection, events: Iterable[RecordedEvent]) -> int:
     """Apply events to a projection on ``conn`` and move its checkpoint; returns the new checkpoint."""
     rows = Rows(conn)
     last = None
@@ -170,16 +161,8 @@ def rebuild(engine: Engine, projection: Projection, batch_size: int = 2000) -> i
 def lag(engine: Engine, names: Iterable[str]) -> int:
     """How many positions the slowest of these projections is behind the log's head."""
     with translate_errors(), engine.connect() as conn:
-        head = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))
-        ).scalar_one()
-        marks = dict(
-            conn.execute(
-                sa.select(checkpoints_table.c.name, checkpoints_table.c.position)
-            )
-            .tuples()
-            .all()
-        )
+        head = conn.execute(sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))).scalar_one()
+        marks = dict(conn.execute(sa.select(checkpoints_table.c.name, checkpoints_table.c.position)).tuples().all())
     return max((int(head) - int(marks.get(name, 0)) for name in names), default=0)
 
 
@@ -222,9 +205,7 @@ def replay(
     return memory
 
 
-def snapshot(
-    engine: Engine, projection: Projection
-) -> dict[str, list[tuple[Any, ...]]]:
+def snapshot(engine: Engine, projection: Projection) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of a projection's tables in a stable order, for comparing two builds."""
     with engine.connect() as conn:
         out: dict[str, list[tuple[Any, ...]]] = {}

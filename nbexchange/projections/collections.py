@@ -101,9 +101,7 @@ class CollectionsProjection:
             rows.execute(
                 submissions.update()
                 .where(submissions.c.position == data.source_position)
-                .values(
-                    archive_state=UNPACKED, notebooks=json.dumps(list(data.notebooks))
-                )
+                .values(archive_state=UNPACKED, notebooks=json.dumps(list(data.notebooks)))
             )
         elif isinstance(data, ArchiveRejected):
             rows.execute(
@@ -148,9 +146,7 @@ def list_submissions(
         query = query.where(submissions.c.student_id == student_id)
     if latest_only:
         query = query.where(submissions.c.latest.is_(True))
-    return [
-        _submission(r) for r in conn.execute(query.order_by(submissions.c.position))
-    ]
+    return [_submission(r) for r in conn.execute(query.order_by(submissions.c.position))]
 
 
 def get_submission(

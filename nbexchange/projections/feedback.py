@@ -28,9 +28,7 @@ feedback = sa.Table(
     sa.Column("released_by", sa.String(255), nullable=False),
     sa.Column("released_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Index(
-        "ix_proj_feedback_student", "org_id", "course_id", "assignment_id", "student_id"
-    ),
+    sa.Index("ix_proj_feedback_student", "org_id", "course_id", "assignment_id", "student_id"),
 )
 
 

@@ -50,11 +50,7 @@ class HistoryProjection:
 
     def apply(self, rows: Rows, event: RecordedEvent) -> None:
         data = event.data
-        student = (
-            data.student_id
-            if isinstance(data, StudentEvent)
-            else event.payload.get("student_id")
-        )
+        student = data.student_id if isinstance(data, StudentEvent) else event.payload.get("student_id")
         rows.insert(
             history,
             {
@@ -67,9 +63,7 @@ class HistoryProjection:
                 "role": event.actor.role,
                 "student_id": student,
                 "recorded_at": event.recorded_at,
-                "details": json.dumps(
-                    {k: event.payload[k] for k in _DETAILS if k in event.payload}
-                ),
+                "details": json.dumps({k: event.payload[k] for k in _DETAILS if k in event.payload}),
             },
         )
 
@@ -83,9 +77,7 @@ def course_history(
     action: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the given courses, oldest first; ``user_id`` keeps that user's own and releases."""
-    query = sa.select(history).where(
-        history.c.org_id == org_id, history.c.course_id.in_(course_ids)
-    )
+    query = sa.select(history).where(history.c.org_id == org_id, history.c.course_id.in_(course_ids))
     if user_id is not None:
         query = query.where(
             sa.or_(

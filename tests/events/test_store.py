@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
-
 from builders import T0, TEACHER, release, submit
+
 from nbexchange.db import make_engine
 from nbexchange.errors import ConflictError, NotFound
 from nbexchange.events.domain import (
@@ -35,11 +35,7 @@ def test_append_assigns_positions_versions_and_chains_hashes(store):
         2,
         3,
     ]
-    assert (
-        first.event.version == 1
-        and second.event.version == 1
-        and third.event.version == 2
-    )
+    assert first.event.version == 1 and second.event.version == 1 and third.event.version == 2
     assert first.event.prev_hash == GENESIS
     assert second.event.prev_hash == first.event.hash
     assert third.event.prev_hash == second.event.hash
@@ -137,9 +133,7 @@ def test_concurrent_threads_on_one_stream_and_many(store):
             errors.append(e)
 
     threads = [threading.Thread(target=releaser, args=(15,)) for _ in range(3)]
-    threads += [
-        threading.Thread(target=submitter, args=(f"s{i}", 15)) for i in range(4)
-    ]
+    threads += [threading.Thread(target=submitter, args=(f"s{i}", 15)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -161,10 +155,7 @@ def _append_in_process(url: str, name: str, n: int) -> None:
 def test_tailing_reader_never_skips_with_concurrent_processes(store, db_url):
     """Writers in other processes; a reader tails the log and must see every position in order."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_append_in_process, args=(db_url, f"p{i}", 40))
-        for i in range(3)
-    ]
+    procs = [ctx.Process(target=_append_in_process, args=(db_url, f"p{i}", 40)) for i in range(3)]
     for p in procs:
         p.start()
     seen: list[int] = []
@@ -224,12 +215,7 @@ def test_verify_names_a_swapped_pair(store, engine):
     """Swap the contents of positions 3 and 4 (as a reordering would)."""
     _fill(store)
     with engine.begin() as conn:
-        rows = {
-            r.position: r
-            for r in conn.execute(
-                sa.select(events_table).where(events_table.c.position.in_([3, 4]))
-            )
-        }
+        rows = {r.position: r for r in conn.execute(sa.select(events_table).where(events_table.c.position.in_([3, 4])))}
         conn.execute(events_table.delete().where(events_table.c.position.in_([3, 4])))
         for old, new in ((3, 4), (4, 3)):
             row = dict(rows[old]._mapping)
@@ -312,21 +298,20 @@ def test_unique_constraints_hold_even_without_the_lock(store, engine):
     """The schema itself refuses a duplicate (stream, version) and a duplicate key."""
     store.append(submit("s1", key="same"))
     row = {c.name: getattr(store.get(1), c.name, None) for c in events_table.columns}
-    with pytest.raises(sa.exc.IntegrityError):
-        with engine.begin() as conn:
-            conn.execute(
-                events_table.insert().values(
-                    position=2,
-                    stream=row["stream"],
-                    version=1,
-                    type="submitted",
-                    schema=1,
-                    actor="{}",
-                    recorded_at=T0,
-                    idempotency_key=None,
-                    payload="{}",
-                    prev_hash="0",
-                    hash="0",
-                )
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(
+            events_table.insert().values(
+                position=2,
+                stream=row["stream"],
+                version=1,
+                type="submitted",
+                schema=1,
+                actor="{}",
+                recorded_at=T0,
+                idempotency_key=None,
+                payload="{}",
+                prev_hash="0",
+                hash="0",
             )
+        )
     assert AppendRequest(release().event, TEACHER).stream == "assignment/1/phys101/ps1"
