@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -66,6 +67,11 @@ def token_from_request(request: HTTPServerRequest) -> str | None:
     if len(parts) == 2 and parts[0].lower() in TOKEN_SCHEMES:
         return parts[1]
     return None
+
+
+def token_digest(token: str) -> str:
+    """The key a token is looked up and cached by: its sha256, so no secret is kept or compared as is."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 class UserPlugin(LoggingConfigurable):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -18,7 +17,7 @@ from tornado.web import decode_signed_value
 from traitlets import Bytes, Float, Int, TraitError, Unicode, default
 
 from nbexchange.errors import Invalid, Unavailable
-from nbexchange.identity.base import INSTRUCTOR, STUDENT, User, UserPlugin, token_from_request
+from nbexchange.identity.base import INSTRUCTOR, STUDENT, User, UserPlugin, token_digest, token_from_request
 
 DEFAULT_HUB_API_URL = "http://127.0.0.1:8081/hub/api"
 
@@ -164,7 +163,7 @@ class JupyterHubPlugin(UserPlugin):
         token = token_from_request(request) or self._token_from_cookie(request)
         if token is None:
             return None
-        key = hashlib.sha256(token.encode("utf-8")).hexdigest()
+        key = token_digest(token)
         user = self._cache.get(key)
         if user is None:
             model = await self._hub_user_model(token)

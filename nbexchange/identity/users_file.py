@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import stat
@@ -15,7 +14,15 @@ from tornado.httputil import HTTPServerRequest
 from traitlets import Unicode
 
 from nbexchange.errors import Invalid
-from nbexchange.identity.base import INSTRUCTOR, STUDENT, User, UserPlugin, normalise_role, token_from_request
+from nbexchange.identity.base import (
+    INSTRUCTOR,
+    STUDENT,
+    User,
+    UserPlugin,
+    normalise_role,
+    token_digest,
+    token_from_request,
+)
 
 #: The keys a user entry may have; anything else is most likely a typo that would
 #: silently drop a setting, so it is refused.
@@ -31,11 +38,6 @@ DEMO_HEADER = """\
 
 #: What ``os.stat`` says about a file that tells us it changed.
 Signature = tuple[int, int, int]
-
-
-def token_digest(token: str) -> str:
-    """The key a token is looked up by: its sha256, so no lookup compares secrets directly."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def _signature(path: Path) -> Signature:
