@@ -155,7 +155,8 @@ class JupyterHubPlugin(UserPlugin):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.org_id  # a malformed $NBEX_ORG_ID should stop start-up, not the first request
+        # Reading org_id here makes a malformed $NBEX_ORG_ID stop start-up, not the first request.
+        self.log.info("Users are checked with JupyterHub at %s, in organisation %d.", self.hub_api_url, self.org_id)
         self._cache = _UserCache(self.cache_ttl, self.cache_size)
 
     async def authenticate(self, request: HTTPServerRequest) -> User | None:

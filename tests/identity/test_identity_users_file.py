@@ -86,9 +86,7 @@ def test_wrong_or_missing_token_gives_no_user(users_path: Path, make_request: Re
     assert authenticate(plugin, make_request) is None
 
 
-def test_users_added_and_removed_take_effect_without_a_restart(
-    users_path: Path, make_request: RequestFactory
-) -> None:
+def test_users_added_and_removed_take_effect_without_a_restart(users_path: Path, make_request: RequestFactory) -> None:
     plugin = UsersFilePlugin(users_file=str(users_path))
     assert authenticate(plugin, make_request, Authorization="token new-token") is None
 
