@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
-from nbexchange.clock import utcnow
+from nbexchange.clock import as_utc, utcnow
 from nbexchange.db import (
     is_sqlite,
     make_engine,
@@ -70,8 +70,15 @@ class Rows:
 class Projection(Protocol):
     """A read model: tables, and a pure function applying one event to their rows."""
 
-    name: str
-    tables: Sequence[sa.Table]
+    @property
+    def name(self) -> str:
+        """The projection's name, which keys its checkpoint."""
+        ...
+
+    @property
+    def tables(self) -> Sequence[sa.Table]:
+        """The tables it owns, parents first."""
+        ...
 
     def apply(self, rows: Rows, event: RecordedEvent) -> None:
         """Change the rows as ``event`` says; must not read or write anything else."""
@@ -162,7 +169,7 @@ def lag(engine: Engine, names: Iterable[str]) -> int:
     """How many positions the slowest of these projections is behind the log's head."""
     with translate_errors(), engine.connect() as conn:
         head = conn.execute(sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))).scalar_one()
-        marks = dict(conn.execute(sa.select(checkpoints_table.c.name, checkpoints_table.c.position)).tuples().all())
+        marks = dict(conn.execute(sa.select(checkpoints_table.c.name, checkpoints_table.c.position)).all())
     return max((int(head) - int(marks.get(name, 0)) for name in names), default=0)
 
 
@@ -210,6 +217,9 @@ def snapshot(engine: Engine, projection: Projection) -> dict[str, list[tuple[Any
     with engine.connect() as conn:
         out: dict[str, list[tuple[Any, ...]]] = {}
         for table in projection.tables:
-            rows = conn.execute(sa.select(table)).all()
-            out[table.name] = sorted((tuple(r) for r in rows), key=repr)
+            rows = [
+                tuple(as_utc(v) if isinstance(v, datetime) else v for v in row)
+                for row in conn.execute(sa.select(table))
+            ]
+            out[table.name] = sorted(rows, key=repr)
         return out
