@@ -1,0 +1,357 @@
+"""Tests for checking and unpacking archives: every unpacking rule, on real tar.gz files."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import stat
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from nbexchange.errors import UnsafeArchive, UnsupportedMedia
+from nbexchange.workers import archives
+from nbexchange.workers.archives import ArchiveLimits, ArchiveReport, inspect_archive, unpack_archive
+
+LIMITS = ArchiveLimits()
+
+Member = tuple[tarfile.TarInfo, bytes | None]
+
+
+def entry(
+    name: str,
+    data: bytes | None = b"",
+    kind: bytes = tarfile.REGTYPE,
+    mode: int = 0o644,
+    linkname: str = "",
+) -> Member:
+    """A tar member: a file with ``data``, or any other kind (``data=None``)."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.linkname = linkname
+    if data is not None:
+        info.size = len(data)
+    return info, data
+
+
+def folder(name: str, mode: int = 0o755) -> Member:
+    return entry(name, None, tarfile.DIRTYPE, mode)
+
+
+def build(path: Path, members: Sequence[Member]) -> Path:
+    """Write a real gzip'd tar holding ``members`` in that order."""
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+NOTEBOOK = b'{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}'
+
+GOOD = [
+    folder("ps1"),
+    entry("ps1/problem1.ipynb", NOTEBOOK),
+    folder("ps1/data"),
+    entry("ps1/data/input.csv", b"a,b\n1,2\n"),
+    entry("ps1/extra/deep/problem2.ipynb", NOTEBOOK + b" "),  # folders implied, never listed
+    entry("ps1/extra/problem1.ipynb", NOTEBOOK),  # same notebook id in another folder
+    entry("ps1/.ipynb_checkpoints/problem1-checkpoint.ipynb", NOTEBOOK),
+    entry("ps1/run.sh", b"#!/bin/sh\n", mode=0o4755),  # setuid in the archive
+    entry("ps1/empty.txt", b""),
+    entry("ps1/données.txt", "é".encode()),
+]
+
+
+def test_good_archive_report(tmp_path: Path) -> None:
+    archive = build(tmp_path / "good.tar.gz", GOOD)
+    report = inspect_archive(archive, LIMITS)
+    assert report == ArchiveReport(
+        members=10,
+        total_size=sum(len(data) for _, data in GOOD if data),
+        files=(
+            "ps1/.ipynb_checkpoints/problem1-checkpoint.ipynb",
+            "ps1/data/input.csv",
+            "ps1/données.txt",
+            "ps1/empty.txt",
+            "ps1/extra/deep/problem2.ipynb",
+            "ps1/extra/problem1.ipynb",
+            "ps1/problem1.ipynb",
+            "ps1/run.sh",
+        ),
+        notebooks=("problem1", "problem2"),
+    )
+
+
+def test_inspect_extracts_nothing(tmp_path: Path) -> None:
+    archive = build(tmp_path / "good.tar.gz", GOOD)
+    inspect_archive(archive, LIMITS)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["good.tar.gz"]
+
+
+def test_unpack_writes_the_bytes_with_safe_modes(tmp_path: Path) -> None:
+    archive = build(tmp_path / "good.tar.gz", GOOD + [folder("open", mode=0o777)])
+    dest = tmp_path / "extracted" / "ab" / "tree"
+
+    previous = os.umask(0o077)  # would strip group bits: unpacking must set its modes itself
+    try:
+        report = unpack_archive(archive, dest, LIMITS)
+    finally:
+        os.umask(previous)
+
+    assert report.notebooks == ("problem1", "problem2")
+    assert tree(dest) == {info.name: data for info, data in GOOD if data is not None}
+    for path in dest.rglob("*"):
+        assert mode(path) == (0o750 if path.is_dir() else 0o640), path
+    assert mode(dest) == 0o750
+    assert (dest / "open").is_dir()
+    # Only the tree is left beside dest: no staging folder.
+    assert [path.name for path in dest.parent.iterdir()] == ["tree"]
+
+
+def test_unpack_twice_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = build(tmp_path / "good.tar.gz", GOOD)
+    dest = tmp_path / "tree"
+    first = unpack_archive(archive, dest, LIMITS)
+    # Mark the tree: a second unpack that re-extracted would overwrite the mark.
+    (dest / "ps1" / "run.sh").write_bytes(b"marked")
+
+    def no_writing(*args: object) -> None:
+        raise AssertionError("the second unpack extracted again")
+
+    monkeypatch.setattr(archives, "_write_file", no_writing)
+    second = unpack_archive(archive, dest, LIMITS)
+
+    assert second == first
+    assert (dest / "ps1" / "run.sh").read_bytes() == b"marked"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["good.tar.gz", "tree"]
+
+
+def test_dot_slash_names_are_normalised(tmp_path: Path) -> None:
+    archive = build(
+        tmp_path / "dots.tar.gz",
+        [
+            folder("./"),
+            folder("./ps1"),
+            entry("./ps1/problem1.ipynb", NOTEBOOK),
+            entry("././ps1/notes.txt", b"notes"),
+        ],
+    )
+    report = unpack_archive(archive, tmp_path / "tree", LIMITS)
+    assert report.files == ("ps1/notes.txt", "ps1/problem1.ipynb")
+    assert report.notebooks == ("problem1",)
+    assert tree(tmp_path / "tree") == {"ps1/notes.txt": b"notes", "ps1/problem1.ipynb": NOTEBOOK}
+
+
+def test_an_empty_archive_is_safe(tmp_path: Path) -> None:
+    archive = build(tmp_path / "empty.tar.gz", [])
+    assert inspect_archive(archive, LIMITS) == ArchiveReport(0, 0, (), ())
+
+
+UNSAFE: dict[str, tuple[list[Member], str]] = {
+    "absolute path": ([entry("/etc/passwd", b"x")], "'/etc/passwd'"),
+    "dot-dot": ([entry("../evil.py", b"x")], "'../evil.py'"),
+    "dot-dot inside": ([entry("ps1/../../evil.py", b"x")], "'ps1/../../evil.py'"),
+    "dot-dot folder": ([folder("ps1/..")], "'ps1/..'"),
+    "symlink": ([entry("link", None, tarfile.SYMTYPE, linkname="/etc/passwd")], "'link'"),
+    "harmless-looking symlink": (
+        [entry("a.txt", b"x"), entry("b.txt", None, tarfile.SYMTYPE, linkname="a.txt")],
+        "'b.txt'",
+    ),
+    "hard link": ([entry("a.txt", b"x"), entry("b.txt", None, tarfile.LNKTYPE, linkname="a.txt")], "'b.txt'"),
+    "character device": ([entry("null", None, tarfile.CHRTYPE)], "'null'"),
+    "block device": ([entry("sda", None, tarfile.BLKTYPE)], "'sda'"),
+    "fifo": ([entry("pipe", None, tarfile.FIFOTYPE)], "'pipe'"),
+    "contiguous file": ([entry("contig", b"x", tarfile.CONTTYPE)], "'contig'"),
+    "duplicate file": ([entry("a.txt", b"one"), entry("a.txt", b"two")], "'a.txt'"),
+    "duplicate after ./": ([entry("a.txt", b"one"), entry("./a.txt", b"two")], "'./a.txt'"),
+    "duplicate folder": ([folder("ps1"), folder("ps1/")], "'ps1'"),
+    "file over a folder": ([entry("ps1/a.txt", b"x"), entry("ps1", b"x")], "'ps1'"),
+    "file under a file": ([entry("ps1", b"x"), entry("ps1/a.txt", b"x")], "'ps1/a.txt'"),
+    "bell in name": ([entry("bad\x07name", b"x")], "'bad\\x07name'"),
+    "newline in name": ([entry("ps1/a\nb.txt", b"x")], "'ps1/a\\nb.txt'"),
+    "escape in name": ([entry("\x1b[31mred", b"x")], "'\\x1b[31mred'"),
+    "C1 control in name": ([entry("a\x85b", b"x")], "'a\\x85b'"),
+    # Long enough to go into a pax header, where a NUL survives the round trip.
+    "NUL in name": ([entry("n" * 120 + "\x00.ipynb", b"x")], "\\x00.ipynb'"),
+    "name too long": ([entry("x" * 300, b"x")], "'" + "x" * 300 + "'"),
+    "file with no name": ([entry("./", b"x")], "'./'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE))
+def test_unsafe_archives_are_refused(tmp_path: Path, case: str) -> None:
+    members, named = UNSAFE[case]
+    archive = build(tmp_path / "unsafe.tar.gz", members)
+    dest = tmp_path / "out" / "tree"
+
+    with pytest.raises(UnsafeArchive) as inspected:
+        inspect_archive(archive, LIMITS)
+    assert named in inspected.value.note
+
+    with pytest.raises(UnsafeArchive) as unpacked:
+        unpack_archive(archive, dest, LIMITS)
+    assert named in unpacked.value.note
+    assert not dest.exists()
+    assert list(dest.parent.iterdir()) == []  # the staging folder is gone too
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "unsafe.tar.gz"]
+
+
+def test_the_reason_reads_as_a_sentence(tmp_path: Path) -> None:
+    archive = build(tmp_path / "link.tar.gz", [entry("ps1/link", None, tarfile.SYMTYPE, linkname="/etc")])
+    with pytest.raises(UnsafeArchive) as caught:
+        inspect_archive(archive, LIMITS)
+    assert caught.value.note == (
+        "Member 'ps1/link' is a symbolic link: only regular files and folders are allowed."
+    )
+
+
+def test_empty_member_name_is_refused(tmp_path: Path) -> None:
+    archive = build(tmp_path / "empty-name.tar.gz", [entry("", b"x")])
+    with pytest.raises(UnsafeArchive) as caught:
+        inspect_archive(archive, LIMITS)
+    assert "empty name" in caught.value.note
+
+
+def test_too_many_members(tmp_path: Path) -> None:
+    limits = ArchiveLimits(max_members=4)
+    four = build(tmp_path / "four.tar.gz", [entry(f"f{i}.txt", b"x") for i in range(4)])
+    assert inspect_archive(four, limits).members == 4
+    archive = build(tmp_path / "many.tar.gz", [entry(f"f{i}.txt", b"x") for i in range(5)])
+
+    with pytest.raises(UnsafeArchive) as caught:
+        unpack_archive(archive, tmp_path / "tree", limits)
+    assert "'f4.txt'" in caught.value.note
+    assert "more than 4 members" in caught.value.note
+    assert not (tmp_path / "tree").exists()
+
+
+def test_total_size_over_the_limit(tmp_path: Path) -> None:
+    members = [entry("a.bin", bytes(range(256)) * 3), entry("b.bin", bytes(range(256)) * 3)]
+    archive = build(tmp_path / "big.tar.gz", members)
+    limits = ArchiveLimits(max_total_size=1500, max_ratio=1000)
+    assert inspect_archive(archive, ArchiveLimits(max_total_size=1536, max_ratio=1000)).total_size == 1536
+
+    with pytest.raises(UnsafeArchive) as caught:
+        unpack_archive(archive, tmp_path / "tree", limits)
+    assert "'b.bin'" in caught.value.note
+    assert "1500" in caught.value.note
+    assert not (tmp_path / "tree").exists()
+
+
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes, made as they are read, so the test never holds the bomb whole."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        count = min(len(buffer), self.left)
+        buffer[:count] = bytes(count)
+        self.left -= count
+        return count
+
+
+def test_compression_bomb_stops_early(tmp_path: Path) -> None:
+    size = 50 * 1024 * 1024
+    info = tarfile.TarInfo("ps1/zeros.bin")
+    info.size = size
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.addfile(entry("ps1/ok.txt", b"fine")[0], io.BytesIO(b"fine"))
+        tar.addfile(info, io.BufferedReader(_Zeros(size)))
+    assert archive.stat().st_size < size / 100
+
+    # Sizes allow the bomb; only the ratio does not.
+    limits = ArchiveLimits(max_total_size=size * 2, max_ratio=20)
+    with pytest.raises(UnsafeArchive) as caught:
+        unpack_archive(archive, tmp_path / "tree", limits)
+    assert "'ps1/zeros.bin'" in caught.value.note
+    assert "ratio" in caught.value.note
+    # It stopped within the first megabytes of the member, not after reading it all.
+    read_so_far = int(re.search(r"(\d+) bytes so far", caught.value.note).group(1))  # type: ignore[union-attr]
+    assert read_so_far < 4 * 1024 * 1024
+    assert not (tmp_path / "tree").exists()
+    # Under a generous ratio the same archive is fine: it is the ratio that stopped it.
+    assert inspect_archive(archive, ArchiveLimits(max_total_size=size * 2, max_ratio=10_000)).total_size == size + 4
+
+
+def test_ratio_counts_against_the_compressed_size(tmp_path: Path) -> None:
+    data = b"abcdefgh" * 4096  # 32 KiB that compresses to almost nothing
+    archive = build(tmp_path / "squeezed.tar.gz", [entry("a.txt", data)])
+    compressed = archive.stat().st_size
+    ratio = len(data) / compressed
+    assert inspect_archive(archive, ArchiveLimits(max_ratio=ratio + 1)).total_size == len(data)
+    with pytest.raises(UnsafeArchive) as caught:
+        inspect_archive(archive, ArchiveLimits(max_ratio=ratio - 1))
+    assert "'a.txt'" in caught.value.note
+
+
+def test_header_bomb_is_stopped_before_it_is_read_whole(tmp_path: Path) -> None:
+    info, data = entry("ps1/small.txt", b"x")
+    info.pax_headers = {"comment": "c" * (20 * 1024 * 1024)}
+    archive = build(tmp_path / "header-bomb.tar.gz", [(info, data)])
+    limits = ArchiveLimits(max_members=10)
+
+    with pytest.raises(UnsafeArchive) as caught:
+        inspect_archive(archive, limits)
+    assert "headers" in caught.value.note
+    assert "before its first member" in caught.value.note
+
+
+def test_plain_tar_is_not_gzip(tmp_path: Path) -> None:
+    archive = tmp_path / "plain.tar"
+    with tarfile.open(archive, "w") as tar:
+        info, data = entry("a.txt", b"x")
+        tar.addfile(info, io.BytesIO(data or b""))
+    with pytest.raises(UnsupportedMedia) as caught:
+        inspect_archive(archive, LIMITS)
+    assert "not gzip" in caught.value.note
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"", id="empty file"),
+        pytest.param(b"PK\x03\x04 a zip file", id="zip"),
+        pytest.param(gzip.compress(b"just some text, not a tar\n" * 100), id="gzip but not tar"),
+        pytest.param(gzip.compress(b""), id="gzip of nothing"),
+        pytest.param(b"\x1f\x8b\x08\x00garbage after the magic", id="broken gzip"),
+    ],
+)
+def test_not_a_gzipped_tar(tmp_path: Path, content: bytes) -> None:
+    archive = tmp_path / "upload.tar.gz"
+    archive.write_bytes(content)
+    with pytest.raises(UnsupportedMedia):
+        inspect_archive(archive, LIMITS)
+    with pytest.raises(UnsupportedMedia):
+        unpack_archive(archive, tmp_path / "out" / "tree", LIMITS)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_truncated_archive_is_unsupported(tmp_path: Path) -> None:
+    archive = build(tmp_path / "whole.tar.gz", [entry("a.bin", bytes(range(256)) * 400)])
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(UnsupportedMedia):
+        unpack_archive(cut, tmp_path / "tree", LIMITS)
+    assert not (tmp_path / "tree").exists()
