@@ -98,6 +98,7 @@ def test_head_is_the_first_two_bytes_however_they_arrive(store: ArchiveStore) ->
 
 def test_identical_uploads_are_stored_once(store: ArchiveStore) -> None:
     first = store.store_bytes(b"the same bytes")
+    inode = first.path.stat().st_ino
     with store.new_upload() as upload:
         upload.write(b"the same ")
         upload.write(b"bytes")
@@ -105,6 +106,8 @@ def test_identical_uploads_are_stored_once(store: ArchiveStore) -> None:
 
     assert first == second
     assert stored_files(store) == [first.path]
+    # The copy already stored is kept, not replaced by the newcomer.
+    assert first.path.stat().st_ino == inode
     assert list(store.tmp.iterdir()) == []
 
 
