@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from service import Service, start_service
 
 from nbexchange.db import make_engine, upgrade
 from nbexchange.events.sql import SQLEventStore
@@ -71,3 +73,28 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 def store(engine: sa.Engine) -> SQLEventStore:
     """The action log on this test's database."""
     return SQLEventStore(engine)
+
+
+@pytest.fixture
+def exchange_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """Factory: ``exchange_service(users={"ada": {"phys101": "Instructor"}, ...})`` starts a live service.
+
+    It runs on this test's database backend and, with ``NBEX_TEST_BROKER_URL``
+    set, on that broker with ``nbexchange worker`` processes; otherwise the
+    embedded broker and worker thread. Everything is stopped after the test.
+    """
+    started: list[tuple[Service, object]] = []
+
+    def start(users: dict[str, dict[str, str]], **kwargs: Any) -> Service:
+        root = tmp_path / f"exchange-{len(started)}"
+        root.mkdir()
+        url, token = fresh_db_url(root)
+        kwargs.setdefault("broker_url", TEST_BROKER_URL)
+        service = start_service(root, users, db_url=url, **kwargs)
+        started.append((service, token))
+        return service
+
+    yield start
+    for service, token in started:
+        service.stop()
+        drop_db(token)

@@ -1,1 +1,18 @@
-"""The HTTP API: one module per REST resource."""
+"""The HTTP API: one module per REST resource, each ending with its ``(route, Handler)`` pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbexchange.api import assignment, assignments, collections, feedback, health, history, submission
+
+#: Every route, relative to ``base_url``.
+default_handlers: list[tuple[str, Any]] = [
+    *assignments.default_handlers,
+    *assignment.default_handlers,
+    *submission.default_handlers,
+    *collections.default_handlers,
+    *feedback.default_handlers,
+    *history.default_handlers,
+    *health.default_handlers,
+]

@@ -192,6 +192,18 @@ class SQLEventStore:
             if remaining is not None:
                 remaining -= len(batch)
 
+    def read_prefixed(self, prefixes: Sequence[str], after: int = 0, limit: int = 100) -> list[RecordedEvent]:
+        """A page of events whose stream starts with one of ``prefixes`` (a course's, say)."""
+        matches = [events_table.c.stream.like(_like_prefix(p), escape="\\") for p in prefixes]
+        query = (
+            sa.select(events_table)
+            .where(events_table.c.position > after, sa.or_(*matches))
+            .order_by(events_table.c.position)
+            .limit(limit)
+        )
+        with translate_errors(), self.engine.connect() as conn:
+            return [_row_to_event(row) for row in conn.execute(query)]
+
     def get(self, position: int) -> RecordedEvent:
         """The event at ``position``; ``NotFound`` if there is none."""
         with translate_errors(), self.engine.connect() as conn:
@@ -245,6 +257,11 @@ def read_events(
         query = query.where(events_table.c.stream == stream)
     query = query.order_by(events_table.c.position).limit(limit)
     return [_row_to_event(row) for row in conn.execute(query)]
+
+
+def _like_prefix(prefix: str) -> str:
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
 
 
 def _event_to_row(event: RecordedEvent) -> dict[str, Any]:

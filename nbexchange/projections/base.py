@@ -97,7 +97,8 @@ def checkpoints(engine: Engine) -> dict[str, int]:
         return {row.name: int(row.position) for row in conn.execute(sa.select(checkpoints_table))}
 
 
-def _lock_checkpoint(conn: Connection, name: str) -> int:
+def lock_checkpoint(conn: Connection, name: str) -> int:
+    """Take a projection's checkpoint for this transaction (creating it at 0) and return it."""
     # Row lock on PostgreSQL (SQLite's write lock is already held), so two
     # workers catching up the same projection take turns instead of both
     # applying the same events.
@@ -122,13 +123,18 @@ def apply_batch(conn: Connection, projection: Projection, events: Iterable[Recor
         last = event.position
     rows.flush()
     if last is not None:
-        conn.execute(
-            checkpoints_table.update()
-            .where(checkpoints_table.c.name == projection.name)
-            .values(position=last, updated_at=utcnow())
-        )
+        move_checkpoint(conn, projection.name, last)
         return last
     return checkpoint(conn, projection.name)
+
+
+def move_checkpoint(conn: Connection, name: str, position: int) -> None:
+    """Set a checkpoint taken with :func:`lock_checkpoint`."""
+    conn.execute(
+        checkpoints_table.update()
+        .where(checkpoints_table.c.name == name)
+        .values(position=position, updated_at=utcnow())
+    )
 
 
 def catch_up(
@@ -142,9 +148,14 @@ def catch_up(
     The checkpoint moves in the same transaction as the rows, so a crash
     between batches loses nothing and applies nothing twice.
     """
+    with translate_errors(), engine.connect() as conn:
+        head = conn.execute(sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))).scalar_one()
+        mark = checkpoint(conn, projection.name)
+    if mark >= (head if until is None else min(head, until)):
+        return mark  # nothing to do: no write lock taken
     while True:
         with write_transaction(engine) as conn:
-            after = _lock_checkpoint(conn, projection.name)
+            after = lock_checkpoint(conn, projection.name)
             events = read_events(conn, after, batch_size, until_position=until)
             position = apply_batch(conn, projection, events)
         if len(events) < batch_size:
@@ -154,14 +165,10 @@ def catch_up(
 def rebuild(engine: Engine, projection: Projection, batch_size: int = 2000) -> int:
     """Empty the projection's tables and apply the whole log from position 0."""
     with write_transaction(engine) as conn:
-        _lock_checkpoint(conn, projection.name)
+        lock_checkpoint(conn, projection.name)
         for table in reversed(projection.tables):
             conn.execute(table.delete())
-        conn.execute(
-            checkpoints_table.update()
-            .where(checkpoints_table.c.name == projection.name)
-            .values(position=0, updated_at=utcnow())
-        )
+        move_checkpoint(conn, projection.name, 0)
     return catch_up(engine, projection, batch_size)
 
 
@@ -204,7 +211,7 @@ def replay(
             break
         with memory.begin() as conn:
             for projection in projections:
-                _lock_checkpoint(conn, projection.name)
+                lock_checkpoint(conn, projection.name)
                 apply_batch(conn, projection, events)
         after = events[-1].position
         if len(events) < batch_size:

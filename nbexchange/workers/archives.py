@@ -129,8 +129,7 @@ class _Checker:
         is_dir = member.type == tarfile.DIRTYPE
         if not is_dir and member.type not in _FILE_TYPES:
             raise UnsafeArchive(
-                f"Member {raw!r} has the unsupported type {member.type!r}: "
-                "only regular files and folders are allowed."
+                f"Member {raw!r} has the unsupported type {member.type!r}: only regular files and folders are allowed."
             )
         if not name:
             if is_dir:

@@ -34,9 +34,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("stream", "version", name="uq_events_stream_version"),
     )
     with op.batch_alter_table("events", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_events_recorded_at"), ["recorded_at"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_events_recorded_at"), ["recorded_at"], unique=False)
 
 
 def downgrade() -> None:

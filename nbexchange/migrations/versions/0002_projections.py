@@ -33,9 +33,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("position", name=op.f("pk_proj_actions")),
     )
     with op.batch_alter_table("proj_actions", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_proj_actions_user", ["org_id", "course_id", "user_id"], unique=False
-        )
+        batch_op.create_index("ix_proj_actions_user", ["org_id", "course_id", "user_id"], unique=False)
 
     op.create_table(
         "proj_feedback",
@@ -94,9 +92,7 @@ def upgrade() -> None:
         sa.Column("archive_state", sa.String(length=16), nullable=False),
         sa.Column("archive_reason", sa.Text(), nullable=True),
         sa.Column("active", sa.Boolean(), nullable=False),
-        sa.PrimaryKeyConstraint(
-            "org_id", "course_id", "assignment_id", name=op.f("pk_proj_releases")
-        ),
+        sa.PrimaryKeyConstraint("org_id", "course_id", "assignment_id", name=op.f("pk_proj_releases")),
     )
     op.create_table(
         "proj_submissions",

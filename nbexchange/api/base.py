@@ -1,0 +1,231 @@
+"""The base handler: who is calling, parameters, JSON answers, and the one place errors become HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tornado import web
+
+from nbexchange.clock import parse_timestamp
+from nbexchange.errors import ExchangeError, Invalid, Unauthorized, Unavailable
+from nbexchange.exchange import Exchange
+from nbexchange.identity.base import User, UserPlugin
+from nbexchange.metrics import REQUEST_LATENCY
+from nbexchange.storage import CHUNK_SIZE
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Control characters and path separators never belong in an id.
+_BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\]")
+MAX_ID = 255
+
+
+class BaseHandler(web.RequestHandler):
+    """Every route's base: authenticates, parses, runs blocking work in threads, answers JSON."""
+
+    #: Health routes set this to False.
+    auth_required = True
+    route_name = ""
+
+    @property
+    def exchange(self) -> Exchange:
+        exchange: Exchange = self.settings["exchange"]
+        return exchange
+
+    @property
+    def user_plugin(self) -> UserPlugin:
+        plugin: UserPlugin = self.settings["user_plugin"]
+        return plugin
+
+    @property
+    def executor(self) -> Executor:
+        executor: Executor = self.settings["executor"]
+        return executor
+
+    @property
+    def user(self) -> User:
+        """The authenticated caller (set by ``prepare``)."""
+        user: User = self.current_user
+        return user
+
+    def check_xsrf_cookie(self) -> None:
+        """API clients send tokens, not forms: no XSRF check."""
+
+    async def prepare(self) -> None:
+        """Authenticate the caller; 401 for no or invalid credentials."""
+        self._started = time.perf_counter()
+        if not self.auth_required:
+            return
+        user = await self.user_plugin.authenticate(self.request)
+        if user is None:
+            raise Unauthorized()
+        self.current_user = user
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking work (database, disk) in the executor."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    # -- parameters --------------------------------------------------------
+
+    def param(self, name: str, required: bool = True) -> str | None:
+        """A query parameter's first value; ``Invalid`` if required and missing or empty."""
+        values = self.request.query_arguments.get(name)
+        if not values or not values[0]:
+            if required:
+                raise Invalid(f"The parameter {name!r} is required.")
+            return None
+        try:
+            return values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise Invalid(f"The parameter {name!r} is not valid UTF-8.") from None
+
+    def id_param(self, name: str, required: bool = True) -> str:
+        """A course, assignment, notebook or user id: no ``/``, ``..`` or control characters; ≤ 255 chars."""
+        value = self.param(name, required)
+        if value is None:
+            return ""
+        return self.check_id(name, value)
+
+    @staticmethod
+    def check_id(name: str, value: str) -> str:
+        """``value`` if it is a safe id, else ``Invalid`` naming the parameter."""
+        if len(value) > MAX_ID:
+            raise Invalid(f"The parameter {name!r} is longer than {MAX_ID} characters.")
+        if _BAD_ID.search(value) or ".." in value or value.strip() in ("", "."):
+            raise Invalid(f"The parameter {name!r} may not contain '/', '\\', '..' or control characters.")
+        return value
+
+    def optional_id(self, name: str) -> str | None:
+        """An id parameter that may be absent."""
+        return self.id_param(name, required=False) or None
+
+    def int_param(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        """A whole-number parameter within bounds."""
+        text = self.param(name, required=False)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise Invalid(f"The parameter {name!r} must be a whole number.") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise Invalid(f"The parameter {name!r} must be {bound}.")
+        return value
+
+    def timestamp_param(self, name: str = "timestamp") -> datetime:
+        """A timestamp in nbgrader's format (``2026-01-31 23:59:59.123456 UTC``) or ISO 8601."""
+        text = self.param(name)
+        assert text is not None
+        try:
+            return parse_timestamp(text)
+        except ValueError:
+            raise Invalid(f"The parameter {name!r} is not a timestamp like '2026-01-31 23:59:59.123456 UTC'.") from None
+
+    def idempotency_key(self) -> str | None:
+        """The ``Idempotency-Key`` header, if sent."""
+        key = self.request.headers.get("Idempotency-Key")
+        if key is None:
+            return None
+        if not key or len(key) > MAX_ID or not key.isprintable():
+            raise Invalid("The Idempotency-Key header must be 1 to 255 printable characters.")
+        return key
+
+    # -- reading consistently ----------------------------------------------
+
+    async def read_position(self) -> int:
+        """Wait until projections reach ``min_position`` (if given); the position reads reflect."""
+        wanted = self.int_param("min_position", 0)
+        deadline = time.monotonic() + self.exchange.consistency_timeout
+        delay = 0.01
+        while True:
+            current = await self.run(self.exchange.reached, wanted)
+            if current is not None:
+                return current
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"The exchange has not yet caught up to position {wanted}; retry shortly.", retry_after=2
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    # -- answering ---------------------------------------------------------
+
+    def answer(self, body: dict[str, Any], status: int = 200) -> None:
+        """Finish with a JSON body that says ``success``."""
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"success": True, **body}))
+
+    async def send_file(self, path: Path, size: int, position: int, filename: str) -> None:
+        """Stream a stored archive in chunks, never whole in memory."""
+        self.set_header("Content-Type", "application/gzip")
+        self.set_header("Content-Length", str(size))
+        self.set_header("Content-Disposition", f'attachment; filename="{filename}"')
+        self.set_header("X-Nbexchange-Position", str(position))
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK_SIZE):
+                self.write(chunk)
+                await self.flush()
+        self.finish()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """The one place an exception becomes an HTTP answer: JSON with a note, never HTML."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ExchangeError):
+            status_code, note = exc.status_code, exc.note
+            if isinstance(exc, Unavailable):
+                self.set_header("Retry-After", str(exc.retry_after))
+        elif isinstance(exc, web.HTTPError):
+            note = exc.log_message or self._reason
+            if status_code == 405:
+                note = f"{self.request.method} is not allowed on this route."
+        elif status_code == 404:
+            note = "There is no such route; see the API documentation."
+        elif exc is None:
+            note = self._reason
+        else:
+            note = "The exchange failed unexpectedly; the error was logged."
+        self.clear_header("Content-Disposition")
+        self.clear_header("X-Nbexchange-Position")
+        self.set_status(status_code)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"success": False, "note": note}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Expected refusals are one line; anything else gets its traceback."""
+        if isinstance(value, ExchangeError) and value.status_code < 500:
+            log.info("%s %s -> %d: %s", self.request.method, self.request.path, value.status_code, value.note)
+        elif isinstance(value, Unavailable):
+            log.warning("%s %s -> 503: %s", self.request.method, self.request.path, value.note)
+        else:
+            super().log_exception(typ, value, tb)
+
+    def on_finish(self) -> None:
+        started = getattr(self, "_started", None)
+        if started is not None:
+            REQUEST_LATENCY.labels(self.route_name or "unknown", self.request.method, str(self.get_status())).observe(
+                time.perf_counter() - started
+            )
+
+
+class NotFoundHandler(BaseHandler):
+    """Any unknown path: a JSON 404."""
+
+    auth_required = False
+
+    def prepare(self) -> None:  # type: ignore[override]
+        raise web.HTTPError(404, "There is no such route; see the API documentation.")

@@ -1,0 +1,110 @@
+"""The tornado application and the ``nbexchange`` (serve) command's process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import REGISTRY
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from nbexchange.api import default_handlers
+from nbexchange.api.base import NotFoundHandler
+from nbexchange.exchange import Exchange
+from nbexchange.identity.base import UserPlugin
+from nbexchange.metrics import StateCollector
+from nbexchange.projections import NAMES, lag
+from nbexchange.runtime import Runtime
+from nbexchange.workers.app import EmbeddedWorker, Sweeper
+
+if TYPE_CHECKING:
+    from nbexchange.app import NbExchange
+
+log = logging.getLogger(__name__)
+
+
+def make_app(
+    settings: NbExchange, runtime: Runtime, user_plugin: UserPlugin, executor: ThreadPoolExecutor
+) -> web.Application:
+    """The tornado application: every route under ``base_url``, JSON errors everywhere."""
+    base = settings.base_url
+    handlers: list[Any] = [(base + route, handler) for route, handler in default_handlers]
+    return web.Application(
+        handlers,
+        default_handler_class=NotFoundHandler,
+        exchange=Exchange(runtime, settings.consistency_timeout),
+        runtime=runtime,
+        archives=runtime.archives,
+        user_plugin=user_plugin,
+        executor=executor,
+        max_upload_size=settings.max_upload_size,
+        metrics_require_auth=settings.metrics_require_auth,
+        log_function=_log_request,
+    )
+
+
+def _log_request(handler: web.RequestHandler) -> None:
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    log.log(
+        level,
+        "%d %s %s %.1fms",
+        status,
+        handler.request.method,
+        handler.request.path,
+        1000 * handler.request.request_time(),
+    )
+
+
+_collector: StateCollector | None = None
+
+
+def _register_collector(runtime: Runtime) -> None:
+    global _collector
+    if _collector is None:
+        _collector = StateCollector(lambda: lag(runtime.engine, NAMES), runtime.queue_depth)
+        REGISTRY.register(_collector)
+
+
+def serve(settings: NbExchange) -> None:
+    """Run the API until SIGTERM or SIGINT; in the embedded default, the workers too."""
+    runtime = Runtime(settings)
+    user_plugin = settings.make_user_plugin()
+    executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="nbexchange-io")
+    worker = sweeper = None
+    if settings.embedded:
+        worker = EmbeddedWorker(runtime.celery, settings.worker_concurrency)
+        worker.start()
+        sweeper = Sweeper(runtime, settings.sweep_interval)
+        sweeper.start()
+    _register_collector(runtime)
+    app = make_app(settings, runtime, user_plugin, executor)
+
+    async def main() -> None:
+        server = HTTPServer(app, xheaders=True, max_buffer_size=64 * 1024 * 1024)
+        server.add_sockets(bind_sockets(settings.port, settings.ip, reuse_port=settings.reuse_port))
+        mode = "embedded (in-process broker and worker)" if settings.embedded else f"broker {settings.broker_url}"
+        log.info("nbexchange listening on http://%s:%d%s, %s", settings.ip, settings.port, settings.base_url, mode)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("Stopping: no new connections; finishing requests in flight")
+        server.stop()
+        await server.close_all_connections()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if sweeper:
+            sweeper.stop()
+        if worker:
+            worker.stop()
+        executor.shutdown(wait=True)
+        runtime.close()

@@ -1,0 +1,305 @@
+"""The ``nbexchange`` command: every setting, and the service, worker and audit commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from traitlets import Bool, Float, Int, Type, Unicode, default, validate
+from traitlets.config import Application
+
+from nbexchange.identity import JupyterHubPlugin, UserPlugin, UsersFilePlugin, create_demo_users_file
+
+COMMANDS = {
+    "serve": "Run the HTTP API (the default). With no broker_url, also runs the workers in-process.",
+    "worker": "Run a Celery worker process on broker_url: unpack and check archives, build projections.",
+    "upgrade-db": "Create or upgrade the database schema, then exit.",
+    "verify": "Recompute the log's hash chain and every stored archive's sha256; exit 1 on any fault.",
+    "export": "Write the whole log as JSON lines (hashes included) to stdout or --output.",
+    "replay": "Print the exchange as it stood at --until-position or --until-time (JSON).",
+    "rebuild": "Rebuild every projection from position 0.",
+}
+
+
+class NbExchange(Application):  # type: ignore[misc]
+    """The nbexchange service: one settings object for API processes and workers."""
+
+    name = "nbexchange"
+    description = "A JupyterHub service that replaces nbgrader's filesystem exchange.\n\nCommands:\n" + "\n".join(
+        f"  {name:<11} {text}" for name, text in COMMANDS.items()
+    )
+    examples = """
+nbexchange                                   # embedded default on 127.0.0.1:9000
+nbexchange --NbExchange.broker_url=redis://127.0.0.1:6379/0 --port=9001
+nbexchange worker --NbExchange.broker_url=redis://127.0.0.1:6379/0
+nbexchange verify
+nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assignment=ps1
+"""
+
+    aliases = {
+        "port": "NbExchange.port",
+        "ip": "NbExchange.ip",
+        "config": "NbExchange.config_file",
+        "log-level": "Application.log_level",
+        "output": "NbExchange.output",
+        "until-position": "NbExchange.until_position",
+        "until-time": "NbExchange.until_time",
+        "course": "NbExchange.course_id",
+        "assignment": "NbExchange.assignment_id",
+    }
+
+    # -- where it listens --------------------------------------------------
+
+    ip = Unicode("127.0.0.1", config=True, help="The address the API listens on.")
+    port = Int(9000, config=True, help="The port the API listens on.")
+    reuse_port = Bool(
+        False, config=True, help="Let several API processes listen on the same port (SO_REUSEPORT) to share load."
+    )
+    base_url = Unicode(config=True, help="The URL prefix of every route (env JUPYTERHUB_SERVICE_PREFIX).")
+
+    @default("base_url")
+    def _default_base_url(self) -> str:
+        return os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/nbexchange/")
+
+    @validate("base_url")
+    def _slashes(self, proposal: dict[str, Any]) -> str:
+        value = "/" + str(proposal["value"]).strip("/") + "/"
+        return value.replace("//", "/")
+
+    # -- where it keeps things ---------------------------------------------
+
+    base_storage_location = Unicode(
+        config=True, help="Folder for uploaded archives and, by default, the database (env NBEX_BASE_STORE)."
+    )
+
+    @default("base_storage_location")
+    def _default_store(self) -> str:
+        return os.environ.get("NBEX_BASE_STORE", "/tmp/courses")
+
+    db_url = Unicode(
+        config=True,
+        help="SQLAlchemy URL of the database (env NBEX_DB_URL). Default: a SQLite file in "
+        "base_storage_location. 'sqlite:///:memory:' is accepted but loses everything at exit.",
+    )
+
+    @default("db_url")
+    def _default_db_url(self) -> str:
+        return os.environ.get("NBEX_DB_URL") or f"sqlite:///{Path(self.base_storage_location) / 'nbexchange.sqlite'}"
+
+    upgrade_db = Bool(True, config=True, help="Create or upgrade the database schema on start.")
+
+    # -- the queue -----------------------------------------------------------
+
+    broker_url = Unicode(
+        config=True,
+        help="Celery broker URL, e.g. redis://host:6379/0 (env NBEX_BROKER_URL). Empty: the embedded "
+        "in-process broker, with a worker thread inside the API process.",
+    )
+
+    @default("broker_url")
+    def _default_broker_url(self) -> str:
+        return os.environ.get("NBEX_BROKER_URL", "")
+
+    queue_name = Unicode(
+        "nbexchange", config=True, help="The Celery queue of this exchange (several exchanges can share one Redis)."
+    )
+    worker_concurrency = Int(2, config=True, help="Tasks a worker (thread or process) runs at once.")
+    sweep_interval = Float(
+        15.0, config=True, help="Seconds between a worker's sweeps of the log (catch-up after a lost message)."
+    )
+    sweep_grace = Float(
+        30.0, config=True, help="Seconds an archive's own check message has before the sweep checks it instead."
+    )
+    group_commit_max = Int(256, config=True, help="Most appends committed together in one transaction.")
+
+    # -- who is calling ------------------------------------------------------
+
+    users_file = Unicode(config=True, help="YAML or JSON file of users and tokens (env NBEX_USERS_FILE).")
+
+    @default("users_file")
+    def _default_users_file(self) -> str:
+        return os.environ.get("NBEX_USERS_FILE", "")
+
+    user_plugin_class = Type(
+        klass=UserPlugin,
+        config=True,
+        help="Turns a request into a user. Default: the JupyterHub plugin when JUPYTERHUB_API_TOKEN is set, "
+        "else the users file.",
+    )
+
+    @default("user_plugin_class")
+    def _default_user_plugin(self) -> type[UserPlugin]:
+        if os.environ.get("JUPYTERHUB_API_TOKEN") and not self.users_file:
+            return JupyterHubPlugin
+        return UsersFilePlugin
+
+    # -- limits --------------------------------------------------------------
+
+    max_upload_size = Int(
+        5 * 1024**3, config=True, help="Largest upload accepted, in bytes; larger ones get 413 before being read."
+    )
+    archive_max_members = Int(10_000, config=True, help="Most files and folders an archive may hold.")
+    archive_max_total_size = Int(5 * 1024**3, config=True, help="Most bytes an archive may unpack to.")
+    archive_max_ratio = Float(200.0, config=True, help="Highest unpacked-to-compressed size ratio (zip bombs).")
+    consistency_timeout = Float(
+        10.0, config=True, help="Seconds a read with min_position waits for projections before a 503."
+    )
+    executor_threads = Int(64, config=True, help="Threads for blocking work (database, fsync) in an API process.")
+    metrics_require_auth = Bool(False, config=True, help="Whether /metrics needs an authenticated user.")
+
+    # -- the audit commands --------------------------------------------------
+
+    output = Unicode("", config=True, help="export: file to write (default stdout).")
+    until_position = Int(0, config=True, help="replay: the last position to include (0: the head).")
+    until_time = Unicode("", config=True, help="replay: the last moment to include (nbgrader or ISO format).")
+    course_id = Unicode("", config=True, help="replay: the course to show.")
+    assignment_id = Unicode("", config=True, help="replay: the assignment to show (default: all).")
+
+    config_file = Unicode(
+        "", config=True, help="Config file to load (default nbexchange_config.py in ./ or /etc/nbexchange/)."
+    )
+
+    # -- running -------------------------------------------------------------
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        """Parse the command line, then load the config file (the command line wins)."""
+        super().initialize(argv)
+        if self.config_file:
+            path = Path(self.config_file)
+            self.load_config_file(path.name, path=[str(path.parent)])
+        else:
+            for folder in (os.getcwd(), "/etc/nbexchange"):
+                if (Path(folder) / "nbexchange_config.py").is_file():
+                    self.load_config_file("nbexchange_config.py", path=[folder])
+                    break
+        if self.cli_config:
+            self.update_config(self.cli_config)
+        self.command = self.extra_args[0] if self.extra_args else "serve"
+        if self.command not in COMMANDS:
+            self.log.critical("Unknown command %r; commands: %s", self.command, ", ".join(COMMANDS))
+            self.exit(2)
+
+    @default("log_level")
+    def _default_log_level(self) -> int:
+        return logging.INFO
+
+    @property
+    def embedded(self) -> bool:
+        """Whether this process also runs the workers (no broker configured)."""
+        return not self.broker_url
+
+    def make_user_plugin(self) -> UserPlugin:
+        """The identity plugin; the embedded default on loopback gets a demo users file."""
+        if self.user_plugin_class is UsersFilePlugin and not self.users_file:
+            if self.ip not in ("127.0.0.1", "localhost", "::1"):
+                self.log.critical(
+                    "No identity is configured. Set users_file (NBEX_USERS_FILE) or run under JupyterHub; "
+                    "a demo users file is only made for a service listening on 127.0.0.1."
+                )
+                self.exit(1)
+            path = create_demo_users_file(Path(self.base_storage_location) / "demo-users.yaml")
+            self.users_file = str(path)
+            self.log.warning("No identity configured: demo users (course demo101) and their tokens are in %s", path)
+        if issubclass(self.user_plugin_class, UsersFilePlugin):
+            return self.user_plugin_class(parent=self, users_file=self.users_file)
+        plugin: UserPlugin = self.user_plugin_class(parent=self)
+        return plugin
+
+    def start(self) -> None:
+        """Run the chosen command."""
+        logging.basicConfig(level=self.log_level, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
+        getattr(self, "cmd_" + self.command.replace("-", "_"))()
+
+    def cmd_serve(self) -> None:
+        from nbexchange.api.server import serve
+
+        serve(self)
+
+    def cmd_worker(self) -> None:
+        from nbexchange.runtime import Runtime
+        from nbexchange.workers.app import Sweeper
+
+        if self.embedded:
+            self.log.critical("`nbexchange worker` needs broker_url (NBEX_BROKER_URL); the embedded API runs its own.")
+            self.exit(2)
+        runtime = Runtime(self)
+        sweeper = Sweeper(runtime, self.sweep_interval)
+        sweeper.start()
+        worker = runtime.celery.Worker(
+            pool="threads",
+            concurrency=self.worker_concurrency,
+            queues=[self.queue_name],
+            loglevel=logging.getLevelName(self.log_level),
+            without_mingle=True,
+            without_gossip=True,
+        )
+        try:
+            worker.start()
+        finally:
+            sweeper.stop()
+            runtime.close()
+        sys.exit(worker.exitcode or 0)
+
+    def _open(self) -> Any:
+        from nbexchange.db import make_engine, upgrade
+        from nbexchange.events.sql import SQLEventStore
+
+        engine = make_engine(self.db_url)
+        if self.upgrade_db:
+            upgrade(engine)
+        return engine, SQLEventStore(engine)
+
+    def cmd_upgrade_db(self) -> None:
+        from nbexchange.db import current_revision
+
+        engine, _ = self._open()
+        self.log.info("Database at revision %s", current_revision(engine))
+
+    def cmd_verify(self) -> None:
+        from nbexchange.audit import verify
+
+        engine, store = self._open()
+        report = verify(store, Path(self.base_storage_location))
+        print(json.dumps(report, indent=2))
+        sys.exit(0 if report["ok"] else 1)
+
+    def cmd_export(self) -> None:
+        from nbexchange.audit import export
+
+        _, store = self._open()
+        if self.output:
+            with open(self.output, "w", encoding="utf-8") as out:
+                count = export(store, out)
+            self.log.info("Wrote %d events to %s", count, self.output)
+        else:
+            export(store, sys.stdout)
+
+    def cmd_replay(self) -> None:
+        from nbexchange.audit import replay_view
+
+        engine, _ = self._open()
+        view = replay_view(
+            engine,
+            until_position=self.until_position or None,
+            until_time=self.until_time or None,
+            course_id=self.course_id or None,
+            assignment_id=self.assignment_id or None,
+        )
+        print(json.dumps(view, indent=2))
+
+    def cmd_rebuild(self) -> None:
+        from nbexchange.projections import rebuild_all
+
+        engine, _ = self._open()
+        self.log.info("Rebuilt: %s", rebuild_all(engine))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``nbexchange`` command."""
+    app = NbExchange.instance()
+    app.initialize(argv)
+    app.start()

@@ -1,0 +1,78 @@
+"""What one exchange process runs on, built from the settings: database, log, archives, queue."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nbexchange.committer import GroupCommitter
+from nbexchange.db import make_engine, upgrade
+from nbexchange.events.sql import SQLEventStore
+from nbexchange.events.store import RecordedEvent
+from nbexchange.metrics import count_appended
+from nbexchange.storage import ArchiveStore
+from nbexchange.workers.app import Dispatcher, make_celery
+from nbexchange.workers.archives import ArchiveLimits
+
+if TYPE_CHECKING:
+    from nbexchange.app import NbExchange
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The shared parts of one API or worker process, built once from the settings.
+
+    It is also the context the Celery tasks run against: the same object in
+    the embedded default (worker thread) and in a ``nbexchange worker`` process.
+    """
+
+    def __init__(self, settings: NbExchange) -> None:
+        self.engine = make_engine(settings.db_url)
+        if settings.upgrade_db:
+            upgrade(self.engine)
+        self.store = SQLEventStore(self.engine)
+        self.archives = ArchiveStore(Path(settings.base_storage_location))
+        self.limits = ArchiveLimits(
+            max_members=settings.archive_max_members,
+            max_total_size=settings.archive_max_total_size,
+            max_ratio=settings.archive_max_ratio,
+        )
+        self.sweep_grace = settings.sweep_grace
+        self.broker_url = settings.broker_url
+        self.celery = make_celery(self, settings.broker_url, settings.queue_name)
+        self.dispatcher = Dispatcher(self.celery)
+        self.committer = GroupCommitter(self.store, on_commit=self._on_commit, max_batch=settings.group_commit_max)
+        # Appends go through the group committer in API and worker processes alike.
+        self.appender = self.committer
+
+    def _on_commit(self, events: Sequence[RecordedEvent]) -> None:
+        count_appended(events)
+        self.dispatcher(events)
+
+    def queue_depth(self) -> int | None:
+        """Messages waiting for a worker, or ``None`` if the broker cannot say."""
+        try:
+            with self.celery.connection_for_read() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+                declared = conn.default_channel.queue_declare(queue=self.celery.conf.task_default_queue, passive=True)
+                return int(declared.message_count)
+        except Exception:
+            return None
+
+    def broker_reachable(self) -> bool:
+        """Whether the broker answers (the embedded one always does)."""
+        try:
+            with self.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+            return True
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        """Commit and send what is pending, then release connections."""
+        self.committer.close()
+        self.dispatcher.close()
+        self.engine.dispose()

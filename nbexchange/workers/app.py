@@ -1,0 +1,184 @@
+"""The Celery app, its tasks, the in-process worker thread and the sweeper's timer."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+
+from nbexchange.events.store import RecordedEvent
+from nbexchange.workers import tasks
+from nbexchange.workers.tasks import WorkerContext
+
+log = logging.getLogger(__name__)
+
+#: The embedded default: kombu's in-process transport, no Redis needed.
+EMBEDDED_BROKER = "memory://localhost/"
+
+CHECK_ARCHIVE = "nbexchange.check_archive"
+CATCH_UP = "nbexchange.catch_up"
+SWEEP = "nbexchange.sweep"
+
+#: The queue the exchange's tasks travel on, unless ``queue_name`` says otherwise.
+QUEUE = "nbexchange"
+
+
+def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Celery:
+    """A Celery app whose tasks run against ``ctx``.
+
+    Tasks carry positions, never file contents; they are acknowledged only
+    after they ran (``acks_late``), and a task whose worker died is delivered
+    again. Nothing waits on results, so none are stored.
+    """
+    app = Celery("nbexchange", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_prefetch_multiplier=4,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        # A Redis message not acknowledged within this time goes to another worker.
+        broker_transport_options={"visibility_timeout": 900},
+        task_default_queue=queue,
+    )
+
+    @app.task(name=CHECK_ARCHIVE)  # type: ignore[untyped-decorator]
+    def check_archive(position: int) -> None:
+        tasks.check_archive(ctx, position)
+
+    @app.task(name=CATCH_UP)  # type: ignore[untyped-decorator]
+    def catch_up() -> None:
+        tasks.catch_up(ctx)
+
+    @app.task(name=SWEEP)  # type: ignore[untyped-decorator]
+    def sweep() -> None:
+        tasks.sweep(ctx)
+
+    return app
+
+
+class Dispatcher:
+    """Sends wake-up messages for committed events, from its own thread.
+
+    The committer hands over events and moves on; a slow or absent broker
+    delays the workers (the sweep catches up) but never the accept path.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._queue: queue.Queue[Sequence[RecordedEvent] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="nbexchange-dispatcher", daemon=True)
+        self._thread.start()
+
+    def __call__(self, events: Sequence[RecordedEvent]) -> None:
+        """Queue wake-ups for these freshly committed events."""
+        self._queue.put(events)
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _send(self, name: str, args: tuple[Any, ...] = ()) -> None:
+        self.app.send_task(
+            name,
+            args=args,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
+        )
+
+    def _run(self) -> None:
+        while True:
+            events = self._queue.get()
+            if events is None:
+                return
+            # Gather whatever else is waiting, so a burst costs one catch-up message.
+            batch = list(events)
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.extend(more)
+            try:
+                for event in batch:
+                    if event.data.archive() is not None:
+                        self._send(CHECK_ARCHIVE, (event.position,))
+                self._send(CATCH_UP)
+            except Exception:
+                log.warning("Could not reach the broker; the sweep will pick these events up", exc_info=True)
+
+
+class Sweeper:
+    """A timer thread: sweep and catch up on start, then every ``interval`` seconds.
+
+    It calls the task functions directly, not through the broker, so that a
+    restarted Redis or a lost message can only ever delay work.
+    """
+
+    def __init__(self, ctx: WorkerContext, interval: float) -> None:
+        self.ctx = ctx
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nbexchange-sweeper", daemon=True)
+
+    def start(self) -> None:
+        """Start sweeping in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current sweep."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                tasks.sweep(self.ctx)
+            except Exception:
+                log.exception("Sweep failed; trying again in %s s", self.interval)
+            self._stop.wait(self.interval)
+
+
+class EmbeddedWorker:
+    """A Celery worker running in a thread of this process (the embedded default)."""
+
+    def __init__(self, app: Celery, concurrency: int = 2) -> None:
+        queue = app.conf.task_default_queue
+        from celery.worker import WorkController
+
+        self._ready = threading.Event()
+        self.worker = WorkController(
+            app=app,
+            pool="threads",
+            concurrency=concurrency,
+            hostname=f"nbexchange-embedded-{id(self)}@localhost",
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+            ready_callback=lambda *args: self._ready.set(),
+            queues=[queue],
+            loglevel="WARNING",
+        )
+        self._thread = threading.Thread(target=self.worker.start, name="nbexchange-worker", daemon=True)
+
+    def start(self, timeout: float = 30) -> None:
+        """Start the worker thread and wait until it consumes."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("The embedded Celery worker did not start.")
+
+    def stop(self) -> None:
+        """Stop consuming and let running tasks finish."""
+        self.worker.stop(in_sighandler=False, exitcode=0)
+        self._thread.join(timeout=30)

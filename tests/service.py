@@ -1,0 +1,156 @@
+"""Start a real exchange service (API process, and worker processes on a real broker) for tests."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+BASE_URL = "/services/nbexchange/"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """A running exchange: its URL, its users' tokens, and its processes."""
+
+    url: str
+    tokens: dict[str, str]
+    storage: Path
+    db_url: str
+    broker_url: str
+    flags: list[str]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def headers(self, name: str, **extra: str) -> dict[str, str]:
+        """Request headers authenticating as ``name``."""
+        return {"Authorization": f"token {self.tokens[name]}", **extra}
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        """Start one more ``nbexchange worker`` process."""
+        log = self.storage / f"worker-{len(self.procs)}.log"
+        proc = _spawn(["worker", *self.flags], log)
+        self.procs.append(proc)
+        self.logs.append(log)
+        return proc
+
+    def stop(self) -> None:
+        """Stop every process (SIGTERM, then SIGKILL)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def log_text(self) -> str:
+        """Everything the processes logged, for a failing test's report."""
+        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_"))}
+    out = open(log, "ab")  # noqa: SIM115 - handed to the child for its lifetime
+    return subprocess.Popen([sys.executable, "-m", "nbexchange", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def write_users(path: Path, users: dict[str, dict[str, str]], orgs: dict[str, int] | None = None) -> dict[str, str]:
+    """A users file for ``{name: {course: role}}``; returns ``{name: token}``."""
+    tokens = {name: secrets.token_hex(16) for name in users}
+    entries: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "token": tokens[name],
+            "org_id": (orgs or {}).get(name, 1),
+            "full_name": name.replace("_", " ").title(),
+            "email": f"{name}@example.org",
+            "lms_user_id": f"lms-{name}",
+            "courses": courses,
+        }
+        for name, courses in users.items()
+    ]
+    path.write_text(yaml.safe_dump({"users": entries}))
+    return tokens
+
+
+def start_service(
+    root: Path,
+    users: dict[str, dict[str, str]],
+    *,
+    db_url: str,
+    broker_url: str = "",
+    orgs: dict[str, int] | None = None,
+    workers: int = 1,
+    api_processes: int = 1,
+    extra: list[str] | None = None,
+) -> Service:
+    """Start the API (and, with a broker, ``workers`` worker processes) and wait until it answers."""
+    root.mkdir(parents=True, exist_ok=True)
+    tokens = write_users(root / "users.yaml", users, orgs)
+    port = free_port()
+    flags = [
+        f"--NbExchange.base_storage_location={root / 'store'}",
+        f"--NbExchange.db_url={db_url}",
+        f"--NbExchange.users_file={root / 'users.yaml'}",
+        f"--NbExchange.queue_name=nbx-test-{uuid.uuid4().hex[:8]}",
+        "--NbExchange.sweep_interval=2",
+        "--NbExchange.sweep_grace=1",
+        *(extra or []),
+    ]
+    if broker_url:
+        flags.append(f"--NbExchange.broker_url={broker_url}")
+    service = Service(f"http://127.0.0.1:{port}{BASE_URL}", tokens, root, db_url, broker_url, flags)
+    for i in range(api_processes):
+        log = root / f"api-{i}.log"
+        reuse = ["--NbExchange.reuse_port=True"] if api_processes > 1 else []
+        # Only the first process migrates, so two never race to create the schema.
+        migrate = [] if i == 0 else ["--NbExchange.upgrade_db=False"]
+        service.procs.append(_spawn(["--ip=127.0.0.1", f"--port={port}", *reuse, *migrate, *flags], log))
+        service.logs.append(log)
+        if i == 0:
+            wait_until_up(service)
+    if broker_url:
+        for _ in range(workers):
+            service.start_worker()
+    wait_until_up(service)
+    return service
+
+
+def wait_until_up(service: Service, timeout: float = 60) -> None:
+    """Poll ``health`` until it answers 200; fail with the logs if a process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in service.procs:
+            if proc.poll() is not None:
+                service.stop()
+                raise RuntimeError(f"An exchange process exited with {proc.returncode}:\n{service.log_text()}")
+        try:
+            if requests.get(service.url + "health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    service.stop()
+    raise RuntimeError(f"The exchange did not answer within {timeout} s:\n{service.log_text()}")
