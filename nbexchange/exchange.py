@@ -387,8 +387,18 @@ class Exchange:
     ) -> list[dict[str, Any]]:
         """A page of raw events of one course, with their hashes, for an auditor."""
         self.instructor(user, course_id, "read the course's raw events")
-        course = f"{user.org_id}/{course_id}/" + (f"{assignment_id}/" if assignment_id else "")
-        page = self.rt.store.read_prefixed([f"assignment/{course}", f"student/{course}"], after=after, limit=limit)
+        if assignment_id:
+            page = self.rt.store.read_streams(
+                streams=[assignment_stream(user.org_id, course_id, assignment_id)],
+                prefixes=[f"student/{user.org_id}/{course_id}/{assignment_id}/"],
+                after=after,
+                limit=limit,
+            )
+        else:
+            course = f"{user.org_id}/{course_id}/"
+            page = self.rt.store.read_streams(
+                prefixes=[f"assignment/{course}", f"student/{course}"], after=after, limit=limit
+            )
         return [event.to_json() for event in page]
 
 

@@ -75,3 +75,34 @@ def submit(
         student(name),
         idempotency_key=key,
     )
+
+
+def make_archive(files: dict[str, bytes] | None = None) -> bytes:
+    """A gzip'd tar holding ``files`` (relative name -> bytes), as the plugin sends."""
+    import gzip
+    import io
+    import tarfile
+
+    files = files if files is not None else {"nb1.ipynb": b'{"cells": []}', "data/x.csv": b"1,2\n"}
+    buf = io.BytesIO()
+    # mtime=0: the same files always make the same bytes, so tests can compare them.
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def make_symlink_archive() -> bytes:
+    """A gzip'd tar with a symbolic link: unsafe."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("evil")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    return buf.getvalue()

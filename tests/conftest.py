@@ -12,44 +12,16 @@ The backend is chosen by the environment, as JupyterHub's suite does:
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from service import Service, start_service
+from service import TEST_BROKER_URL, Service, drop_db, fresh_db_url, start_service
 
 from nbexchange.db import make_engine, upgrade
 from nbexchange.events.sql import SQLEventStore
-
-TEST_DB_URL = os.environ.get("NBEX_TEST_DB_URL", "")
-TEST_BROKER_URL = os.environ.get("NBEX_TEST_BROKER_URL", "")
-
-
-def fresh_db_url(tmp_path: Path) -> tuple[str, object]:
-    """A URL to an empty database for one test, and a token to drop it with."""
-    if not TEST_DB_URL:
-        return f"sqlite:///{tmp_path / 'exchange.sqlite'}", None
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(TEST_DB_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    admin.dispose()
-    sep = "&" if "?" in TEST_DB_URL else "?"
-    return f"{TEST_DB_URL}{sep}options=-csearch_path%3D{schema}", schema
-
-
-def drop_db(token: object) -> None:
-    """Drop what :func:`fresh_db_url` made."""
-    if token is None:
-        return
-    admin = sa.create_engine(TEST_DB_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"DROP SCHEMA {token} CASCADE")
-    admin.dispose()
 
 
 @pytest.fixture

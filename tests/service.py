@@ -15,9 +15,36 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import sqlalchemy as sa
 import yaml
 
 BASE_URL = "/services/nbexchange/"
+
+TEST_DB_URL = os.environ.get("NBEX_TEST_DB_URL", "")
+TEST_BROKER_URL = os.environ.get("NBEX_TEST_BROKER_URL", "")
+
+
+def fresh_db_url(tmp_path: Path) -> tuple[str, object]:
+    """A URL to an empty database for one test, and a token to drop it with."""
+    if not TEST_DB_URL:
+        return f"sqlite:///{tmp_path / 'exchange.sqlite'}", None
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(TEST_DB_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    admin.dispose()
+    sep = "&" if "?" in TEST_DB_URL else "?"
+    return f"{TEST_DB_URL}{sep}options=-csearch_path%3D{schema}", schema
+
+
+def drop_db(token: object) -> None:
+    """Drop what :func:`fresh_db_url` made."""
+    if token is None:
+        return
+    admin = sa.create_engine(TEST_DB_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {token} CASCADE")
+    admin.dispose()
 
 
 def free_port() -> int:

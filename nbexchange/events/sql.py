@@ -192,9 +192,13 @@ class SQLEventStore:
             if remaining is not None:
                 remaining -= len(batch)
 
-    def read_prefixed(self, prefixes: Sequence[str], after: int = 0, limit: int = 100) -> list[RecordedEvent]:
-        """A page of events whose stream starts with one of ``prefixes`` (a course's, say)."""
+    def read_streams(
+        self, streams: Sequence[str] = (), prefixes: Sequence[str] = (), after: int = 0, limit: int = 100
+    ) -> list[RecordedEvent]:
+        """A page of events in any of ``streams`` or in a stream starting with one of ``prefixes``."""
         matches = [events_table.c.stream.like(_like_prefix(p), escape="\\") for p in prefixes]
+        if streams:
+            matches.append(events_table.c.stream.in_(list(streams)))
         query = (
             sa.select(events_table)
             .where(events_table.c.position > after, sa.or_(*matches))
