@@ -151,6 +151,9 @@ class Exchange:
         """Record that a member fetched the released archive, and say where it is."""
         self.member(user, course_id)
         release = self._live_release(user, course_id, assignment_id)
+        if not self.rt.archives.exists(release.archive_sha256):
+            # Purged by an unrelease the projections have not caught up with yet.
+            raise NotFound(f"Assignment {assignment_id!r} is not released in course {course_id!r} any more.")
         path = self.rt.archives.path(release.archive_sha256)
         event = Fetched(user.org_id, course_id, assignment_id, user.name, release.position, release.archive_sha256)
         written = self._append(user, event, key)
@@ -288,7 +291,7 @@ class Exchange:
             feedback: dict[str, list[dict[str, Any]]] = {}
             for assignment_id in {a["assignment_id"] for a in mine if a["status"] == "submitted"}:
                 feedback[assignment_id] = student_feedback(conn, user.org_id, course_id, assignment_id, user.name)
-        live = {r.assignment_id for r in released}
+        live = {r.assignment_id: r.notebooks for r in released}
         items = [
             {
                 "assignment_id": r.assignment_id,
@@ -312,12 +315,14 @@ class Exchange:
                 "status": action["status"],
                 "path": action["archive_sha256"] or "",
                 "timestamp": format_timestamp(action["timestamp"]),
-                "notebooks": [_notebook(nb) for nb in action["notebooks"]],
+                "notebooks": [_notebook(nb) for nb in action["notebooks"] or live[action["assignment_id"]]],
             }
             if action["status"] == "submitted":
                 item["archive"] = {"state": action["archive_state"], "reason": action["archive_reason"]}
                 given = [f for f in feedback.get(action["assignment_id"], []) if f["timestamp"] == action["timestamp"]]
-                item["notebooks"] = [_notebook(nb, given) for nb in action["notebooks"]]
+                item["notebooks"] = [
+                    _notebook(nb, given) for nb in action["notebooks"] or live[action["assignment_id"]]
+                ]
             items.append(item)
         return items
 

@@ -47,7 +47,12 @@ class Actor:
 
     def to_json(self) -> JSON:
         """The actor as a JSON object; absent profile fields are left out."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        out = {"name": self.name, "role": self.role}
+        for key in ("full_name", "email", "lms_user_id"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Actor:

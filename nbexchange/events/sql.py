@@ -22,6 +22,7 @@ from nbexchange.events.store import (
     RecordedEvent,
     VerifyReport,
     canonical_json,
+    chain_hash,
     verify_chain,
 )
 
@@ -44,6 +45,21 @@ events_table = sa.Table(
 
 #: Any constant will do: every appender on PostgreSQL takes this one advisory lock.
 _APPEND_LOCK = 0x6E6265786368
+
+# Statements built once: an append runs them in a tight, serialised loop.
+_LOCK = sa.select(sa.func.pg_advisory_xact_lock(_APPEND_LOCK))
+_HEAD = (
+    sa.select(events_table.c.position, events_table.c.hash, events_table.c.recorded_at)
+    .order_by(events_table.c.position.desc())
+    .limit(1)
+)
+_BY_KEYS = sa.select(events_table).where(events_table.c.idempotency_key.in_(sa.bindparam("keys", expanding=True)))
+_VERSIONS = (
+    sa.select(events_table.c.stream, sa.func.max(events_table.c.version))
+    .where(events_table.c.stream.in_(sa.bindparam("streams", expanding=True)))
+    .group_by(events_table.c.stream)
+)
+_INSERT = events_table.insert()
 
 
 def _row_to_event(row: Any) -> RecordedEvent:
@@ -95,12 +111,8 @@ class SQLEventStore:
 
     def _append_locked(self, conn: Connection, requests: Sequence[AppendRequest]) -> list[Appended | ExchangeError]:
         if not is_sqlite(conn):
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_APPEND_LOCK)))
-        head = conn.execute(
-            sa.select(events_table.c.position, events_table.c.hash, events_table.c.recorded_at)
-            .order_by(events_table.c.position.desc())
-            .limit(1)
-        ).first()
+            conn.execute(_LOCK)
+        head = conn.execute(_HEAD).first()
         position, prev_hash = (head.position, head.hash) if head else (0, GENESIS)
         # recorded_at never runs backwards along the log, even if the clock does,
         # so replaying "as of a time" and "as of a position" agree.
@@ -111,17 +123,13 @@ class SQLEventStore:
         keys = [r.idempotency_key for r in requests if r.idempotency_key]
         known: dict[str, RecordedEvent] = {}
         if keys:
-            for row in conn.execute(sa.select(events_table).where(events_table.c.idempotency_key.in_(keys))):
+            for row in conn.execute(_BY_KEYS, {"keys": keys}):
                 known[row.idempotency_key] = _row_to_event(row)
         streams = sorted({r.stream for r in requests})
         versions: dict[str, int] = dict.fromkeys(streams, 0)
         for chunk_start in range(0, len(streams), 500):
             chunk = streams[chunk_start : chunk_start + 500]
-            for row in conn.execute(
-                sa.select(events_table.c.stream, sa.func.max(events_table.c.version))
-                .where(events_table.c.stream.in_(chunk))
-                .group_by(events_table.c.stream)
-            ):
+            for row in conn.execute(_VERSIONS, {"streams": chunk}):
                 versions[row[0]] = row[1]
 
         outcomes: list[Appended | ExchangeError] = []
@@ -149,15 +157,27 @@ class SQLEventStore:
                 prev_hash=prev_hash,
                 hash="",
             )
-            event = dataclasses.replace(event, hash=event.computed_hash())
-            prev_hash = event.hash
+            fields = event.hashed_fields()
+            event_hash = chain_hash(prev_hash, fields)
+            event = dataclasses.replace(event, hash=event_hash)
+            # The row stores exactly the canonical encodings the hash covered.
+            rows.append(
+                {
+                    **fields,
+                    "actor": canonical_json(fields["actor"]),
+                    "payload": canonical_json(fields["payload"]),
+                    "recorded_at": now,
+                    "prev_hash": prev_hash,
+                    "hash": event_hash,
+                }
+            )
+            prev_hash = event_hash
             versions[request.stream] = current + 1
             if key:
                 known[key] = event
-            rows.append(_event_to_row(event))
             outcomes.append(Appended(event))
         if rows:
-            conn.execute(events_table.insert(), rows)
+            conn.execute(_INSERT, rows)
         return outcomes
 
     # -- reading ---------------------------------------------------------
@@ -266,10 +286,3 @@ def read_events(
 def _like_prefix(prefix: str) -> str:
     escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped + "%"
-
-
-def _event_to_row(event: RecordedEvent) -> dict[str, Any]:
-    row = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
-    row["actor"] = canonical_json(event.actor.to_json())
-    row["payload"] = canonical_json(dict(event.payload))
-    return row

@@ -8,9 +8,11 @@ from nbexchange.projections.assignments import AssignmentsProjection
 from nbexchange.projections.base import (
     Projection,
     catch_up,
+    catch_up_many,
     checkpoints,
     lag,
     rebuild,
+    rebuild_many,
     replay,
     snapshot,
 )
@@ -31,12 +33,12 @@ NAMES = tuple(p.name for p in PROJECTIONS)
 
 def catch_up_all(engine: Engine, until: int | None = None) -> dict[str, int]:
     """Catch every projection up to the head of the log (or ``until``); returns their checkpoints."""
-    return {p.name: catch_up(engine, p, until=until) for p in PROJECTIONS}
+    return catch_up_many(engine, PROJECTIONS, until=until)
 
 
 def rebuild_all(engine: Engine) -> dict[str, int]:
     """Rebuild every projection from position 0."""
-    return {p.name: rebuild(engine, p) for p in PROJECTIONS}
+    return rebuild_many(engine, PROJECTIONS)
 
 
 __all__ = [
@@ -45,10 +47,12 @@ __all__ = [
     "Projection",
     "catch_up",
     "catch_up_all",
+    "catch_up_many",
     "checkpoints",
     "lag",
     "rebuild",
     "rebuild_all",
+    "rebuild_many",
     "replay",
     "snapshot",
 ]

@@ -63,6 +63,25 @@ actions = sa.Table(
 )
 
 
+_RELEASE_KEY = sa.and_(
+    releases.c.org_id == sa.bindparam("org"),
+    releases.c.course_id == sa.bindparam("course"),
+    releases.c.assignment_id == sa.bindparam("assignment"),
+)
+_DROP_RELEASE = releases.delete().where(_RELEASE_KEY)
+_WITHDRAW = releases.update().where(_RELEASE_KEY).values(active=False)
+_RELEASE_OUTCOME = (
+    releases.update()
+    .where(_RELEASE_KEY, releases.c.position == sa.bindparam("source"))
+    .values(archive_state=sa.bindparam("state"), archive_reason=sa.bindparam("reason"))
+)
+_ACTION_OUTCOME = (
+    actions.update()
+    .where(actions.c.position == sa.bindparam("source"))
+    .values(archive_state=sa.bindparam("state"), archive_reason=sa.bindparam("reason"))
+)
+
+
 class AssignmentsProjection:
     """Releases per course, and every action a user took, keyed by who acted."""
 
@@ -71,20 +90,15 @@ class AssignmentsProjection:
 
     def apply(self, rows: Rows, event: RecordedEvent) -> None:
         data = event.data
-        key = (data.org_id, data.course_id, data.assignment_id)
-        where_release = sa.and_(
-            releases.c.org_id == key[0],
-            releases.c.course_id == key[1],
-            releases.c.assignment_id == key[2],
-        )
+        key = {"org": data.org_id, "course": data.course_id, "assignment": data.assignment_id}
         if isinstance(data, Released):
-            rows.execute(releases.delete().where(where_release))
+            rows.write(_DROP_RELEASE, key)
             rows.insert(
                 releases,
                 {
-                    "org_id": key[0],
-                    "course_id": key[1],
-                    "assignment_id": key[2],
+                    "org_id": data.org_id,
+                    "course_id": data.course_id,
+                    "assignment_id": data.assignment_id,
                     "position": event.position,
                     "released_by": event.actor.name,
                     "released_at": event.recorded_at,
@@ -96,41 +110,39 @@ class AssignmentsProjection:
                 },
             )
         elif isinstance(data, Unreleased):
-            rows.execute(releases.update().where(where_release).values(active=False))
+            rows.write(_WITHDRAW, key)
         elif isinstance(data, (Fetched, Submitted, Collected, FeedbackReleased, FeedbackFetched)):
-            notebooks = rows.execute(sa.select(releases.c.notebooks).where(where_release)).scalar()
+            # A submission names its notebooks; other actions show the release's (at read time).
+            notebooks = list(data.notebooks) if isinstance(data, Submitted) else []
             timestamp = data.timestamp if isinstance(data, Submitted) else event.recorded_at
             sha = data.archive_sha256 if isinstance(data, (Fetched, Submitted, Collected)) else None
             rows.insert(
                 actions,
                 {
                     "position": event.position,
-                    "org_id": key[0],
-                    "course_id": key[1],
-                    "assignment_id": key[2],
+                    "org_id": data.org_id,
+                    "course_id": data.course_id,
+                    "assignment_id": data.assignment_id,
                     "user_id": event.actor.name,
                     "student_id": data.student_id,
                     "status": data.TYPE,
                     "timestamp": timestamp,
-                    "notebooks": notebooks or "[]",
+                    "notebooks": json.dumps(notebooks),
                     "archive_sha256": sha,
                     "archive_state": PENDING if isinstance(data, Submitted) else None,
                     "archive_reason": None,
                 },
             )
         elif isinstance(data, (ArchiveUnpacked, ArchiveRejected)):
-            state = UNPACKED if isinstance(data, ArchiveUnpacked) else REJECTED
-            reason = data.reason if isinstance(data, ArchiveRejected) else None
-            rows.execute(
-                releases.update()
-                .where(where_release, releases.c.position == data.source_position)
-                .values(archive_state=state, archive_reason=reason)
-            )
-            rows.execute(
-                actions.update()
-                .where(actions.c.position == data.source_position)
-                .values(archive_state=state, archive_reason=reason)
-            )
+            outcome = {
+                "source": data.source_position,
+                "state": UNPACKED if isinstance(data, ArchiveUnpacked) else REJECTED,
+                "reason": data.reason if isinstance(data, ArchiveRejected) else None,
+            }
+            if data.student_id is None:
+                rows.write(_RELEASE_OUTCOME, {**key, **outcome})
+            else:
+                rows.write(_ACTION_OUTCOME, outcome)
 
 
 @dataclass(frozen=True)

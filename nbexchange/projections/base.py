@@ -37,34 +37,42 @@ checkpoints_table = sa.Table(
 class Rows:
     """A projection's write access to its tables within one transaction.
 
-    Consecutive inserts into one table are sent as one ``executemany``; any
-    other statement first sends what is pending, so statements still run in
-    the order ``apply`` issued them.
+    Writes are queued and consecutive runs of the same statement are sent as
+    one ``executemany``; a read (``execute``) first sends what is queued, so
+    statements still take effect in the order ``apply`` issued them.
     """
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self._table: sa.Table | None = None
+        self._statement: sa.Executable | None = None
         self._pending: list[dict[str, Any]] = []
+        self._inserts: dict[sa.Table, sa.Insert] = {}
 
     def insert(self, table: sa.Table, row: dict[str, Any]) -> None:
-        """Add a row (sent in bulk with its neighbours)."""
-        if table is not self._table:
+        """Queue a row for ``table``."""
+        statement = self._inserts.get(table)
+        if statement is None:
+            statement = self._inserts[table] = table.insert()
+        self.write(statement, row)
+
+    def write(self, statement: sa.Executable, params: dict[str, Any]) -> None:
+        """Queue a parameterised write (build ``statement`` once, with bind parameters)."""
+        if statement is not self._statement:
             self.flush()
-            self._table = table
-        self._pending.append(row)
+            self._statement = statement
+        self._pending.append(params)
 
     def execute(self, statement: sa.Executable) -> sa.CursorResult[Any]:
-        """Run a statement after every pending insert."""
+        """Run a statement now, after every queued write."""
         self.flush()
         return self.conn.execute(statement)
 
     def flush(self) -> None:
-        """Send the pending inserts."""
-        if self._pending and self._table is not None:
-            self.conn.execute(self._table.insert(), self._pending)
+        """Send the queued writes."""
+        if self._pending and self._statement is not None:
+            self.conn.execute(self._statement, self._pending)
         self._pending = []
-        self._table = None
+        self._statement = None
 
 
 class Projection(Protocol):
@@ -130,46 +138,64 @@ def apply_batch(conn: Connection, projection: Projection, events: Iterable[Recor
 
 def move_checkpoint(conn: Connection, name: str, position: int) -> None:
     """Set a checkpoint taken with :func:`lock_checkpoint`."""
-    conn.execute(
-        checkpoints_table.update()
-        .where(checkpoints_table.c.name == name)
-        .values(position=position, updated_at=utcnow())
-    )
+    conn.execute(_MOVE, {"checkpoint_name": name, "checkpoint_position": position, "checkpoint_at": utcnow()})
 
 
-def catch_up(
-    engine: Engine,
-    projection: Projection,
-    batch_size: int = 2000,
-    until: int | None = None,
-) -> int:
-    """Apply every event after the checkpoint, a batch per transaction; returns the checkpoint.
+_MOVE = (
+    checkpoints_table.update()
+    .where(checkpoints_table.c.name == sa.bindparam("checkpoint_name"))
+    .values(position=sa.bindparam("checkpoint_position"), updated_at=sa.bindparam("checkpoint_at"))
+)
+_HEAD = sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))
 
-    The checkpoint moves in the same transaction as the rows, so a crash
-    between batches loses nothing and applies nothing twice.
+
+def catch_up_many(
+    engine: Engine, projections: Sequence[Projection], batch_size: int = 2000, until: int | None = None
+) -> dict[str, int]:
+    """Apply every event after each projection's checkpoint, a batch per transaction.
+
+    Each batch is read and decoded once for all the projections; each
+    projection's checkpoint moves in the same transaction as its rows, so a
+    crash between batches loses nothing and applies nothing twice.
     """
     with translate_errors(), engine.connect() as conn:
-        head = conn.execute(sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))).scalar_one()
-        mark = checkpoint(conn, projection.name)
-    if mark >= (head if until is None else min(head, until)):
-        return mark  # nothing to do: no write lock taken
+        head = int(conn.execute(_HEAD).scalar_one())
+        marks = {p.name: checkpoint(conn, p.name) for p in projections}
+    target = head if until is None else min(head, until)
+    if all(mark >= target for mark in marks.values()):
+        return marks  # nothing to do: no write lock taken
     while True:
         with write_transaction(engine) as conn:
-            after = lock_checkpoint(conn, projection.name)
+            marks = {p.name: lock_checkpoint(conn, p.name) for p in projections}
+            after = min(marks.values())
             events = read_events(conn, after, batch_size, until_position=until)
-            position = apply_batch(conn, projection, events)
+            for projection in projections:
+                todo = [e for e in events if e.position > marks[projection.name]]
+                if todo:
+                    marks[projection.name] = apply_batch(conn, projection, todo)
         if len(events) < batch_size:
-            return position
+            return marks
 
 
-def rebuild(engine: Engine, projection: Projection, batch_size: int = 2000) -> int:
-    """Empty the projection's tables and apply the whole log from position 0."""
+def catch_up(engine: Engine, projection: Projection, batch_size: int = 2000, until: int | None = None) -> int:
+    """Catch one projection up to the head of the log (or ``until``); returns its checkpoint."""
+    return catch_up_many(engine, [projection], batch_size, until)[projection.name]
+
+
+def rebuild_many(engine: Engine, projections: Sequence[Projection], batch_size: int = 5000) -> dict[str, int]:
+    """Empty the projections' tables and apply the whole log from position 0."""
     with write_transaction(engine) as conn:
-        lock_checkpoint(conn, projection.name)
-        for table in reversed(projection.tables):
-            conn.execute(table.delete())
-        move_checkpoint(conn, projection.name, 0)
-    return catch_up(engine, projection, batch_size)
+        for projection in projections:
+            lock_checkpoint(conn, projection.name)
+            for table in reversed(projection.tables):
+                conn.execute(table.delete())
+            move_checkpoint(conn, projection.name, 0)
+    return catch_up_many(engine, projections, batch_size)
+
+
+def rebuild(engine: Engine, projection: Projection, batch_size: int = 5000) -> int:
+    """Empty one projection's tables and apply the whole log from position 0."""
+    return rebuild_many(engine, [projection], batch_size)[projection.name]
 
 
 def lag(engine: Engine, names: Iterable[str]) -> int:

@@ -1,4 +1,4 @@
-"""Read model: every submission per assignment, the latest per student marked."""
+"""Read model: every submission per assignment; the latest per student is the last one logged."""
 
 from __future__ import annotations
 
@@ -10,12 +10,7 @@ from sqlalchemy.engine import Connection
 
 from nbexchange.clock import as_utc
 from nbexchange.db import metadata
-from nbexchange.events.domain import (
-    ArchiveRejected,
-    ArchiveUnpacked,
-    Collected,
-    Submitted,
-)
+from nbexchange.events.domain import ArchiveRejected, ArchiveUnpacked, Collected, Submitted
 from nbexchange.events.store import RecordedEvent
 from nbexchange.projections.assignments import PENDING, REJECTED, UNPACKED
 from nbexchange.projections.base import Rows
@@ -39,16 +34,24 @@ submissions = sa.Table(
     sa.Column("archive_state", sa.String(16), nullable=False),
     sa.Column("archive_reason", sa.Text, nullable=True),
     sa.Column("notebooks", sa.Text, nullable=False),
-    sa.Column("latest", sa.Boolean, nullable=False),
     sa.Column("collected_count", sa.Integer, nullable=False),
     sa.Column("last_collected_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Index(
-        "ix_proj_submissions_assignment",
-        "org_id",
-        "course_id",
-        "assignment_id",
-        "student_id",
-    ),
+    sa.Index("ix_proj_submissions_assignment", "org_id", "course_id", "assignment_id", "student_id"),
+)
+
+_OUTCOME = (
+    submissions.update()
+    .where(submissions.c.position == sa.bindparam("source"))
+    .values(
+        archive_state=sa.bindparam("state"),
+        archive_reason=sa.bindparam("reason"),
+        notebooks=sa.func.coalesce(sa.bindparam("found", type_=sa.Text), submissions.c.notebooks),
+    )
+)
+_COLLECTED = (
+    submissions.update()
+    .where(submissions.c.position == sa.bindparam("source"))
+    .values(collected_count=submissions.c.collected_count + 1, last_collected_at=sa.bindparam("at"))
 )
 
 
@@ -61,17 +64,6 @@ class CollectionsProjection:
     def apply(self, rows: Rows, event: RecordedEvent) -> None:
         data = event.data
         if isinstance(data, Submitted):
-            rows.execute(
-                submissions.update()
-                .where(
-                    submissions.c.org_id == data.org_id,
-                    submissions.c.course_id == data.course_id,
-                    submissions.c.assignment_id == data.assignment_id,
-                    submissions.c.student_id == data.student_id,
-                    submissions.c.latest.is_(True),
-                )
-                .values(latest=False)
-            )
             rows.insert(
                 submissions,
                 {
@@ -92,32 +84,19 @@ class CollectionsProjection:
                     "archive_state": PENDING,
                     "archive_reason": None,
                     "notebooks": json.dumps(list(data.notebooks)),
-                    "latest": True,
                     "collected_count": 0,
                     "last_collected_at": None,
                 },
             )
-        elif isinstance(data, ArchiveUnpacked):
-            rows.execute(
-                submissions.update()
-                .where(submissions.c.position == data.source_position)
-                .values(archive_state=UNPACKED, notebooks=json.dumps(list(data.notebooks)))
-            )
-        elif isinstance(data, ArchiveRejected):
-            rows.execute(
-                submissions.update()
-                .where(submissions.c.position == data.source_position)
-                .values(archive_state=REJECTED, archive_reason=data.reason)
+        elif isinstance(data, ArchiveUnpacked) and data.student_id is not None:
+            found = json.dumps(list(data.notebooks)) if data.notebooks else None
+            rows.write(_OUTCOME, {"source": data.source_position, "state": UNPACKED, "reason": None, "found": found})
+        elif isinstance(data, ArchiveRejected) and data.student_id is not None:
+            rows.write(
+                _OUTCOME, {"source": data.source_position, "state": REJECTED, "reason": data.reason, "found": None}
             )
         elif isinstance(data, Collected):
-            rows.execute(
-                submissions.update()
-                .where(submissions.c.position == data.submission_position)
-                .values(
-                    collected_count=submissions.c.collected_count + 1,
-                    last_collected_at=event.recorded_at,
-                )
-            )
+            rows.write(_COLLECTED, {"source": data.submission_position, "at": event.recorded_at})
 
 
 def _submission(row: Any) -> dict[str, Any]:
@@ -136,7 +115,7 @@ def list_submissions(
     student_id: str | None = None,
     latest_only: bool = False,
 ) -> list[dict[str, Any]]:
-    """An assignment's submissions, oldest first; optionally one student's, or only the latest."""
+    """An assignment's submissions, oldest first, each marked ``latest`` if it is its student's last."""
     query = sa.select(submissions).where(
         submissions.c.org_id == org_id,
         submissions.c.course_id == course_id,
@@ -144,9 +123,11 @@ def list_submissions(
     )
     if student_id is not None:
         query = query.where(submissions.c.student_id == student_id)
-    if latest_only:
-        query = query.where(submissions.c.latest.is_(True))
-    return [_submission(r) for r in conn.execute(query.order_by(submissions.c.position))]
+    items = [_submission(r) for r in conn.execute(query.order_by(submissions.c.position))]
+    last = {item["student_id"]: item["position"] for item in items}
+    for item in items:
+        item["latest"] = last[item["student_id"]] == item["position"]
+    return [i for i in items if i["latest"]] if latest_only else items
 
 
 def get_submission(

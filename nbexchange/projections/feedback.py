@@ -32,6 +32,17 @@ feedback = sa.Table(
 )
 
 
+_REPLACED = feedback.delete().where(
+    feedback.c.org_id == sa.bindparam("org"),
+    feedback.c.course_id == sa.bindparam("course"),
+    feedback.c.assignment_id == sa.bindparam("assignment"),
+    feedback.c.student_id == sa.bindparam("student"),
+    feedback.c.notebook_id == sa.bindparam("notebook"),
+    feedback.c.timestamp == sa.bindparam("stamp"),
+)
+_FETCHED = feedback.update().where(feedback.c.position == sa.bindparam("source")).values(fetched_at=sa.bindparam("at"))
+
+
 class FeedbackProjection:
     """The current feedback file for each (student, submission timestamp, notebook)."""
 
@@ -43,15 +54,16 @@ class FeedbackProjection:
         if isinstance(data, FeedbackReleased):
             # Releasing feedback again for the same notebook of the same
             # submission replaces it; the log keeps both.
-            rows.execute(
-                feedback.delete().where(
-                    feedback.c.org_id == data.org_id,
-                    feedback.c.course_id == data.course_id,
-                    feedback.c.assignment_id == data.assignment_id,
-                    feedback.c.student_id == data.student_id,
-                    feedback.c.notebook_id == data.notebook_id,
-                    feedback.c.timestamp == data.timestamp,
-                )
+            rows.write(
+                _REPLACED,
+                {
+                    "org": data.org_id,
+                    "course": data.course_id,
+                    "assignment": data.assignment_id,
+                    "student": data.student_id,
+                    "notebook": data.notebook_id,
+                    "stamp": data.timestamp,
+                },
             )
             rows.insert(
                 feedback,
@@ -70,12 +82,9 @@ class FeedbackProjection:
                     "fetched_at": None,
                 },
             )
-        elif isinstance(data, FeedbackFetched) and data.feedback_positions:
-            rows.execute(
-                feedback.update()
-                .where(feedback.c.position.in_(list(data.feedback_positions)))
-                .values(fetched_at=event.recorded_at)
-            )
+        elif isinstance(data, FeedbackFetched):
+            for position in data.feedback_positions:
+                rows.write(_FETCHED, {"source": position, "at": event.recorded_at})
 
 
 def student_feedback(

@@ -112,7 +112,6 @@ def upgrade() -> None:
         sa.Column("archive_state", sa.String(length=16), nullable=False),
         sa.Column("archive_reason", sa.Text(), nullable=True),
         sa.Column("notebooks", sa.Text(), nullable=False),
-        sa.Column("latest", sa.Boolean(), nullable=False),
         sa.Column("collected_count", sa.Integer(), nullable=False),
         sa.Column("last_collected_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("position", name=op.f("pk_proj_submissions")),
