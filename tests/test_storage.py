@@ -148,10 +148,9 @@ def test_abort_removes_the_temp_file_and_may_repeat(store: ArchiveStore) -> None
 
 
 def test_context_manager_aborts_on_exception(store: ArchiveStore) -> None:
-    with pytest.raises(RuntimeError):
-        with store.new_upload() as upload:
-            upload.write(b"interrupted")
-            raise RuntimeError("client went away")
+    with pytest.raises(RuntimeError), store.new_upload() as upload:
+        upload.write(b"interrupted")
+        raise RuntimeError("client went away")
     assert list(store.tmp.iterdir()) == []
     assert stored_files(store) == []
 
