@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,17 @@ COMMANDS = {
 }
 
 
+def _url_prefix(value: str) -> str:
+    """``value`` as a URL prefix: one leading and one trailing slash, no doubled ones."""
+    return re.sub("/+", "/", "/" + value + "/")
+
+
 class NbExchange(Application):  # type: ignore[misc]
     """The nbexchange service: one settings object for API processes and workers."""
 
     name = "nbexchange"
+    # Listed so that ``--help-all`` and ``--JupyterHubPlugin.x=…`` know the hub plugin's settings.
+    classes = [JupyterHubPlugin]
     description = "A JupyterHub service that replaces nbgrader's filesystem exchange.\n\nCommands:\n" + "\n".join(
         f"  {name:<11} {text}" for name, text in COMMANDS.items()
     )
@@ -50,6 +58,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "until-time": "NbExchange.until_time",
         "course": "NbExchange.course_id",
         "assignment": "NbExchange.assignment_id",
+        "org": "NbExchange.org_id",
     }
 
     # -- where it listens --------------------------------------------------
@@ -63,12 +72,12 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
 
     @default("base_url")
     def _default_base_url(self) -> str:
-        return os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/nbexchange/")
+        # traitlets does not validate dynamic defaults, so the environment's value is normalised here.
+        return _url_prefix(os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/nbexchange/"))
 
     @validate("base_url")
     def _slashes(self, proposal: dict[str, Any]) -> str:
-        value = "/" + str(proposal["value"]).strip("/") + "/"
-        return value.replace("//", "/")
+        return _url_prefix(str(proposal["value"]))
 
     # -- where it keeps things ---------------------------------------------
 
@@ -158,6 +167,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     until_time = Unicode("", config=True, help="replay: the last moment to include (nbgrader or ISO format).")
     course_id = Unicode("", config=True, help="replay: the course to show.")
     assignment_id = Unicode("", config=True, help="replay: the assignment to show (default: all).")
+    org_id = Int(1, config=True, help="replay: the organisation (org_id) whose courses to show.")
 
     config_file = Unicode(
         "", config=True, help="Config file to load (default nbexchange_config.py in ./ or /etc/nbexchange/)."
@@ -170,6 +180,9 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         super().initialize(argv)
         if self.config_file:
             path = Path(self.config_file)
+            if not path.is_file():
+                self.log.critical("The config file %s does not exist.", path)
+                self.exit(1)
             self.load_config_file(path.name, path=[str(path.parent)])
         else:
             for folder in (os.getcwd(), "/etc/nbexchange"):
@@ -182,6 +195,12 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         if self.command not in COMMANDS:
             self.log.critical("Unknown command %r; commands: %s", self.command, ", ".join(COMMANDS))
             self.exit(2)
+
+    @default("raise_config_file_errors")
+    def _default_raise_config_file_errors(self) -> bool:
+        # A broken config file must stop the service, not let it run on defaults
+        # (e.g. a fresh SQLite file instead of the configured PostgreSQL).
+        return True
 
     @default("log_level")
     def _default_log_level(self) -> int:
@@ -244,14 +263,28 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
             runtime.close()
         sys.exit(worker.exitcode or 0)
 
-    def _open(self) -> Any:
+    def _open(self, audit: bool = False) -> Any:
+        """The database and its log; an audit never creates or migrates the database it reads."""
+        import sqlalchemy as sa
+
         from nbexchange.db import make_engine, upgrade
         from nbexchange.events.sql import SQLEventStore
 
+        url = sa.make_url(self.db_url)
+        if audit and url.get_backend_name() == "sqlite" and not Path(url.database or ":memory:").is_file():
+            self._no_log(url)  # connecting would create an empty file
         engine = make_engine(self.db_url)
-        if self.upgrade_db:
+        if not audit and self.upgrade_db:
             upgrade(engine)
+        elif audit and not sa.inspect(engine).has_table("events"):
+            self._no_log(url)
         return engine, SQLEventStore(engine)
+
+    def _no_log(self, url: Any) -> None:
+        # Else a mistyped db_url would be "verified" as an empty, intact log.
+        where = url.render_as_string(hide_password=True)
+        self.log.critical("There is no nbexchange log (no events table) in the database %s.", where)
+        self.exit(1)
 
     def cmd_upgrade_db(self) -> None:
         from nbexchange.db import current_revision
@@ -262,7 +295,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     def cmd_verify(self) -> None:
         from nbexchange.audit import verify
 
-        engine, store = self._open()
+        engine, store = self._open(audit=True)
         report = verify(store, Path(self.base_storage_location))
         print(json.dumps(report, indent=2))
         sys.exit(0 if report["ok"] else 1)
@@ -270,7 +303,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     def cmd_export(self) -> None:
         from nbexchange.audit import export
 
-        _, store = self._open()
+        _, store = self._open(audit=True)
         if self.output:
             with open(self.output, "w", encoding="utf-8") as out:
                 count = export(store, out)
@@ -281,13 +314,14 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     def cmd_replay(self) -> None:
         from nbexchange.audit import replay_view
 
-        engine, _ = self._open()
+        engine, _ = self._open(audit=True)
         view = replay_view(
             engine,
             until_position=self.until_position or None,
             until_time=self.until_time or None,
             course_id=self.course_id or None,
             assignment_id=self.assignment_id or None,
+            org_id=self.org_id,
         )
         print(json.dumps(view, indent=2))
 
