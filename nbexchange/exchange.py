@@ -7,11 +7,11 @@ log, the archive store and the projections. Nothing here knows about HTTP.
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from nbexchange.clock import format_timestamp
 from nbexchange.db import translate_errors
@@ -56,9 +56,9 @@ class Written:
 
 @dataclass(frozen=True)
 class Download:
-    """An archive to send, and the event that recorded the download."""
+    """A stored archive to send, and the event that recorded the download."""
 
-    path: Path
+    file: BinaryIO
     size: int
     event: RecordedEvent
 
@@ -154,10 +154,12 @@ class Exchange:
         if not self.rt.archives.exists(release.archive_sha256):
             # Purged by an unrelease the projections have not caught up with yet.
             raise NotFound(f"Assignment {assignment_id!r} is not released in course {course_id!r} any more.")
-        path = self.rt.archives.path(release.archive_sha256)
         event = Fetched(user.org_id, course_id, assignment_id, user.name, release.position, release.archive_sha256)
-        written = self._append(user, event, key)
-        return Download(path, path.stat().st_size, written.event)
+        return self._download(release.archive_sha256, self._append(user, event, key).event)
+
+    def _download(self, sha256: str, event: RecordedEvent) -> Download:
+        file = self.rt.archives.open(sha256)
+        return Download(file, os.fstat(file.fileno()).st_size, event)
 
     def _live_release(self, user: User, course_id: str, assignment_id: str) -> Release:
         with translate_errors(), self.rt.engine.connect() as conn:
@@ -201,7 +203,8 @@ class Exchange:
             raise NotFound(f"No submission {path!r} for assignment {assignment_id!r} in course {course_id!r}.")
         if submission["archive_state"] == REJECTED:
             raise UnsafeArchive(f"This submission's archive was rejected: {submission['archive_reason']}")
-        archive = self.rt.archives.path(submission["archive_sha256"])
+        if not self.rt.archives.exists(submission["archive_sha256"]):
+            raise NotFound(f"The archive of submission {path!r} is no longer stored.")
         event = Collected(
             user.org_id,
             course_id,
@@ -210,8 +213,7 @@ class Exchange:
             submission_position=submission["position"],
             archive_sha256=submission["archive_sha256"],
         )
-        written = self._append(user, event, key)
-        return Download(archive, archive.stat().st_size, written.event)
+        return self._download(submission["archive_sha256"], self._append(user, event, key).event)
 
     def release_feedback(
         self,

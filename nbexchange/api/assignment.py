@@ -17,7 +17,7 @@ class AssignmentHandler(UploadHandler):
         """Download the released archive; appends ``fetched``."""
         course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
         download = await self.run(self.exchange.fetch, self.user, course_id, assignment_id, self.idempotency_key())
-        await self.send_file(download.path, download.size, download.event.position, f"{assignment_id}.tar.gz")
+        await self.send_download(download, f"{assignment_id}.tar.gz")
 
     async def post(self) -> None:
         """Release the uploaded archive to the course; appends ``released``."""

@@ -11,14 +11,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 from tornado import web
 
 from nbexchange.clock import parse_timestamp
 from nbexchange.errors import ExchangeError, Invalid, Unauthorized, Unavailable
-from nbexchange.exchange import Exchange
+from nbexchange.exchange import Download, Exchange
 from nbexchange.identity.base import User, UserPlugin
 from nbexchange.metrics import REQUEST_LATENCY
 from nbexchange.storage import CHUNK_SIZE
@@ -170,14 +169,14 @@ class BaseHandler(web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(json.dumps({"success": True, **body}))
 
-    async def send_file(self, path: Path, size: int, position: int, filename: str) -> None:
-        """Stream a stored archive in chunks, never whole in memory."""
+    async def send_download(self, download: Download, filename: str) -> None:
+        """Stream a stored archive in chunks (read in a thread), never whole in memory."""
         self.set_header("Content-Type", "application/gzip")
-        self.set_header("Content-Length", str(size))
+        self.set_header("Content-Length", str(download.size))
         self.set_header("Content-Disposition", f'attachment; filename="{filename}"')
-        self.set_header("X-Nbexchange-Position", str(position))
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_SIZE):
+        self.set_header("X-Nbexchange-Position", str(download.event.position))
+        with download.file as f:
+            while chunk := await self.run(f.read, CHUNK_SIZE):
                 self.write(chunk)
                 await self.flush()
         self.finish()

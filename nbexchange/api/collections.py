@@ -30,7 +30,7 @@ class CollectionHandler(BaseHandler):
         download = await self.run(
             self.exchange.collect, self.user, course_id, assignment_id, path, self.idempotency_key()
         )
-        await self.send_file(download.path, download.size, download.event.position, f"{assignment_id}.tar.gz")
+        await self.send_download(download, f"{assignment_id}.tar.gz")
 
 
 default_handlers = [(r"collections", CollectionsHandler), (r"collection", CollectionHandler)]
