@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -104,19 +105,25 @@ class DomainEvent:
     def from_payload(cls: type[E], payload: Mapping[str, Any]) -> E:
         """Rebuild the event from a payload already upcast to ``SCHEMA``."""
         kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in payload:
+        for name, is_time in _field_plan(cls):
+            if name not in payload:
                 continue  # a field with a default, added in a later schema
-            value = payload[f.name]
-            if f.type in ("datetime", "datetime | None") and isinstance(value, str):
+            value = payload[name]
+            if is_time and isinstance(value, str):
                 value = parse_timestamp(value)
             elif isinstance(value, list):
                 value = tuple(value)
-            kwargs[f.name] = value
+            kwargs[name] = value
         return cls(**kwargs)
 
 
 E = TypeVar("E", bound=DomainEvent)
+
+
+@functools.cache
+def _field_plan(cls: type[DomainEvent]) -> tuple[tuple[str, bool], ...]:
+    # Decoding runs once per event on every replay: look the fields up once per class.
+    return tuple((f.name, f.type in ("datetime", "datetime | None")) for f in dataclasses.fields(cls))
 
 
 @dataclass(frozen=True)
