@@ -1,0 +1,114 @@
+"""HTTP helpers for tests that talk to a live exchange: requests, answers, bounded polling."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import requests
+from builders import make_archive
+from service import Service
+
+COURSE = "phys101"
+#: nbgrader's timestamp format, as the plugin sends it.
+STAMP = "2026-01-31 23:59:59.123456 UTC"
+
+T = TypeVar("T")
+
+
+def headers(svc: Service, who: str, key: str | None = None) -> dict[str, str]:
+    """Headers authenticating as ``who``, with an ``Idempotency-Key`` if given."""
+    return svc.headers(who, **{"Idempotency-Key": key}) if key else svc.headers(who)
+
+
+def get(svc: Service, route: str, who: str | None, **params: Any) -> requests.Response:
+    """GET a route as ``who`` (or anonymously)."""
+    return requests.get(svc.url + route, params=params, headers=headers(svc, who) if who else {}, timeout=30)
+
+
+def release(
+    svc: Service,
+    who: str,
+    assignment: str,
+    archive: bytes | None = None,
+    notebooks: tuple[str, ...] = ("nb1",),
+    key: str | None = None,
+    course: str = COURSE,
+    **extra: Any,
+) -> requests.Response:
+    """Release ``assignment`` as ``who``, uploading ``archive`` (a small default one)."""
+    return requests.post(
+        svc.url + "assignment",
+        params={"course_id": course, "assignment_id": assignment, **extra},
+        files={"assignment": ("a.tar.gz", archive or make_archive())},
+        data={"notebooks": list(notebooks)},
+        headers=headers(svc, who, key),
+        timeout=30,
+    )
+
+
+def submit(
+    svc: Service,
+    who: str,
+    assignment: str,
+    archive: bytes | None = None,
+    key: str | None = None,
+    stamp: str = STAMP,
+    course: str = COURSE,
+) -> requests.Response:
+    """Submit ``assignment`` as ``who`` with the client's ``stamp``."""
+    return requests.post(
+        svc.url + "submission",
+        params={"course_id": course, "assignment_id": assignment, "timestamp": stamp},
+        files={"assignment": ("s.tar.gz", archive or make_archive({"nb1.ipynb": who.encode()}))},
+        headers=headers(svc, who, key),
+        timeout=30,
+    )
+
+
+def ok(response: requests.Response, status: int = 200) -> dict[str, Any]:
+    """Assert a JSON success with this status; return the body."""
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    assert body["success"] is True
+    return body
+
+
+def until(
+    predicate: Callable[[], T | None],
+    timeout: float = 20,
+    message: str | Callable[[], str] = "condition not met",
+    interval: float = 0.1,
+) -> T:
+    """Poll until ``predicate()`` is truthy and return it; fail after ``timeout`` s with ``message``.
+
+    Workers run asynchronously, so a test waits for their outcome rather than
+    sleeping; ``message`` may be a callable, to report the state at the moment of failure.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"not within {timeout} s: {text}")
+        time.sleep(interval)
+
+
+def course_events(
+    svc: Service, who: str, course: str = COURSE, assignment_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Every raw event of a course (or one assignment), paging through the ``events`` route."""
+    params: dict[str, Any] = {"course_id": course, "limit": 1000}
+    if assignment_id:
+        params["assignment_id"] = assignment_id
+    out: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page = ok(get(svc, "events", who, after=after, **params))
+        out.extend(page["value"])
+        if len(page["value"]) < params["limit"]:
+            return out
+        after = page["next_after"]

@@ -1,0 +1,484 @@
+"""A lost message, a restarted Redis or a killed worker delays the exchange's work, never loses it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+import service as service_module
+import sqlalchemy as sa
+from builders import make_archive, student
+from httpclient import COURSE, course_events, get, ok, release, submit, until
+from service import TEST_BROKER_URL, TEST_DB_URL, Service, free_port
+
+from nbexchange.clock import format_timestamp
+from nbexchange.events.domain import INSTRUCTOR, Actor, Released, Submitted
+from nbexchange.events.sql import SQLEventStore
+from nbexchange.events.store import AppendRequest, RecordedEvent
+from nbexchange.projections import NAMES, checkpoints
+from nbexchange.projections.collections import list_submissions
+from nbexchange.storage import ArchiveStore, StoredArchive
+from nbexchange.workers import tasks
+from nbexchange.workers.app import Sweeper
+from nbexchange.workers.archives import ArchiveLimits
+
+#: The multi-process tests run on PostgreSQL whatever NBEX_TEST_DB_URL says (SQLite is not the production topology).
+PG_URL = TEST_DB_URL if TEST_DB_URL.startswith("postgresql") else "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+STUDENTS = [f"s{i}" for i in range(8)]
+USERS = {"ada": {COURSE: "Instructor"}, **{name: {COURSE: "Student"} for name in STUDENTS}}
+OUTCOMES = ("archive_unpacked", "archive_rejected")
+
+
+# -- backends: PostgreSQL, the shared Redis, a Redis of the test's own ---------------
+
+
+def _postgres_problem() -> str | None:
+    """Why PostgreSQL cannot be used, or ``None`` if it answers."""
+    engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    """Whether a Redis server answers PING at ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _require_production_pass() -> None:
+    """Skip unless this is the PostgreSQL+Redis pass and PostgreSQL answers."""
+    if not TEST_BROKER_URL:
+        pytest.skip("runs in the PostgreSQL+Redis pass")
+    problem = _postgres_problem()
+    if problem:
+        pytest.skip(f"PostgreSQL is unavailable at {PG_URL}: {problem}")
+
+
+def _require_shared_redis() -> str:
+    """The shared broker's URL; skip if it does not answer."""
+    parts = urlsplit(TEST_BROKER_URL)
+    if not _redis_answers(parts.hostname or "127.0.0.1", parts.port or 6379):
+        pytest.skip(f"Redis does not answer at {TEST_BROKER_URL}")
+    return TEST_BROKER_URL
+
+
+@pytest.fixture
+def production(monkeypatch: pytest.MonkeyPatch, exchange_service: Callable[..., Service]) -> Callable[..., Service]:
+    """Factory: ``production(broker_url, **kwargs)`` starts a service on a PostgreSQL schema of its own."""
+    _require_production_pass()
+    # fresh_db_url and drop_db read this module global; monkeypatch undoes it only after
+    # exchange_service has stopped its services and dropped their schemas.
+    monkeypatch.setattr(service_module, "TEST_DB_URL", PG_URL)
+
+    def start(broker_url: str, **kwargs: Any) -> Service:
+        return exchange_service(USERS, broker_url=broker_url, extra=["--NbExchange.consistency_timeout=2"], **kwargs)
+
+    return start
+
+
+class RedisServer:
+    """A ``redis-server`` of the test's own, on a free port, that can be killed and started again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        """Start it (nothing persisted: a restart begins empty) and wait until it answers."""
+        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - handed to the child for its lifetime
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            + ["--daemonize", "no", "--dir", str(self.folder)],
+            cwd=self.folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        until(lambda: _redis_answers("127.0.0.1", self.port), 10, f"redis-server on port {self.port} did not answer")
+
+    def kill(self) -> None:
+        """SIGKILL it: every queued message is lost."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private Redis (never the shared one on 6379, which other tests and sessions use)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+# -- submitting many, and checking the outcome -------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One submission to send: who, with which client timestamp (unique), which bytes, which key."""
+
+    student: str
+    stamp: str
+    archive: bytes
+    key: str
+
+
+def make_jobs(count: int, start: int = 0) -> list[Job]:
+    """``count`` submissions by every student in turn, each with its own timestamp.
+
+    Archives repeat (five per student), so the same bytes are checked at
+    several positions, possibly by two workers at once.
+    """
+    base = datetime(2026, 1, 31, 12, tzinfo=timezone.utc)
+    jobs = []
+    for i in range(start, start + count):
+        name = STUDENTS[i % len(STUDENTS)]
+        jobs.append(
+            Job(
+                student=name,
+                stamp=format_timestamp(base + timedelta(microseconds=i)),
+                archive=make_archive({"nb1.ipynb": f"{name} draft {i % 5}".encode()}),
+                key=str(uuid.uuid4()),
+            )
+        )
+    return jobs
+
+
+def send(svc: Service, assignment: str, job: Job, attempts: int = 5) -> requests.Response:
+    """Submit one job, retrying a dropped connection or a 503 with the same Idempotency-Key, as the plugin does."""
+    for attempt in range(1, attempts + 1):
+        try:
+            answer = submit(svc, job.student, assignment, job.archive, key=job.key, stamp=job.stamp)
+        except requests.ConnectionError:
+            if attempt == attempts:
+                raise
+        else:
+            if answer.status_code != 503 or attempt == attempts:
+                return answer
+        time.sleep(0.2 * attempt)  # back off before the retry; not an assertion
+    raise AssertionError("unreachable")
+
+
+def submit_all(svc: Service, assignment: str, jobs: list[Job], threads: int = 16) -> dict[Job, int]:
+    """Send every job from ``threads`` threads; all must be accepted. Returns each job's position."""
+    with ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(lambda job: send(svc, assignment, job), jobs))
+    pairs = list(zip(jobs, answers, strict=True))
+    failed = [(job.student, job.stamp, a.status_code, a.text) for job, a in pairs if a.status_code >= 300]
+    assert not failed, f"{len(failed)} submissions not accepted, e.g. {failed[:3]}\n{svc.log_text()[-4000:]}"
+    return {job: a.json()["position"] for job, a in pairs}
+
+
+def release_and_wait(svc: Service, assignment: str) -> int:
+    """Release ``assignment`` and wait until submissions to it are accepted (its release is projected)."""
+    position = ok(release(svc, "ada", assignment), 201)["position"]
+
+    def projected() -> bool:
+        answer = get(svc, "assignments", "ada", course_id=COURSE, min_position=position)
+        return answer.status_code == 200
+
+    until(projected, 30, lambda: f"release at {position} never projected\n{svc.log_text()[-4000:]}")
+    return int(position)
+
+
+def settle(svc: Service, assignment: str, accepted: dict[Job, int], timeout: float) -> list[dict[str, Any]]:
+    """Wait until every accepted submission is listed with its archive unpacked; return the listing."""
+    head = max(accepted.values())
+    state = {"seen": "nothing yet"}
+
+    def listed() -> list[dict[str, Any]] | None:
+        answer = get(svc, "collections", "ada", course_id=COURSE, assignment_id=assignment, min_position=head)
+        if answer.status_code == 503:
+            state["seen"] = f"projections not yet at position {head}"
+            return None
+        items = ok(answer)["value"]
+        states = Counter(item["archive"]["state"] for item in items)
+        state["seen"] = f"{len(items)} of {len(accepted)} listed, archive states {dict(states)}"
+        assert not states["rejected"], [i["archive"] for i in items if i["archive"]["state"] == "rejected"][:3]
+        return items if len(items) >= len(accepted) and states["unpacked"] == len(items) else None
+
+    return until(
+        listed, timeout, lambda: f"{state['seen']}\n--- service logs ---\n{svc.log_text()[-6000:]}", interval=0.25
+    )
+
+
+def assert_listed_once(items: list[dict[str, Any]], accepted: dict[Job, int]) -> None:
+    """Every accepted submission is listed exactly once, and nothing else is."""
+    listed = Counter((item["student_id"], item["timestamp"]) for item in items)
+    expected = Counter((job.student, job.stamp) for job in accepted)
+    missing, extra = expected - listed, listed - expected
+    assert not missing and not extra, f"missing {list(missing)[:5]}, duplicated or unexpected {list(extra)[:5]}"
+
+
+def assert_checked_once(svc: Service, assignment: str, accepted: dict[Job, int], release_position: int) -> None:
+    """The log holds one submission per accepted job and exactly one archive outcome per archive-bearing event."""
+    events = course_events(svc, "ada", assignment_id=assignment)
+    submitted = sorted(e["position"] for e in events if e["type"] == "submitted")
+    assert submitted == sorted(accepted.values()), "the log's submissions are not exactly the accepted ones"
+    outcomes = [e for e in events if e["type"] in OUTCOMES]
+    per_source = Counter(e["payload"]["source_position"] for e in outcomes)
+    expected = Counter([release_position, *submitted])
+    differ = {p: per_source[p] for p in sorted(set(per_source) | set(expected)) if per_source[p] != expected[p]}
+    assert not differ, f"archive outcomes per source position, where not exactly one: {differ}"
+    assert {e["type"] for e in outcomes} == {"archive_unpacked"}
+    for e in outcomes:
+        assert e["idempotency_key"] == tasks.outcome_key(e["payload"]["source_position"])
+
+
+def verify_log(svc: Service) -> dict[str, Any]:
+    """Run ``nbexchange verify`` with the service's own settings; return its report."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "nbexchange", "verify", *svc.flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, f"verify exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    report: dict[str, Any] = json.loads(done.stdout)
+    assert report["ok"] is True, report
+    return report
+
+
+# -- 1. the production topology under a burst ----------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_apis_two_workers_lose_and_duplicate_nothing(production: Callable[..., Service]) -> None:
+    svc = production(_require_shared_redis(), api_processes=2, workers=2)
+    release_position = release_and_wait(svc, "ps-burst")
+    accepted = submit_all(svc, "ps-burst", make_jobs(200), threads=16)
+    assert len(set(accepted.values())) == len(accepted), "two submissions share a position"
+
+    items = settle(svc, "ps-burst", accepted, timeout=60)
+    assert_listed_once(items, accepted)
+    assert_checked_once(svc, "ps-burst", accepted, release_position)
+    mine = ok(get(svc, "assignments", "s0", course_id=COURSE))["value"]
+    assert [i["archive"]["state"] for i in mine if i["status"] == "released"] == ["unpacked"]
+
+    report = verify_log(svc)
+    distinct = len({job.archive for job in accepted}) + 1  # the release's archive too
+    # The whole log: the release, 200 submissions, and one outcome for each.
+    assert report["events"] == 2 * len(accepted) + 2 and report["archives"] == distinct, report
+
+
+# -- 2. a worker killed with messages in hand -------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_killed_worker_costs_latency_not_work(production: Callable[..., Service], own_redis: RedisServer) -> None:
+    # A Redis of its own: the dead worker's unacknowledged messages must not linger in the shared one.
+    svc = production(own_redis.url, workers=1)
+    (worker,) = [p for p in svc.procs if "worker" in p.args]  # type: ignore[operator]
+    release_position = release_and_wait(svc, "ps-kill")
+    jobs = make_jobs(60)
+
+    def outcomes() -> int:
+        return sum(e["type"] in OUTCOMES for e in course_events(svc, "ada", assignment_id="ps-kill"))
+
+    with ThreadPoolExecutor(1) as background:
+        sending = background.submit(submit_all, svc, "ps-kill", jobs, 4)
+        # Kill as soon as the worker has recorded a submission's outcome (the release's is the first),
+        # while submissions still arrive: it dies with prefetched, unacknowledged messages in hand.
+        until(lambda: outcomes() > 1, 30, lambda: f"the worker never started\n{svc.log_text()[-4000:]}", interval=0.02)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        at_kill = outcomes()
+        accepted = sending.result(timeout=120)
+    assert worker.returncode == -signal.SIGKILL
+    assert at_kill < len(jobs) + 1, "the worker finished everything before it was killed: nothing was tested"
+
+    svc.start_worker()
+    items = settle(svc, "ps-kill", accepted, timeout=60)
+    assert_listed_once(items, accepted)
+    assert_checked_once(svc, "ps-kill", accepted, release_position)
+
+
+# -- 3. Redis restarted, its queue lost ---------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_restarted_redis_costs_latency_not_work(production: Callable[..., Service], own_redis: RedisServer) -> None:
+    svc = production(own_redis.url, workers=1)
+    release_position = release_and_wait(svc, "ps-redis")
+    jobs = make_jobs(60)
+
+    accepted = submit_all(svc, "ps-redis", jobs[:20], threads=8)
+    own_redis.kill()
+    until(lambda: get(svc, "ready", None).status_code == 503, 15, "the API never noticed the broker was gone")
+    started = time.monotonic()
+    # The write is committed before any message is sent: with no broker at all, submissions still succeed.
+    accepted |= submit_all(svc, "ps-redis", jobs[20:40], threads=8)
+    outage = time.monotonic() - started
+    assert outage < 30, f"20 submissions took {outage:.1f} s without a broker: the accept path waits on it"
+    own_redis.start()
+    until(lambda: get(svc, "ready", None).status_code == 200, 15, "the API never reached the restarted broker")
+    accepted |= submit_all(svc, "ps-redis", jobs[40:], threads=8)
+
+    items = settle(svc, "ps-redis", accepted, timeout=60)
+    assert_listed_once(items, accepted)
+    assert_checked_once(svc, "ps-redis", accepted, release_position)
+    assert all(p.poll() is None for p in svc.procs), f"a process died with the broker:\n{svc.log_text()[-4000:]}"
+
+
+# -- 4. embedded mode: the task functions called directly ----------------------------------
+
+T0 = datetime(2026, 1, 31, 23, 0, tzinfo=timezone.utc)
+TEACHER = Actor(name="ada", role=INSTRUCTOR)
+
+
+@dataclass
+class Context:
+    """What the tasks run against, without a broker: the store appends directly."""
+
+    engine: sa.Engine
+    store: SQLEventStore
+    appender: SQLEventStore
+    archives: ArchiveStore
+    limits: ArchiveLimits
+    sweep_grace: float
+
+
+@pytest.fixture
+def ctx(engine: sa.Engine, tmp_path: Path) -> Context:
+    store = SQLEventStore(engine)
+    return Context(engine, store, store, ArchiveStore(tmp_path / "store"), ArchiveLimits(), sweep_grace=0)
+
+
+def stored(ctx: Context, content: bytes) -> StoredArchive:
+    return ctx.archives.store_bytes(make_archive({"nb1.ipynb": content}))
+
+
+def append_release(ctx: Context, assignment: str = "ps1") -> RecordedEvent:
+    """Append a release, sending no message (as if it was lost)."""
+    archive = stored(ctx, b"release")
+    event = Released(1, COURSE, assignment, ("nb1",), archive.sha256, archive.size)
+    return ctx.store.append(AppendRequest(event, TEACHER)).event
+
+
+def append_submission(ctx: Context, name: str, content: bytes, assignment: str = "ps1") -> RecordedEvent:
+    """Append a submission whose archive is stored, sending no message (as if it was lost)."""
+    archive = stored(ctx, content)
+    event = Submitted(
+        1, COURSE, assignment, name, timestamp=T0, archive_sha256=archive.sha256, archive_size=archive.size
+    )
+    return ctx.store.append(AppendRequest(event, student(name))).event
+
+
+def outcomes_of(ctx: Context, position: int) -> list[RecordedEvent]:
+    return [e for e in ctx.store.read() if e.type in OUTCOMES and e.payload["source_position"] == position]
+
+
+def test_sweep_does_what_a_lost_message_would_have(ctx: Context) -> None:
+    released = append_release(ctx)
+    submitted = append_submission(ctx, "s1", b"my work")
+
+    tasks.sweep(ctx)
+
+    for source in (released, submitted):
+        outcome = ctx.store.by_idempotency_key(tasks.outcome_key(source.position))
+        assert outcome is not None and outcome.type == "archive_unpacked", outcome
+        assert outcome.payload["source_position"] == source.position
+    assert (ctx.archives.extracted_path(submitted.payload["archive_sha256"]) / "nb1.ipynb").read_bytes() == b"my work"
+    head = ctx.store.head()
+    marks = checkpoints(ctx.engine)
+    assert {name: marks[name] for name in NAMES} == dict.fromkeys(NAMES, head)
+    with ctx.engine.connect() as conn:
+        rows = list_submissions(conn, 1, COURSE, "ps1")
+    assert [(r["position"], r["archive_state"], r["notebooks"]) for r in rows] == [
+        (submitted.position, "unpacked", ("nb1",))
+    ]
+
+    tasks.sweep(ctx)
+    assert ctx.store.head() == head, "a second sweep appended to the log"
+
+
+def test_check_archive_records_one_outcome_however_often_it_runs(ctx: Context) -> None:
+    first = append_submission(ctx, "s1", b"once")
+    one = tasks.check_archive(ctx, first.position)
+    two = tasks.check_archive(ctx, first.position)
+    assert one is not None and two is not None and one.position == two.position
+    assert len(outcomes_of(ctx, first.position)) == 1
+
+    # A redelivered message racing the sweep: several checks of one position at once.
+    raced = append_submission(ctx, "s2", b"raced")
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: tasks.check_archive(ctx, raced.position), range(4)))
+    assert {r.position for r in results if r is not None} == {outcomes_of(ctx, raced.position)[0].position}
+    assert len(outcomes_of(ctx, raced.position)) == 1
+
+    head = ctx.store.head()
+    tasks.sweep(ctx)  # the sweep finds both already checked
+    assert ctx.store.head() == head
+
+
+def test_sweep_leaves_young_events_to_their_messages_and_comes_back_for_them(ctx: Context) -> None:
+    submitted = append_submission(ctx, "s1", b"young")
+    ctx.sweep_grace = 3600
+    tasks.sweep(ctx)
+    assert outcomes_of(ctx, submitted.position) == []
+    # Its checkpoint must not have moved past the event it left, or the event would never be swept.
+    assert checkpoints(ctx.engine).get(tasks.SWEEP_CHECKPOINT, 0) < submitted.position
+
+    ctx.sweep_grace = 0
+    tasks.sweep(ctx)
+    assert [e.type for e in outcomes_of(ctx, submitted.position)] == ["archive_unpacked"]
+    assert checkpoints(ctx.engine)[tasks.SWEEP_CHECKPOINT] >= submitted.position
+
+
+def test_sweeper_timer_finds_work_appended_after_it_started(ctx: Context) -> None:
+    sweeper = Sweeper(ctx, interval=0.2)  # type: ignore[arg-type]
+    sweeper.start()
+    try:
+        submitted = append_submission(ctx, "s1", b"later")
+        until(lambda: outcomes_of(ctx, submitted.position), 15, "the sweeper's timer never checked the archive")
+        until(
+            lambda: checkpoints(ctx.engine).get("collections", 0) >= ctx.store.head(),
+            15,
+            "the sweeper never caught the projections up",
+        )
+    finally:
+        sweeper.stop()
+    assert len(outcomes_of(ctx, submitted.position)) == 1
