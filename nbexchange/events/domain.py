@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -120,10 +119,15 @@ class DomainEvent:
 E = TypeVar("E", bound=DomainEvent)
 
 
-@functools.cache
+_PLANS: dict[type[DomainEvent], tuple[tuple[str, bool], ...]] = {}
+
+
 def _field_plan(cls: type[DomainEvent]) -> tuple[tuple[str, bool], ...]:
     # Decoding runs once per event on every replay: look the fields up once per class.
-    return tuple((f.name, f.type in ("datetime", "datetime | None")) for f in dataclasses.fields(cls))
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = tuple((f.name, f.type in ("datetime", "datetime | None")) for f in dataclasses.fields(cls))
+    return plan
 
 
 @dataclass(frozen=True)

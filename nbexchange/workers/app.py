@@ -73,6 +73,7 @@ class Dispatcher:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self._down = False
         self._queue: queue.Queue[Sequence[RecordedEvent] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="nbexchange-dispatcher", daemon=True)
         self._thread.start()
@@ -115,8 +116,16 @@ class Dispatcher:
                     if event.data.archive() is not None:
                         self._send(CHECK_ARCHIVE, (event.position,))
                 self._send(CATCH_UP)
-            except Exception:
-                log.warning("Could not reach the broker; the sweep will pick these events up", exc_info=True)
+            except Exception as e:
+                # One traceback per outage is enough; the sweep does the work meanwhile.
+                log.warning(
+                    "Could not reach the broker (%s); the sweep will pick these events up", e, exc_info=not self._down
+                )
+                self._down = True
+            else:
+                if self._down:
+                    log.warning("The broker answers again")
+                self._down = False
 
 
 class Sweeper:

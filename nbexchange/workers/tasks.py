@@ -108,12 +108,17 @@ def sweep(ctx: WorkerContext) -> int:
         after = checkpoint(conn, SWEEP_CHECKPOINT)
     cutoff = utcnow() - timedelta(seconds=ctx.sweep_grace)
     last = after
-    for event in ctx.store.read(after=after):
-        if event.recorded_at > cutoff:
-            break
-        if event.data.archive() is not None:
-            check_archive(ctx, event.position)
-        last = event.position
+    try:
+        for event in ctx.store.read(after=after):
+            if event.recorded_at > cutoff:
+                break
+            if event.data.archive() is not None:
+                check_archive(ctx, event.position)
+            last = event.position
+    except Exception:
+        # The checkpoint stays before the event that failed, so the next
+        # sweep tries it again; the projections still catch up below.
+        log.exception("Sweep stopped after position %d; it will retry from there", last)
     if last > after:
         _advance(ctx.engine, SWEEP_CHECKPOINT, last)
     catch_up(ctx)
