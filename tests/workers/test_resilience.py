@@ -482,3 +482,25 @@ def test_sweeper_timer_finds_work_appended_after_it_started(ctx: Context) -> Non
     finally:
         sweeper.stop()
     assert len(outcomes_of(ctx, submitted.position)) == 1
+
+
+def test_a_failing_check_does_not_stop_the_projections(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error on one archive (a full disk, say) leaves it for the next sweep; reads still catch up."""
+    append_release(ctx)
+    broken = append_submission(ctx, "s1", b"disk full")
+    real_unpack = tasks.unpack_archive
+
+    def disk_full(path: Path, dest: Path, limits: ArchiveLimits) -> Any:
+        if path.name == broken.payload["archive_sha256"]:
+            raise OSError(28, "No space left on device")
+        return real_unpack(path, dest, limits)
+
+    monkeypatch.setattr(tasks, "unpack_archive", disk_full)
+    assert tasks.sweep(ctx) == broken.position - 1  # stops just before the failing event
+    assert dict.fromkeys(NAMES, ctx.store.head()) == {n: checkpoints(ctx.engine)[n] for n in NAMES}
+    with ctx.engine.connect() as conn:
+        assert [r["archive_state"] for r in list_submissions(conn, 1, COURSE, "ps1")] == ["pending"]
+
+    monkeypatch.setattr(tasks, "unpack_archive", real_unpack)  # the disk has room again
+    tasks.sweep(ctx)
+    assert [e.type for e in outcomes_of(ctx, broken.position)] == ["archive_unpacked"]
