@@ -180,20 +180,21 @@ class Exchange(ABCExchange):
 
     # -- the service ------------------------------------------------------------------------
 
-    def api_request(self, method, route, action, params=None, upload=None, download=None):
+    def api_request(self, method, route, action, params=None, upload=None, download=None, write=None):
         """Call the service and answer its JSON; with ``download`` (a path), stream the answer there.
 
-        Writes carry one Idempotency-Key across their retries and remember the position
-        they were committed at; reads ask for at least that position. Any failure ends in
-        ``self.fail`` with ``action`` and the service's note.
+        Writes (every method but GET, and the GETs that append an event, marked ``write``)
+        carry one Idempotency-Key across their retries and remember the position they were
+        committed at; every GET asks for at least the last such position. Any failure ends
+        in ``self.fail`` with ``action`` and the service's note.
         """
         url = self.service_url.rstrip("/") + "/" + route
         params = {key: value for key, value in (params or {}).items() if value is not None}
         headers = {"Authorization": f"token {self.api_token}", "Accept": "application/json"}
-        write = method != "GET"
+        write = method != "GET" if write is None else write
         if write:
             headers["Idempotency-Key"] = str(uuid.uuid4())
-        elif self.last_position():
+        if method == "GET" and self.last_position():
             params["min_position"] = self.last_position()
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
@@ -239,7 +240,9 @@ class Exchange(ABCExchange):
                     self.fail(f"{action} failed: {_note(response)}")
                 if download is not None:
                     self._save(response, download)
-                    return download
+                    # A download that appends an event (fetched, collected) says where in a header.
+                    position = response.headers.get("X-Nbexchange-Position", "")
+                    return {"success": True, "position": int(position) if position.isdigit() else None}
                 return self._json(response, action)
         finally:
             if body is not None:
@@ -382,7 +385,7 @@ class Exchange(ABCExchange):
         """Download an archive from the service and yield the temporary folder it unpacked to."""
         with tempfile.TemporaryDirectory(prefix="nbexchange-") as tmp:
             archive = os.path.join(tmp, f"{params.get('assignment_id', 'archive')}.tar.gz")
-            self.api_request("GET", route, action, params, download=archive)
+            self.api_request("GET", route, action, params, download=archive, write=True)
             folder = os.path.join(tmp, "unpacked")
             try:
                 unpack(archive, folder)

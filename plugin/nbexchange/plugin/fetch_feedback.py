@@ -48,6 +48,7 @@ class ExchangeFetchFeedback(Exchange, ABCExchangeFetchFeedback):
             "feedback",
             f"Fetching feedback for {course_id} {assignment_id}",
             {"course_id": course_id, "assignment_id": assignment_id},
+            write=True,  # the service records the fetch
         )
         cached = self.cached_submissions()
         fetched = set()

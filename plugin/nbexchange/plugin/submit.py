@@ -23,8 +23,6 @@ class ExchangeSubmit(Exchange, ABCExchangeSubmit):
     def init_dest(self):
         self.require_course()
         self.require_plain_student_id()
-        folder = f"{self.student_name()}+{self.coursedir.assignment_id}+{self.timestamp}"
-        self.cache_path = os.path.join(self.cache, self.coursedir.course_id, folder)
 
     def check_filename_diff(self, released, submitted):
         """Warn about missing or extra notebooks; with ``--strict``, fail on missing ones."""
@@ -67,6 +65,9 @@ class ExchangeSubmit(Exchange, ABCExchangeSubmit):
 
         # Cached only once the service holds the submission: the cache is what
         # fetch_feedback checks feedback against, and must not show a failed submit.
+        # Named as the service knows this user, so that list --cached finds it again.
+        student_id = release.get("student_id") or self.student_name()
+        self.cache_path = os.path.join(self.cache, course_id, f"{student_id}+{assignment_id}+{self.timestamp}")
         copy_tree(self.src_path, self.cache_path, self.ignore())
         for name, text in stamps.items():
             with open(os.path.join(self.cache_path, name), "w") as fh:

@@ -1,0 +1,69 @@
+"""release_assignment and fetch_assignment through the plugin, as nbgrader's own exchange behaves."""
+
+from __future__ import annotations
+
+
+def test_a_second_release_needs_force(classroom):
+    instructor = classroom.instructor
+    log = instructor.release("ps1", files={"data/numbers.csv": "1,2,3\n"})
+    assert "Released as: course101 ps1" in log
+
+    log = instructor.nbgrader("release_assignment", "ps1", retcode=1)
+    assert "Destination already exists, add --force to overwrite: course101 ps1" in log
+
+    (instructor.home / "release" / "ps1" / "data" / "numbers.csv").write_text("4,5,6\n")
+    log = instructor.nbgrader("release_assignment", "ps1", "--force")
+    assert "Overwriting files: course101 ps1" in log
+    assert "Released as: course101 ps1" in log
+
+    student = classroom.student1
+    student.nbgrader("fetch_assignment", "ps1")
+    assert (student.home / "ps1" / "data" / "numbers.csv").read_text() == "4,5,6\n"
+
+
+def test_fetch_refuses_a_second_copy_and_replace_restores_only_missing_files(classroom):
+    classroom.instructor.release("ps1", notebooks=("p1", "p2"), files={"data/numbers.csv": "1,2,3\n"})
+    student = classroom.student1
+    log = student.nbgrader("fetch_assignment", "ps1")
+    assert "Fetched as: course101 ps1" in log
+    folder = student.home / "ps1"
+    assert sorted(path.name for path in folder.iterdir()) == ["data", "p1.ipynb", "p2.ipynb"]
+
+    log = student.nbgrader("fetch_assignment", "ps1", retcode=1)
+    assert "You already have a copy of the assignment in this directory: ps1" in log
+
+    (folder / "p1.ipynb").write_text("my work")
+    (folder / "p2.ipynb").unlink()
+    (folder / "data" / "numbers.csv").unlink()
+    log = student.nbgrader("fetch_assignment", "ps1", "--replace")
+    assert "Replacing missing file 'ps1/p2.ipynb'" in log
+    assert "Replacing missing file 'ps1/data/numbers.csv'" in log
+    assert "p1.ipynb" not in log
+    assert (folder / "p1.ipynb").read_text() == "my work"
+    assert (folder / "data" / "numbers.csv").read_text() == "1,2,3\n"
+
+
+def test_refusals_fail_with_the_reason(classroom):
+    instructor, student1, student2 = classroom.instructor, classroom.student1, classroom.student2
+    log = instructor.nbgrader("release_assignment", "ps9", retcode=1)
+    assert "Assignment not found at: " in log
+    (instructor.home / "source" / "ps2").mkdir(parents=True)
+    log = instructor.nbgrader("release_assignment", "ps2", retcode=1)
+    assert "run `nbgrader generate_assignment` first" in log
+
+    student1.create_assignment("ps1")
+    log = student1.nbgrader("release_assignment", "ps1", retcode=1)
+    assert "Releasing course101 ps1 failed: " in log
+    assert "(HTTP 403)" in log
+
+    log = student1.nbgrader("fetch_assignment", "nope", retcode=1)
+    assert "Fetching course101 nope failed: " in log
+    assert "(HTTP 404)" in log
+    assert not (student1.home / "nope").exists()
+
+    instructor.configure("c.CourseDirectory.course_id = 'course102'")
+    instructor.release("ps1")
+    log = student2.nbgrader("fetch_assignment", "ps1", "--course", "course102", retcode=1)
+    assert "Fetching course102 ps1 failed: " in log
+    assert "(HTTP 403)" in log
+    assert not (student2.home / "ps1").exists()
