@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -367,6 +368,14 @@ def test_export_writes_one_line_per_event_whose_hashes_chain(audited, tmp_path):
         assert chain_hash(event["prev_hash"], fields) == event["hash"]
         previous = event["hash"]
     assert previous == report["head_hash"]
+
+    # The standalone check that docs/auditing.md gives auditors agrees.
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "auditing.md").read_text()
+    checker = tmp_path / "check_chain.py"
+    checker.write_text(re.search(r"```python\n(.*?)```", docs, re.S).group(1))
+    result = subprocess.run([sys.executable, str(checker), str(out)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{len(events)} events, head hash {report['head_hash']}"
 
 
 def test_replay_is_repeatable_and_stops_at_the_position(audited):
