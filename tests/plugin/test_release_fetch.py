@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 
-def test_a_second_release_needs_force(classroom):
-    instructor = classroom.instructor
-    log = instructor.release("ps1", files={"data/numbers.csv": "1,2,3\n"})
+
+def test_a_second_release_needs_force_and_big_archives_show_progress(classroom):
+    instructor, student = classroom.instructor, classroom.student1
+    instructor.create_assignment("ps1", files={"data/numbers.csv": "1,2,3\n"})
+    big = os.urandom(5 * 1024 * 1024)  # incompressible: the archive stays over the progress threshold
+    (instructor.home / "release" / "ps1" / "data" / "big.bin").write_bytes(big)
+    log = instructor.nbgrader("release_assignment", "ps1")
     assert "Released as: course101 ps1" in log
+    assert "Uploading ps1.tar.gz [##########] 100% (5.0 of 5.0 MB)" in log
 
     log = instructor.nbgrader("release_assignment", "ps1", retcode=1)
     assert "Destination already exists, add --force to overwrite: course101 ps1" in log
@@ -16,9 +22,10 @@ def test_a_second_release_needs_force(classroom):
     assert "Overwriting files: course101 ps1" in log
     assert "Released as: course101 ps1" in log
 
-    student = classroom.student1
-    student.nbgrader("fetch_assignment", "ps1")
+    log = student.nbgrader("fetch_assignment", "ps1")
+    assert "Downloading ps1.tar.gz [##########] 100%" in log
     assert (student.home / "ps1" / "data" / "numbers.csv").read_text() == "4,5,6\n"
+    assert (student.home / "ps1" / "data" / "big.bin").read_bytes() == big
 
 
 def test_fetch_refuses_a_second_copy_and_replace_restores_only_missing_files(classroom):
