@@ -10,7 +10,8 @@ from pathlib import Path
 PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugin"
 
 
-def test_a_wrong_or_missing_token_fails_with_the_reason(classroom):
+def test_a_bad_token_or_a_stopped_service_fails_with_the_reason(classroom):
+    classroom.instructor.release("ps1")
     student = classroom.student1
     student.configure("c.Exchange.api_token = 'not-a-token'")
     log = student.nbgrader("list", retcode=1)
@@ -22,10 +23,6 @@ def test_a_wrong_or_missing_token_fails_with_the_reason(classroom):
     log = student.nbgrader("fetch_assignment", "ps1", retcode=1)
     assert "No API token for the exchange" in log
 
-
-def test_a_stopped_service_fails_after_retrying(classroom):
-    classroom.instructor.release("ps1")
-    student = classroom.student1
     student.configure("c.Exchange.max_retries = 2")
     classroom.service.stop()
     log = student.nbgrader("fetch_assignment", "ps1", retcode=1)
