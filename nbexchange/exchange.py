@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
 
-from nbexchange.clock import format_timestamp
+from nbexchange.clock import format_timestamp, parse_timestamp
 from nbexchange.db import translate_errors
 from nbexchange.errors import Conflict, Forbidden, NotFound, UnsafeArchive
 from nbexchange.events.domain import (
@@ -39,8 +39,8 @@ from nbexchange.projections.assignments import (
     get_release,
     user_actions,
 )
-from nbexchange.projections.collections import get_submission, list_submissions
-from nbexchange.projections.feedback import student_feedback
+from nbexchange.projections.collections import archive_submitted, get_submission, list_submissions
+from nbexchange.projections.feedback import file_in_feedback, student_feedback
 from nbexchange.projections.history import course_history
 from nbexchange.runtime import Runtime
 from nbexchange.storage import StoredArchive
@@ -137,8 +137,12 @@ class Exchange:
             release = get_release(conn, user.org_id, course_id, assignment_id)
             if release is None or not release.active:
                 raise NotFound(f"Assignment {assignment_id!r} is not released in course {course_id!r}.")
-            shared = archive_used_elsewhere(conn, release)
-        # An archive another live release uses is never purged with this one.
+            sha = release.archive_sha256
+            # Stored bytes are shared by everything with the same sha256: a
+            # student who submitted the release unchanged keeps their submission.
+            shared = (
+                archive_used_elsewhere(conn, release) or archive_submitted(conn, sha) or file_in_feedback(conn, sha)
+            )
         purged = (release.archive_sha256,) if purge and not shared else ()
         seen = self.rt.store.stream_version(assignment_stream(user.org_id, course_id, assignment_id))
         event = Unreleased(user.org_id, course_id, assignment_id, purge=purge, purged_archives=purged)
@@ -376,8 +380,8 @@ class Exchange:
                             "user": row["actor"],
                             "role": row["role"],
                             "student_id": row["student_id"],
+                            **_details(row["details"]),
                             "timestamp": format_timestamp(row["recorded_at"]),
-                            **row["details"],
                         }
                     )
                 grouped.append(
@@ -407,6 +411,14 @@ class Exchange:
                 prefixes=[f"assignment/{course}", f"student/{course}"], after=after, limit=limit
             )
         return [event.to_json() for event in page]
+
+
+def _details(details: dict[str, Any]) -> dict[str, Any]:
+    """A history line's payload facts; the client's own timestamp is shown in nbgrader's format."""
+    out = dict(details)
+    if "timestamp" in out:
+        out["submission_timestamp"] = format_timestamp(parse_timestamp(out.pop("timestamp")))
+    return out
 
 
 def _notebook(notebook_id: str, feedback: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:

@@ -119,6 +119,7 @@ def write_users(path: Path, users: dict[str, dict[str, str]], orgs: dict[str, in
         for name, courses in users.items()
     ]
     path.write_text(yaml.safe_dump({"users": entries}))
+    path.chmod(0o600)  # it holds tokens
     return tokens
 
 

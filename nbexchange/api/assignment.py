@@ -16,6 +16,8 @@ class AssignmentHandler(UploadHandler):
     async def get(self) -> None:
         """Download the released archive; appends ``fetched``."""
         course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
+        self.exchange.member(self.user, course_id)
+        await self.read_position()
         download = await self.run(self.exchange.fetch, self.user, course_id, assignment_id, self.idempotency_key())
         await self.send_download(download, f"{assignment_id}.tar.gz")
 

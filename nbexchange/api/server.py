@@ -73,8 +73,9 @@ def _register_collector(runtime: Runtime) -> None:
 
 def serve(settings: NbExchange) -> None:
     """Run the API until SIGTERM or SIGINT; in the embedded default, the workers too."""
-    runtime = Runtime(settings)
+    # Identity first: a service that must refuse to start does so before touching the database.
     user_plugin = settings.make_user_plugin()
+    runtime = Runtime(settings)
     executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="nbexchange-io")
     worker = sweeper = None
     if settings.embedded:

@@ -143,3 +143,11 @@ def get_submission(
         )
     ).first()
     return _submission(row) if row else None
+
+
+def archive_submitted(conn: Connection, sha256: str) -> bool:
+    """Whether any submission (anywhere) is this archive's bytes."""
+    return (
+        conn.execute(sa.select(submissions.c.position).where(submissions.c.archive_sha256 == sha256).limit(1)).first()
+        is not None
+    )

@@ -109,3 +109,11 @@ def student_feedback(
                 item[name] = as_utc(item[name])
         out.append(item)
     return out
+
+
+def file_in_feedback(conn: Connection, sha256: str) -> bool:
+    """Whether any feedback (anywhere) is this file's bytes."""
+    return (
+        conn.execute(sa.select(feedback.c.position).where(feedback.c.feedback_sha256 == sha256).limit(1)).first()
+        is not None
+    )

@@ -381,3 +381,25 @@ def test_reads_wait_for_min_position_then_give_up(svc):
     refused(late, 503, "caught up")
     assert late.headers["Retry-After"] == "2"
     assert time.monotonic() - started >= 1.5  # it waited for the consistency timeout first
+
+
+def test_purge_keeps_bytes_a_submission_shares(svc):
+    """A student who submits the released archive unchanged keeps their submission after a purge."""
+    same = make_archive({"nb1.ipynb": b"untouched starter"})
+    ok(release(svc, "ada", "ps-shared", archive=same), 201)
+    until(lambda: get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps-shared").status_code == 200)
+    sub = ok(submit(svc, "s1", "ps-shared", archive=same), 201)
+    items = ok(
+        get(svc, "collections", "ada", course_id=COURSE, assignment_id="ps-shared", min_position=sub["position"])
+    )["value"]
+    gone = requests.delete(
+        url(svc, "assignment"),
+        params={"course_id": COURSE, "assignment_id": "ps-shared", "purge": "true"},
+        headers=svc.headers("ada"),
+        timeout=10,
+    )
+    ok(gone)
+    events = ok(get(svc, "events", "ada", course_id=COURSE, assignment_id="ps-shared"))["value"]
+    assert [e["payload"]["purged_archives"] for e in events if e["type"] == "unreleased"] == [[]]
+    collected = get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps-shared", path=items[0]["path"])
+    assert collected.status_code == 200 and collected.content == same
