@@ -339,6 +339,9 @@ class Exchange:
         self.instructor(user, course_id, "list submissions")
         with translate_errors(), self.rt.engine.connect() as conn:
             rows = list_submissions(conn, user.org_id, course_id, assignment_id, student_id=student_id)
+            given: dict[tuple[str, datetime], list[dict[str, Any]]] = {}
+            for f in student_feedback(conn, user.org_id, course_id, assignment_id, student_id):
+                given.setdefault((f["student_id"], f["timestamp"]), []).append(f)
         return [
             {
                 "student_id": s["student_id"],
@@ -350,7 +353,7 @@ class Exchange:
                 "status": "submitted",
                 "path": s["path"],
                 "timestamp": format_timestamp(s["timestamp"]),
-                "notebooks": [{"notebook_id": nb} for nb in s["notebooks"]],
+                "notebooks": [_notebook(nb, given.get((s["student_id"], s["timestamp"]), ())) for nb in s["notebooks"]],
                 "latest": s["latest"],
                 "archive": {"state": s["archive_state"], "reason": s["archive_reason"], "size": s["archive_size"]},
             }

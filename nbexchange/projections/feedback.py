@@ -88,19 +88,17 @@ class FeedbackProjection:
 
 
 def student_feedback(
-    conn: Connection, org_id: int, course_id: str, assignment_id: str, student_id: str
+    conn: Connection, org_id: int, course_id: str, assignment_id: str, student_id: str | None
 ) -> list[dict[str, Any]]:
-    """A student's current feedback on an assignment, oldest first."""
-    rows = conn.execute(
-        sa.select(feedback)
-        .where(
-            feedback.c.org_id == org_id,
-            feedback.c.course_id == course_id,
-            feedback.c.assignment_id == assignment_id,
-            feedback.c.student_id == student_id,
-        )
-        .order_by(feedback.c.position)
+    """A student's current feedback on an assignment (every student's, for ``None``), oldest first."""
+    query = sa.select(feedback).where(
+        feedback.c.org_id == org_id,
+        feedback.c.course_id == course_id,
+        feedback.c.assignment_id == assignment_id,
     )
+    if student_id is not None:
+        query = query.where(feedback.c.student_id == student_id)
+    rows = conn.execute(query.order_by(feedback.c.position))
     out = []
     for row in rows:
         item = dict(row._mapping)

@@ -44,8 +44,12 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
         worker_prefetch_multiplier=4,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
-        # A Redis message not acknowledged within this time goes to another worker.
-        broker_transport_options={"visibility_timeout": 900},
+        broker_transport_options={
+            # A Redis message not acknowledged within this time goes to another worker.
+            "visibility_timeout": 900,
+            # The in-process transport polls; its default (1 s) would delay every read-your-write.
+            "polling_interval": 0.05,
+        },
         task_default_queue=queue,
     )
 

@@ -254,6 +254,11 @@ def test_release_fetch_submit_collect_feedback(svc):
     ]
     assert base64.b64decode(fb["feedback"][0]["content"]) == b"<html>well done</html>"
     assert ok(get(svc, "feedback", "s2", course_id=COURSE, assignment_id="ps1"))["feedback"] == []
+    # Instructors see which submissions have feedback, per notebook (nbgrader's `list --inbound`).
+    inbound = ok(get(svc, "collections", "ada", course_id=COURSE, assignment_id="ps1", min_position=fb["position"]))
+    marked = {(i["student_id"], i["timestamp"]): i["notebooks"] for i in inbound["value"]}
+    assert marked[("s1", latest["timestamp"])][0]["has_exchange_feedback"] is True
+    assert not any(n["has_exchange_feedback"] for n in marked[("s1", by_student["s1"][0]["timestamp"])])
 
     mine = ok(get(svc, "assignments", "s1", course_id=COURSE, min_position=fb["position"]))["value"]
     graded = [i for i in mine if i["status"] == "submitted" and i["timestamp"] == latest["timestamp"]][0]
