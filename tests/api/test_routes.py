@@ -204,7 +204,7 @@ def test_release_fetch_submit_collect_feedback(svc):
 
     first = ok(submit(svc, "s1", "ps1", stamp="2026-01-31 10:00:00.000001 UTC"), 201)
     second = ok(submit(svc, "s1", "ps1", stamp="2026-01-31 11:00:00.000002 UTC"), 201)
-    ok(submit(svc, "s2", "ps1"), 201)
+    third = ok(submit(svc, "s2", "ps1"), 201)
     assert first["note"] == "Submitted" and second["position"] > first["position"]
 
     mine = ok(get(svc, "assignments", "s1", course_id=COURSE, min_position=second["position"]))["value"]
@@ -213,7 +213,7 @@ def test_release_fetch_submit_collect_feedback(svc):
     assert ("submitted", "2026-01-31 11:00:00.000002 UTC") in statuses
     assert all(i["student_id"] == "s1" for i in mine if i["status"] != "released")
 
-    subs = ok(get(svc, "collections", "ada", course_id=COURSE, assignment_id="ps1", min_position=second["position"]))
+    subs = ok(get(svc, "collections", "ada", course_id=COURSE, assignment_id="ps1", min_position=third["position"]))
     by_student = {}
     for item in subs["value"]:
         by_student.setdefault(item["student_id"], []).append(item)
