@@ -39,7 +39,13 @@ from nbexchange.projections.assignments import (
     get_release,
     user_actions,
 )
-from nbexchange.projections.collections import archive_submitted, get_submission, list_submissions
+from nbexchange.projections.collections import (
+    archive_submitted,
+    get_submission,
+    list_submissions,
+    notebook_entry,
+    submission_items_json,
+)
 from nbexchange.projections.feedback import file_in_feedback, student_feedback
 from nbexchange.projections.history import course_history
 from nbexchange.runtime import Runtime
@@ -306,7 +312,7 @@ class Exchange:
                 "status": "released",
                 "path": r.archive_sha256,
                 "timestamp": format_timestamp(r.released_at),
-                "notebooks": [_notebook(nb) for nb in r.notebooks],
+                "notebooks": [notebook_entry(nb) for nb in r.notebooks],
                 "archive": {"state": r.archive_state, "reason": r.archive_reason},
             }
             for r in released
@@ -321,44 +327,23 @@ class Exchange:
                 "status": action["status"],
                 "path": action["archive_sha256"] or "",
                 "timestamp": format_timestamp(action["timestamp"]),
-                "notebooks": [_notebook(nb) for nb in action["notebooks"] or live[action["assignment_id"]]],
+                "notebooks": [notebook_entry(nb) for nb in action["notebooks"] or live[action["assignment_id"]]],
             }
             if action["status"] == "submitted":
                 item["archive"] = {"state": action["archive_state"], "reason": action["archive_reason"]}
                 given = [f for f in feedback.get(action["assignment_id"], []) if f["timestamp"] == action["timestamp"]]
                 item["notebooks"] = [
-                    _notebook(nb, given) for nb in action["notebooks"] or live[action["assignment_id"]]
+                    notebook_entry(nb, given) for nb in action["notebooks"] or live[action["assignment_id"]]
                 ]
             items.append(item)
         return items
 
-    def collections(
-        self, user: User, course_id: str, assignment_id: str, student_id: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Every submission of an assignment (optionally one student's), oldest first."""
+    def collections(self, user: User, course_id: str, assignment_id: str, student_id: str | None = None) -> str:
+        """Every submission of an assignment (optionally one student's), oldest first, as a JSON array."""
         self.instructor(user, course_id, "list submissions")
         with translate_errors(), self.rt.engine.connect() as conn:
-            rows = list_submissions(conn, user.org_id, course_id, assignment_id, student_id=student_id)
-            given: dict[tuple[str, datetime], list[dict[str, Any]]] = {}
-            for f in student_feedback(conn, user.org_id, course_id, assignment_id, student_id):
-                given.setdefault((f["student_id"], f["timestamp"]), []).append(f)
-        return [
-            {
-                "student_id": s["student_id"],
-                "full_name": s["full_name"],
-                "email": s["email"],
-                "lms_user_id": s["lms_user_id"],
-                "assignment_id": assignment_id,
-                "course_id": course_id,
-                "status": "submitted",
-                "path": s["path"],
-                "timestamp": format_timestamp(s["timestamp"]),
-                "notebooks": [_notebook(nb, given.get((s["student_id"], s["timestamp"]), ())) for nb in s["notebooks"]],
-                "latest": s["latest"],
-                "archive": {"state": s["archive_state"], "reason": s["archive_reason"], "size": s["archive_size"]},
-            }
-            for s in rows
-        ]
+            feedback = student_feedback(conn, user.org_id, course_id, assignment_id, student_id)
+            return submission_items_json(conn, user.org_id, course_id, assignment_id, student_id, feedback)
 
     def history(self, user: User, course_id: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
         """The caller's view of the log, grouped by course and assignment.
@@ -422,15 +407,3 @@ def _details(details: dict[str, Any]) -> dict[str, Any]:
     if "timestamp" in out:
         out["submission_timestamp"] = format_timestamp(parse_timestamp(out.pop("timestamp")))
     return out
-
-
-def _notebook(notebook_id: str, feedback: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    mine = [f for f in feedback if f["notebook_id"] == notebook_id]
-    latest = max(mine, key=lambda f: f["released_at"], default=None)
-    return {
-        "notebook_id": notebook_id,
-        "has_exchange_feedback": latest is not None,
-        "feedback_updated": latest is not None
-        and (latest["fetched_at"] is None or latest["fetched_at"] < latest["released_at"]),
-        "feedback_timestamp": format_timestamp(latest["released_at"]) if latest else None,
-    }

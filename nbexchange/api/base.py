@@ -163,11 +163,14 @@ class BaseHandler(web.RequestHandler):
 
     # -- answering ---------------------------------------------------------
 
-    def answer(self, body: dict[str, Any], status: int = 200) -> None:
-        """Finish with a JSON body that says ``success``."""
+    def answer(self, body: dict[str, Any], status: int = 200, value_json: str | None = None) -> None:
+        """Finish with a JSON body that says ``success``; ``value_json`` is a ``value`` already encoded."""
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"success": True, **body}))
+        text = json.dumps({"success": True, **body})
+        if value_json is not None:
+            text = text[:-1] + ', "value": ' + value_json + "}"
+        self.finish(text)
 
     async def send_download(self, download: Download, filename: str) -> None:
         """Stream a stored archive in chunks (read in a thread), never whole in memory."""

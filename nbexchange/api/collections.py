@@ -15,7 +15,7 @@ class CollectionsHandler(BaseHandler):
         self.exchange.instructor(self.user, course_id, "list submissions")
         position = await self.read_position()
         items = await self.run(self.exchange.collections, self.user, course_id, assignment_id, student_id)
-        self.answer({"value": items, "position": position})
+        self.answer({"position": position}, value_json=items)
 
 
 class CollectionHandler(BaseHandler):

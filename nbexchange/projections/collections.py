@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from nbexchange.clock import as_utc
+from nbexchange.clock import as_utc, format_timestamp
 from nbexchange.db import metadata
 from nbexchange.events.domain import ArchiveRejected, ArchiveUnpacked, Collected, Submitted
 from nbexchange.events.store import RecordedEvent
@@ -34,6 +35,12 @@ submissions = sa.Table(
     sa.Column("archive_state", sa.String(16), nullable=False),
     sa.Column("archive_reason", sa.Text, nullable=True),
     sa.Column("notebooks", sa.Text, nullable=False),
+    # The list item as the API sends it, rendered once here instead of on
+    # every read: a course's 10,000 submissions list in milliseconds.
+    sa.Column("entry", sa.Text, nullable=False),
+    sa.Column("stamp", sa.String(64), nullable=False),
+    sa.Column("notebooks_entry", sa.Text, nullable=False),
+    sa.Column("archive_entry", sa.Text, nullable=False),
     sa.Column("collected_count", sa.Integer, nullable=False),
     sa.Column("last_collected_at", sa.DateTime(timezone=True), nullable=True),
     sa.Index("ix_proj_submissions_assignment", "org_id", "course_id", "assignment_id", "student_id"),
@@ -46,6 +53,10 @@ _OUTCOME = (
         archive_state=sa.bindparam("state"),
         archive_reason=sa.bindparam("reason"),
         notebooks=sa.func.coalesce(sa.bindparam("found", type_=sa.Text), submissions.c.notebooks),
+        notebooks_entry=sa.func.coalesce(sa.bindparam("found_entry", type_=sa.Text), submissions.c.notebooks_entry),
+        archive_entry=sa.bindparam("archive_head", type_=sa.Text)
+        + sa.cast(submissions.c.archive_size, sa.String)
+        + "}",
     )
 )
 _COLLECTED = (
@@ -64,6 +75,18 @@ class CollectionsProjection:
     def apply(self, rows: Rows, event: RecordedEvent) -> None:
         data = event.data
         if isinstance(data, Submitted):
+            stamp = format_timestamp(data.timestamp)
+            entry = {
+                "student_id": data.student_id,
+                "full_name": event.actor.full_name,
+                "email": event.actor.email,
+                "lms_user_id": event.actor.lms_user_id,
+                "assignment_id": data.assignment_id,
+                "course_id": data.course_id,
+                "status": "submitted",
+                "path": event.hash,
+                "timestamp": stamp,
+            }
             rows.insert(
                 submissions,
                 {
@@ -84,19 +107,64 @@ class CollectionsProjection:
                     "archive_state": PENDING,
                     "archive_reason": None,
                     "notebooks": json.dumps(list(data.notebooks)),
+                    "entry": json.dumps(entry)[1:-1],
+                    "stamp": stamp,
+                    "notebooks_entry": notebooks_entry(data.notebooks),
+                    "archive_entry": _archive_head(PENDING, None) + f"{data.archive_size}}}",
                     "collected_count": 0,
                     "last_collected_at": None,
                 },
             )
         elif isinstance(data, ArchiveUnpacked) and data.student_id is not None:
             found = json.dumps(list(data.notebooks)) if data.notebooks else None
-            rows.write(_OUTCOME, {"source": data.source_position, "state": UNPACKED, "reason": None, "found": found})
+            rows.write(
+                _OUTCOME,
+                {
+                    "source": data.source_position,
+                    "state": UNPACKED,
+                    "reason": None,
+                    "archive_head": _archive_head(UNPACKED, None),
+                    "found": found,
+                    "found_entry": notebooks_entry(data.notebooks) if data.notebooks else None,
+                },
+            )
         elif isinstance(data, ArchiveRejected) and data.student_id is not None:
             rows.write(
-                _OUTCOME, {"source": data.source_position, "state": REJECTED, "reason": data.reason, "found": None}
+                _OUTCOME,
+                {
+                    "source": data.source_position,
+                    "state": REJECTED,
+                    "reason": data.reason,
+                    "archive_head": _archive_head(REJECTED, data.reason),
+                    "found": None,
+                    "found_entry": None,
+                },
             )
         elif isinstance(data, Collected):
             rows.write(_COLLECTED, {"source": data.submission_position, "at": event.recorded_at})
+
+
+def _archive_head(state: str, reason: str | None) -> str:
+    # The list item's "archive" object up to its size, which the row itself supplies.
+    return f'{{"state":{json.dumps(state)},"reason":{json.dumps(reason)},"size":'
+
+
+def notebook_entry(notebook_id: str, feedback: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A notebook as list items show it, with the feedback released on it (``feedback``: its rows)."""
+    mine = [f for f in feedback if f["notebook_id"] == notebook_id]
+    latest = max(mine, key=lambda f: f["released_at"], default=None)
+    return {
+        "notebook_id": notebook_id,
+        "has_exchange_feedback": latest is not None,
+        "feedback_updated": latest is not None
+        and (latest["fetched_at"] is None or latest["fetched_at"] < latest["released_at"]),
+        "feedback_timestamp": format_timestamp(latest["released_at"]) if latest else None,
+    }
+
+
+def notebooks_entry(notebooks: Sequence[str], feedback: Sequence[dict[str, Any]] = ()) -> str:
+    """The ``notebooks`` list of an item, as JSON."""
+    return json.dumps([notebook_entry(nb, feedback) for nb in notebooks])
 
 
 def _submission(row: Any) -> dict[str, Any]:
@@ -151,3 +219,49 @@ def archive_submitted(conn: Connection, sha256: str) -> bool:
         conn.execute(sa.select(submissions.c.position).where(submissions.c.archive_sha256 == sha256).limit(1)).first()
         is not None
     )
+
+
+_ENTRIES = sa.select(
+    submissions.c.position,
+    submissions.c.student_id,
+    submissions.c.entry,
+    submissions.c.stamp,
+    submissions.c.notebooks,
+    submissions.c.notebooks_entry,
+    submissions.c.archive_entry,
+)
+
+
+def submission_items_json(
+    conn: Connection,
+    org_id: int,
+    course_id: str,
+    assignment_id: str,
+    student_id: str | None,
+    feedback: Sequence[dict[str, Any]],
+) -> str:
+    """An assignment's submissions as the API lists them, a JSON array, oldest first.
+
+    ``feedback`` holds the assignment's feedback rows; each submission shows
+    those made from it (matched by its timestamp).
+    """
+    query = _ENTRIES.where(
+        submissions.c.org_id == org_id,
+        submissions.c.course_id == course_id,
+        submissions.c.assignment_id == assignment_id,
+    )
+    if student_id is not None:
+        query = query.where(submissions.c.student_id == student_id)
+    rows = conn.execute(query.order_by(submissions.c.position)).all()
+    given: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for f in feedback:
+        given.setdefault((f["student_id"], format_timestamp(f["timestamp"])), []).append(f)
+    last = {student: position for position, student, *_ in rows}
+    parts = []
+    for position, student, entry, stamp, notebooks, rendered, archive in rows:
+        mine = given.get((student, stamp))
+        if mine:
+            rendered = notebooks_entry(json.loads(notebooks), mine)
+        latest = "true" if last[student] == position else "false"
+        parts.append(f'{{{entry},"latest":{latest},"archive":{archive},"notebooks":{rendered}}}')
+    return "[" + ",".join(parts) + "]"
