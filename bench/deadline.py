@@ -1,0 +1,809 @@
+"""Deadline night: N students fetch and submit at once; how fast, how late, how much, against a bare baseline.
+
+Usage (see ``bench/README.md``, section "Deadline night")::
+
+    python bench/deadline.py                                  # N=2000, S=1 MB, C=64: baseline, embedded, production
+    python bench/deadline.py --students 500 --size 256KB --modes embedded
+    python bench/deadline.py --scenario bigupload             # 2 GB upload: server RSS; oversized one: 413 unread
+    python bench/deadline.py --scenario list                  # 10,000 submissions listed: collections latency
+
+Not part of the test suite. Each mode starts its own servers in a fresh
+folder (and, in production mode, a fresh PostgreSQL schema and Redis queue),
+runs the load generator (``bench/loadgen.py``) as its own process, reads the
+servers' /proc, stops everything it started, and prints a Markdown table.
+Raw results go to ``bench/results/`` (git-ignored). Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from harness import (
+    BASE_URL,
+    BENCH,
+    Servers,
+    cpu_by_pid,
+    free_port,
+    fsync_probe,
+    machine,
+    machine_busy_seconds,
+    pct,
+    pids_named,
+    reset_peak,
+    sample,
+    spawn,
+    stop,
+    stop_all,
+    wait_http,
+    write_users,
+)
+from http11 import multipart
+from payloads import archive, notebook
+
+COURSE, ASSIGNMENT = "phys101", "ps1"
+PG_URL = os.environ.get("NBEX_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("NBEX_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+RESULTS = BENCH / "results"
+#: PostgreSQL's and Redis's processes: shared with whoever else uses them on this machine.
+SHARED = "postgres+redis (shared)"
+#: Every core's busy time, whoever used it.
+MACHINE = "machine (all processes)"
+
+
+def size_arg(text: str) -> int:
+    """``1MB``, ``256KB``, ``2GB`` (powers of 1024) or a number of bytes."""
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "K": 1024, "M": 1024**2, "G": 1024**3, "B": 1}
+    text = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--scenario", choices=("deadline", "bigupload", "list"), default="deadline")
+    p.add_argument("--modes", default="embedded,production", help="embedded, production (comma-separated)")
+    p.add_argument("--students", type=int, default=2000, help="N: students who fetch and submit")
+    p.add_argument("--size", type=size_arg, default=1024**2, help="S: bytes per submitted archive (e.g. 1MB)")
+    p.add_argument("--concurrency", type=int, default=64, help="C: the load generator's connections")
+    p.add_argument("--window", type=float, default=5.0, help="seconds over which arrivals come, bunched at the end")
+    p.add_argument("--api-processes", type=int, default=2, help="production mode: API processes (SO_REUSEPORT)")
+    p.add_argument("--workers", type=int, default=1, help="production mode: `nbexchange worker` processes")
+    p.add_argument("--worker-concurrency", type=int, default=2, help="threads per worker (both modes)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the bare-tornado baseline (ratios need it)")
+    p.add_argument("--storage", type=Path, default=None, help="where the servers keep files (default: under /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the storage folders and logs")
+    p.add_argument("--lag-timeout", type=float, default=120.0, help="longest wait for projections after the uploads")
+    p.add_argument("--big-size", type=size_arg, default=2 * 1024**3, help="bigupload: bytes of the big upload")
+    p.add_argument("--list-submissions", type=int, default=10_000, help="list: submissions to seed")
+    p.add_argument("--list-size", type=size_arg, default=4096, help="list: bytes per seeded archive")
+    p.add_argument("--list-requests", type=int, default=100, help="list: timed collections GETs")
+    p.add_argument("--extra", action="append", default=[], help="one more flag for every nbexchange process")
+    p.add_argument("--label", default="", help="a word for the results file name (e.g. tmpfs)")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=180.0,
+        help="before each mode, wait up to this many seconds for the shared machine to be idle (< 0.3 cores busy "
+        "for 3 s); 0: don't wait",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("", "cpu", "gil", "all"),
+        default="",
+        help="record each server process with py-spy during the uploads (collapsed stacks in bench/results/): "
+        "cpu = on-CPU samples, gil = only the thread holding the GIL, all = idle threads too",
+    )
+    args = p.parse_args(argv)
+    args.modes = [m for m in args.modes.split(",") if m]
+    for mode in args.modes:
+        if mode not in ("embedded", "production"):
+            p.error(f"unknown mode {mode!r}")
+    return args
+
+
+# -- talking to a service (setup only; the load itself is the load generator's) -------
+
+
+def call(
+    port: int,
+    method: str,
+    route: str,
+    token: str,
+    params: dict[str, str],
+    body: list[bytes] | None = None,
+    content_type: str = "",
+) -> tuple[int, dict[str, Any]]:
+    url = f"http://127.0.0.1:{port}{BASE_URL}{route}?{urlencode(params)}"
+    data = b"".join(body) if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Authorization": f"token {token}"})
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def release(port: int, token: str) -> int:
+    """Release the assignment and wait until students can see it; returns its position."""
+    content_type, body = multipart("assignment", "release.tar.gz", release_archive(), {"notebooks": ["nb1"]})
+    status, answer = call(
+        port, "POST", "assignment", token, {"course_id": COURSE, "assignment_id": ASSIGNMENT}, body, content_type
+    )
+    if status not in (200, 201):
+        raise RuntimeError(f"release failed: {status} {answer}")
+    position = int(answer["position"])
+    status, answer = call(port, "GET", "assignments", token, {"course_id": COURSE, "min_position": str(position)})
+    if status != 200:
+        raise RuntimeError(f"the release did not become visible: {status} {answer}")
+    return position
+
+
+def release_archive() -> bytes:
+    return archive([("nb1.ipynb", notebook("release"))])
+
+
+def read_position(port: int, token: str) -> int:
+    status, answer = call(
+        port,
+        "GET",
+        "collections",
+        token,
+        {"course_id": COURSE, "assignment_id": ASSIGNMENT, "user_id": "bench-position-probe"},
+    )
+    if status != 200:
+        raise RuntimeError(f"collections answered {status}: {answer}")
+    return int(answer["position"])
+
+
+def wait_quiet(port: int, token: str, at_least: int, timeout: float, steady: float = 3.0) -> float:
+    """Wait until the read position is at least ``at_least`` and has not moved for ``steady`` s."""
+    started = time.monotonic()
+    last, since = -1, time.monotonic()
+    while time.monotonic() - started < timeout:
+        position = read_position(port, token)
+        if position != last:
+            last, since = position, time.monotonic()
+        elif position >= at_least and time.monotonic() - since >= steady:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise RuntimeError(f"the exchange did not settle within {timeout} s (position {last}, wanted {at_least})")
+
+
+def wait_checked(port: int, token: str, timeout: float) -> float:
+    """Wait until every listed submission's archive is checked (unpacked or rejected); seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        status, answer = call(port, "GET", "collections", token, {"course_id": COURSE, "assignment_id": ASSIGNMENT})
+        items = answer.get("value", []) if status == 200 else []
+        if items and all(item["archive"]["state"] != "pending" for item in items):
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise RuntimeError(f"the archives were not checked within {timeout} s")
+
+
+# -- starting the servers under test ---------------------------------------------------------
+
+
+def start_baseline(root: Path) -> Servers:
+    port = free_port()
+    (root / "release.tar.gz").write_bytes(release_archive())
+    servers = Servers("baseline", port)
+    servers.procs["baseline"] = spawn(
+        [
+            sys.executable,
+            str(BENCH / "baseline.py"),
+            f"--port={port}",
+            f"--folder={root / 'uploads'}",
+            f"--fetch-file={root / 'release.tar.gz'}",
+        ],
+        root / "baseline.log",
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", list(servers.procs.values()))
+    except BaseException:
+        servers.stop()
+        raise
+    return servers
+
+
+def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace) -> Servers:
+    """Embedded: one process (SQLite, in-process broker and worker); production: PostgreSQL, Redis, APIs, workers."""
+    port = free_port()
+    servers = Servers(mode, port)
+    flags = [
+        f"--NbExchange.base_storage_location={root / 'store'}",
+        f"--NbExchange.users_file={users}",
+        f"--NbExchange.worker_concurrency={args.worker_concurrency}",
+        *args.extra,
+    ]
+    try:
+        if mode == "embedded":
+            flags.append(f"--NbExchange.db_url=sqlite:///{root / 'store' / 'nbexchange.sqlite'}")
+            api = spawn(_nbexchange("--ip=127.0.0.1", f"--port={port}", *flags), root / "api-0.log")
+            servers.procs["api-0"] = api
+            wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", [api])
+            return servers
+        schema = f"bench_{uuid.uuid4().hex[:10]}"
+        _sql(f"CREATE SCHEMA {schema}")
+        servers.cleanup.append(lambda: _sql(f"DROP SCHEMA {schema} CASCADE"))
+        queue = f"nbx-bench-{uuid.uuid4().hex[:8]}"
+        servers.cleanup.append(lambda: _forget_queue(queue))
+        flags += [
+            f"--NbExchange.db_url={PG_URL}?options=-csearch_path%3D{schema}",
+            f"--NbExchange.broker_url={REDIS_URL}",
+            f"--NbExchange.queue_name={queue}",
+        ]
+        for i in range(args.api_processes):
+            # Only the first process migrates, so two never race to create the schema.
+            migrate = [] if i == 0 else ["--NbExchange.upgrade_db=False"]
+            proc = spawn(
+                _nbexchange("--ip=127.0.0.1", f"--port={port}", "--NbExchange.reuse_port=True", *migrate, *flags),
+                root / f"api-{i}.log",
+            )
+            servers.procs[f"api-{i}"] = proc
+            if i == 0:
+                wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", [proc])
+        for i in range(args.workers):
+            log = root / f"worker-{i}.log"
+            servers.procs[f"worker-{i}"] = spawn(_nbexchange("worker", "--NbExchange.upgrade_db=False", *flags), log)
+            _wait_log(log, " ready", servers.procs[f"worker-{i}"])
+        wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", list(servers.procs.values()))
+        return servers
+    except BaseException:
+        servers.stop()
+        raise
+
+
+def _nbexchange(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nbexchange", *args]
+
+
+def _wait_log(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}; see {log}")
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{log} did not say {text!r} within {timeout} s")
+
+
+def _sql(statement: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+def _forget_queue(queue: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = [k for k in client.scan_iter(match=f"*{queue}*", count=1000)]
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def target(scenario: str, port: int, **settings: Any) -> dict[str, Any]:
+    """A load generator's config: the scenario, where the exchange is, and the scenario's settings."""
+    return {
+        "scenario": scenario,
+        "port": port,
+        "base_url": BASE_URL,
+        "course_id": COURSE,
+        "assignment_id": ASSIGNMENT,
+        **settings,
+    }
+
+
+# -- running the load generator -------------------------------------------------------------
+
+
+class LoadGen:
+    """The load generator process, and the /proc samples taken at each of its steps."""
+
+    def __init__(
+        self, cfg: dict[str, Any], root: Path, servers: Servers | None, profile: str = "", label: str = ""
+    ) -> None:
+        self.root = root
+        self.servers = servers
+        self.profile = profile
+        self.label = label
+        self.profilers: list[subprocess.Popen[bytes]] = []
+        cfg_path = root / f"loadgen-{cfg['scenario']}.json"
+        cfg["output"] = str(root / f"loadgen-{cfg['scenario']}-out.json")
+        cfg_path.write_text(json.dumps(cfg))
+        self.output = Path(cfg["output"])
+        self.proc = spawn(
+            [sys.executable, str(BENCH / "loadgen.py"), str(cfg_path)],
+            root / "loadgen.log",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self.samples: dict[str, dict[str, Any]] = {}
+        self.times: dict[str, float] = {}
+
+    def expect(self, word: str, timeout: float) -> None:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None and not select.select([self.proc.stdout], [], [], 0)[0]:
+                raise RuntimeError(
+                    f"the load generator exited with {self.proc.returncode}; see {self.root}/loadgen.log"
+                )
+            ready, _, _ = select.select([self.proc.stdout], [], [], min(1.0, max(0.0, deadline - time.monotonic())))
+            if ready:
+                line = self.proc.stdout.readline().decode().strip()
+                if line == word:
+                    self.times[word] = time.monotonic()
+                    self.samples[word] = self.snapshot()
+                    if word == "UPLOADS_DONE":
+                        self.stop_profilers()
+                    return
+                if not line and self.proc.poll() is not None:
+                    continue
+        raise RuntimeError(f"the load generator did not say {word} within {timeout} s")
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.samples["GO"] = self.snapshot()
+        self.times["GO"] = time.monotonic()
+        self.proc.stdin.write(b"GO\n")
+        self.proc.stdin.flush()
+        if self.profile and self.servers:
+            self.start_profilers()
+
+    def start_profilers(self) -> None:
+        assert self.servers is not None
+        mode = {"cpu": [], "gil": ["--gil"], "all": ["--idle"]}[self.profile]
+        for role, pid in self.servers.pids().items():
+            out = RESULTS / f"profile-{self.label}-{role}-{self.profile}.txt"
+            self.profilers.append(
+                spawn(
+                    [
+                        "py-spy",
+                        "record",
+                        "--nonblocking",
+                        "--format",
+                        "raw",
+                        "--rate",
+                        "100",
+                        *mode,
+                        "-o",
+                        str(out),
+                        "--pid",
+                        str(pid),
+                    ],
+                    self.root / f"py-spy-{role}.log",
+                )
+            )
+
+    def stop_profilers(self) -> None:
+        for proc in self.profilers:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        for proc in self.profilers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+        stop(self.profilers)
+        self.profilers = []
+
+    def snapshot(self) -> dict[str, Any]:
+        pids = dict(self.servers.pids()) if self.servers else {}
+        pids["loadgen"] = self.proc.pid
+        out: dict[str, Any] = {}
+        for role, pid in pids.items():
+            try:
+                out[role] = sample(pid).__dict__
+            except OSError:
+                out[role] = None
+        if self.servers and self.servers.name == "production":
+            out[SHARED] = {"per_pid": cpu_by_pid(pids_named("postgres") + pids_named("redis-server"))}
+        out[MACHINE] = {"cpu_seconds": machine_busy_seconds()}
+        return out
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        self.expect("DONE", timeout)
+        self.proc.wait(timeout=30)
+        return dict(json.loads(self.output.read_text()))
+
+
+def cpu_between(samples: dict[str, dict[str, Any]], start: str, end: str, seconds: float) -> dict[str, Any]:
+    """Per process: CPU seconds used between two samples, as a share of one core."""
+    out = {}
+    ours = 0.0
+    for role, first in samples[start].items():
+        last = samples[end].get(role)
+        if not first or not last:
+            continue
+        if "per_pid" in first:
+            used = sum(last["per_pid"][pid] - cpu for pid, cpu in first["per_pid"].items() if pid in last["per_pid"])
+        else:
+            used = last["cpu_seconds"] - first["cpu_seconds"]
+        if role != MACHINE:
+            ours += used
+        out[role] = {"cpu_seconds": round(used, 2), "cores": round(used / seconds, 2) if seconds else None}
+    if MACHINE in out:
+        # What the rest of this shared machine took meanwhile: the noise behind our figures.
+        others = out[MACHINE]["cpu_seconds"] - ours
+        out["everyone else"] = {"cpu_seconds": round(others, 2), "cores": round(others / seconds, 2)}
+    return out
+
+
+def peaks(samples: dict[str, Any]) -> dict[str, float]:
+    return {role: round(s["hwm_kb"] / 1024, 1) for role, s in samples.items() if s and "hwm_kb" in s}
+
+
+# -- the deadline scenario --------------------------------------------------------------------
+
+
+def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    root.mkdir(parents=True)
+    instructor, students = write_users(root / "users.yaml", args.students, COURSE)
+    servers = start_baseline(root) if mode == "baseline" else start_exchange(mode, root, root / "users.yaml", args)
+    try:
+        if mode != "baseline":
+            release(servers.port, instructor)
+        cfg = target(
+            "deadline",
+            servers.port,
+            students=students,
+            size=args.size,
+            concurrency=args.concurrency,
+            window=args.window,
+            instructor_token=None if mode == "baseline" else instructor,
+            lag_timeout=args.lag_timeout,
+        )
+        gen = LoadGen(cfg, root, servers, args.profile, f"{args.label or 'deadline'}-{mode}")
+        gen.expect("READY", 600)
+        gen.go()
+        gen.expect("UPLOADS_DONE", 300 + args.students * max(1, args.size // 1024**2))
+        raw = gen.result(args.lag_timeout + 300)
+        samples = gen.samples
+    finally:
+        servers.stop()
+    summary = summarize_deadline(mode, raw, args.concurrency)
+    accept_seconds = gen.times["UPLOADS_DONE"] - gen.times["GO"]
+    summary["cpu_accept_phase"] = cpu_between(samples, "GO", "UPLOADS_DONE", accept_seconds)
+    summary["cpu_whole_run"] = cpu_between(samples, "GO", "DONE", gen.times["DONE"] - gen.times["GO"])
+    summary["peak_rss_mb"] = peaks(samples["DONE"])
+    (root / "raw.json").write_text(json.dumps(raw))
+    return summary
+
+
+def summarize_deadline(mode: str, raw: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    records = raw["records"]
+    ok = [r for r in records if r.get("status") in (200, 201)]
+    failures: dict[str, int] = {}
+    for r in records:
+        if r not in ok:
+            why = str(r.get("status") or r.get("error", "?"))[:60]
+            failures[why] = failures.get(why, 0) + 1
+    latency = sorted(r["submit_end"] - r["submit_start"] for r in ok)
+    fetch = sorted(r["fetch_end"] - r["fetch_start"] for r in ok if "fetch_end" in r)
+    sojourn = sorted(r["submit_end"] - r["arrive"] for r in ok)
+    first = min((r["arrive"] for r in records if "arrive" in r), default=0.0)
+    last = max((r["submit_end"] for r in ok), default=0.0)
+    out: dict[str, Any] = {
+        "mode": mode,
+        "students": len(records),
+        "accepted": len(ok),
+        "failures": failures,
+        "archive_bytes": raw["archive_size"],
+        "body_build_seconds": round(raw["build_seconds"], 1),
+        "wall_seconds": round(last - first, 2),
+        "accepted_per_s_overall": round(len(ok) / (last - first), 1) if last > first else None,
+        "accept_latency_s": _dist(latency),
+        "fetch_latency_s": _dist(fetch),
+        "arrival_to_accept_s": _dist(sojourn),
+    }
+    out.update(saturated_throughput(raw["busy_changes"], ok, concurrency))
+    if raw.get("positions") is not None and mode != "baseline":
+        out.update(projection_lag(raw["positions"], ok, last))
+        listing = raw.get("listing") or {}
+        out["listing"] = listing
+        out["lost"] = listing.get("lost")
+        out["duplicates"] = listing.get("duplicates")
+        if "complete_at" in listing:
+            out["all_listed_after_last_upload_s"] = round(listing["complete_at"] - last, 3)
+    return out
+
+
+def _dist(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    return {"p50": round(pct(values, 50), 4), "p99": round(pct(values, 99), 4), "max": round(values[-1], 4)}
+
+
+def saturated_throughput(
+    changes: list[tuple[float, int]], ok: list[dict[str, Any]], concurrency: int
+) -> dict[str, Any]:
+    """Accepts per second while every connection was busy: the server's capacity, not the arrival schedule's."""
+    busy, start, end = 0, None, None
+    for when, delta in sorted(changes, key=lambda c: (c[0], -c[1])):
+        before = busy
+        busy += delta
+        if busy == concurrency and start is None:
+            start = when
+        if before == concurrency and busy < concurrency:
+            end = when
+    if start is None or end is None or end - start < 1.0:
+        return {"saturated": False, "accepted_per_s": None}
+    done = sum(1 for r in ok if start <= r["submit_end"] <= end)
+    return {
+        "saturated": True,
+        "saturated_from_s": round(start, 2),
+        "saturated_until_s": round(end, 2),
+        "accepted_per_s": round(done / (end - start), 1),
+    }
+
+
+def projection_lag(positions: list[tuple[float, int]], ok: list[dict[str, Any]], last: float) -> dict[str, Any]:
+    """For each accepted submission, how long after its answer ``collections`` first reflected its position."""
+    positions = sorted(positions)
+    times = [t for t, _ in positions]
+    reached: list[int] = []
+    high = 0
+    for _, position in positions:
+        high = max(high, position)
+        reached.append(high)
+    lags, never = [], 0
+    for r in ok:
+        i = bisect.bisect_left(reached, r["position"])
+        if i == len(reached):
+            never += 1
+            continue
+        # Seen by a probe that was answered before the submission's own answer: lag 0.
+        lags.append(max(0.0, times[i] - r["submit_end"]))
+    lags.sort()
+    top = max((r["position"] for r in ok), default=0)
+    i = bisect.bisect_left(reached, top)
+    return {
+        "projection_lag_s": _dist(lags),
+        "not_visible_by_position": never,
+        "visible_after_last_upload_s": round(times[i] - last, 3) if i < len(reached) else None,
+        "probes": len(positions),
+    }
+
+
+# -- the bigupload scenario --------------------------------------------------------------------
+
+
+def run_bigupload_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    root.mkdir(parents=True)
+    instructor, students = write_users(root / "users.yaml", 1, COURSE)
+    servers = start_exchange(mode, root, root / "users.yaml", args)
+    try:
+        release(servers.port, instructor)
+        max_upload = 5 * 1024**3
+        for flag in args.extra:
+            if flag.startswith("--NbExchange.max_upload_size="):
+                max_upload = int(flag.split("=", 1)[1])
+        cfg = target(
+            "bigupload",
+            servers.port,
+            students=students,
+            big_size=args.big_size,
+            oversized_bytes=max_upload + 2 * 1024**3,
+        )
+        gen = LoadGen(cfg, root, servers)
+        gen.expect("READY", 120)
+        before = {role: sample(pid).__dict__ for role, pid in servers.pids().items()}
+        resets = {role: reset_peak(pid) for role, pid in servers.pids().items()}
+        gen.go()
+        gen.expect("UPLOADS_DONE", 3600)
+        raw = gen.result(60)
+        during = gen.samples["UPLOADS_DONE"]
+        # Then the worker checks and unpacks the big archive: its memory counts too.
+        settle = wait_checked(servers.port, instructor, timeout=1800) if raw.get("big", {}).get("status") else None
+        after = {role: sample(pid).__dict__ for role, pid in servers.pids().items()}
+        state = call(servers.port, "GET", "collections", instructor, {"course_id": COURSE, "assignment_id": ASSIGNMENT})
+    finally:
+        servers.stop()
+    growth = {
+        role: {
+            "rss_before_mb": round(before[role]["rss_kb"] / 1024, 1),
+            "peak_during_upload_mb": round(during[role]["hwm_kb"] / 1024, 1) if during.get(role) else None,
+            "peak_through_unpack_mb": round(after[role]["hwm_kb"] / 1024, 1),
+            "increase_mb": round((after[role]["hwm_kb"] - before[role]["rss_kb"]) / 1024, 1),
+            "peak_was_reset": resets[role],
+        }
+        for role in before
+    }
+    items = state[1].get("value", [])
+    return {
+        "mode": mode,
+        "oversized": raw.get("oversized"),
+        "big": raw.get("big"),
+        "big_mb_per_s": round(raw["big"]["bytes"] / 1024**2 / raw["big"]["seconds"], 1)
+        if "status" in raw.get("big", {})
+        else None,
+        "unpacked_and_projected_after_s": round(settle, 1) if settle is not None else None,
+        "archive_state": items[0]["archive"] if items else None,
+        "memory": growth,
+    }
+
+
+# -- the list scenario ---------------------------------------------------------------------------
+
+
+def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    root.mkdir(parents=True)
+    instructor, students = write_users(root / "users.yaml", args.list_submissions, COURSE)
+    servers = start_exchange(mode, root, root / "users.yaml", args)
+    try:
+        release(servers.port, instructor)
+        seed = target(
+            "deadline",
+            servers.port,
+            students=students,
+            size=args.list_size,
+            concurrency=args.concurrency,
+            window=0.0,
+            fetch=False,
+            instructor_token=None,
+        )
+        started = time.monotonic()
+        gen = LoadGen(seed, root, servers)
+        gen.expect("READY", 600)
+        gen.go()
+        gen.expect("UPLOADS_DONE", 3600)
+        seeded = gen.result(60)
+        ok = [r for r in seeded["records"] if r.get("status") in (200, 201)]
+        seed_seconds = time.monotonic() - started
+        settle = wait_quiet(servers.port, instructor, max(r["position"] for r in ok), timeout=1800)
+        cfg = target("list", servers.port, instructor_token=instructor, requests=args.list_requests)
+        gen = LoadGen(cfg, root, servers, args.profile, f"{args.label or 'list'}-{mode}")
+        gen.expect("READY", 120)
+        gen.go()
+        gen.expect("UPLOADS_DONE", 3600)
+        raw = gen.result(60)
+        cpu = cpu_between(gen.samples, "GO", "UPLOADS_DONE", gen.times["UPLOADS_DONE"] - gen.times["GO"])
+    finally:
+        servers.stop()
+    times = sorted(raw["times"])
+    return {
+        "mode": mode,
+        "seeded": len(ok),
+        "seed_seconds": round(seed_seconds, 1),
+        "settled_after_s": round(settle, 1),
+        "items_listed": raw["items"],
+        "answer_bytes": raw["bytes"],
+        "requests": len(times),
+        "statuses": raw["statuses"],
+        "latency_ms": {k: (round(1000 * v, 1) if v is not None else None) for k, v in _dist(times).items()},
+        "cpu": cpu,
+    }
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{1000 * value:.0f}"
+
+
+def deadline_table(summaries: list[dict[str, Any]]) -> str:
+    base = next((s for s in summaries if s["mode"] == "baseline"), None)
+    lines = [
+        "| mode | accepted | accepted/s (saturated) | × baseline | overall/s | accept p50 / p99 / max (ms) "
+        "| p99 × baseline | projection lag p50 / p99 / max (ms) | visible after last upload (ms) | lost | dup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        lat = s["accept_latency_s"]
+        ratio = p99_ratio = "–"
+        if base and s is not base and base.get("accepted_per_s") and s.get("accepted_per_s"):
+            ratio = f"{s['accepted_per_s'] / base['accepted_per_s']:.2f}"
+        if base and s is not base and base["accept_latency_s"]["p99"] and lat["p99"]:
+            p99_ratio = f"{lat['p99'] / base['accept_latency_s']['p99']:.2f}"
+        lag = s.get("projection_lag_s") or {}
+        lines.append(
+            f"| {s['mode']} | {s['accepted']}/{s['students']} | {s.get('accepted_per_s') or '–'} | {ratio} "
+            f"| {s['accepted_per_s_overall']} | {_ms(lat['p50'])} / {_ms(lat['p99'])} / {_ms(lat['max'])} "
+            f"| {p99_ratio} | {_ms(lag.get('p50'))} / {_ms(lag.get('p99'))} / {_ms(lag.get('max'))} "
+            f"| {_ms(s.get('visible_after_last_upload_s'))} | {s.get('lost', '–')} | {s.get('duplicates', '–')} |"
+        )
+    lines += ["", "| mode | process | peak RSS (MB) | CPU during uploads (cores) |", "|---|---|---|---|"]
+    for s in summaries:
+        for role, mb in s["peak_rss_mb"].items():
+            cores = s["cpu_accept_phase"].get(role, {}).get("cores")
+            lines.append(f"| {s['mode']} | {role} | {mb} | {cores} |")
+        for role in (SHARED, "everyone else"):
+            cores = s["cpu_accept_phase"].get(role, {}).get("cores")
+            if cores is not None and (role != SHARED or s["mode"] == "production"):
+                lines.append(f"| {s['mode']} | {role} | – | {cores} |")
+    return "\n".join(lines)
+
+
+def wait_for_idle(timeout: float, below: float = 0.3, steady: int = 3) -> dict[str, Any]:
+    """Wait (at most ``timeout`` s) until the machine's other users leave it nearly idle for ``steady`` s."""
+    started = time.monotonic()
+    calm = 0
+    busy = machine_busy_seconds()
+    cores = None
+    while time.monotonic() - started < timeout:
+        time.sleep(1)
+        now = machine_busy_seconds()
+        cores, busy = now - busy, now
+        calm = calm + 1 if cores < below else 0
+        if calm >= steady:
+            return {"idle": True, "seconds": round(time.monotonic() - started, 1)}
+    return {"idle": timeout <= 0, "seconds": round(time.monotonic() - started, 1), "last_busy_cores": cores}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    storage = args.storage or Path(tempfile.mkdtemp(prefix="nbx-bench-", dir="/tmp"))
+    storage.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "scenario": args.scenario,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "machine": machine(),
+        "storage": str(storage),
+        "fsync_before": fsync_probe(storage),
+    }
+    print(f"machine: {report['machine']}", flush=True)
+    print(f"fsync on {storage} before: {report['fsync_before']}", flush=True)
+    runs: list[dict[str, Any]] = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        modes = list(args.modes)
+        if args.scenario == "deadline" and not args.no_baseline:
+            modes.insert(0, "baseline")
+        runner = {"deadline": run_deadline_mode, "bigupload": run_bigupload_mode, "list": run_list_mode}[args.scenario]
+        for mode in modes:
+            os.sync()
+            waited = wait_for_idle(args.quiet_wait)
+            root = storage / f"{args.scenario}-{mode}-{stamp}"
+            print(f"== {args.scenario}: {mode} ({root})", flush=True)
+            result = runner(mode, root, args)
+            result["waited_for_idle"] = waited
+            runs.append(result)
+            print(json.dumps(result, indent=1), flush=True)
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+    finally:
+        stop_all()
+        report["fsync_after"] = fsync_probe(storage)
+        report["runs"] = runs
+        report["loadavg_after"] = os.getloadavg()
+        name = f"{args.scenario}-{stamp}{'-' + args.label if args.label else ''}.json"
+        (RESULTS / name).write_text(json.dumps(report, indent=1))
+        if not args.keep and args.storage is None:
+            shutil.rmtree(storage, ignore_errors=True)
+        print(f"fsync on {storage} after: {report['fsync_after']}", flush=True)
+        print(f"results: {RESULTS / name}", flush=True)
+    if args.scenario == "deadline":
+        print(deadline_table(runs))
+
+
+if __name__ == "__main__":
+    main()
