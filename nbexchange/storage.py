@@ -141,7 +141,7 @@ class Upload:
         """The first (up to) two bytes written, enough to check the gzip magic."""
         return self._head
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         """Append a chunk; TooLarge (and the upload discarded) if it would pass ``max_size``."""
         self._check_open()
         if self._max_size is not None and self._size + len(chunk) > self._max_size:
