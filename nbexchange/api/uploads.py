@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from typing import Protocol
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from nbexchange.api.base import BaseHandler
 from nbexchange.errors import Invalid, TooLarge, UnsupportedMedia
@@ -17,40 +19,20 @@ _FIELD_LIMIT = 64 * 1024
 #: The most one part's headers may hold.
 _HEADERS_LIMIT = 16 * 1024
 
-_BOUNDARY = re.compile(r';\s*boundary=(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
-_PARAM = re.compile(r';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;"]*))')
-_ESCAPE = re.compile(r"\\(.)")
-
 
 def multipart_boundary(content_type: str) -> bytes:
     """The boundary of a ``multipart/form-data`` content type; ``UnsupportedMedia`` if it is not one."""
-    if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
         raise UnsupportedMedia("The body is not multipart/form-data.")
-    found = _BOUNDARY.search(content_type)
-    if not found:
+    boundary = options.get(b"boundary")
+    if not boundary:
         raise UnsupportedMedia("The multipart/form-data Content-Type has no boundary.")
-    return (found.group(1) or found.group(2)).encode("latin-1")
-
-
-def _field_name(headers: bytes) -> str | None:
-    """The ``name`` of a part, from its ``Content-Disposition: form-data; name=…`` header."""
-    for line in headers.split(b"\r\n"):
-        key, _, value = line.partition(b":")
-        if key.strip().lower() != b"content-disposition":
-            continue
-        text = value.decode("utf-8", "replace").strip()
-        if text.split(";", 1)[0].strip().lower() != "form-data":
-            raise Invalid("The multipart body is malformed: a part is not form-data.")
-        for found in _PARAM.finditer(text):
-            if found.group(1).lower() == "name":
-                quoted = found.group(2)
-                return _ESCAPE.sub(r"\1", quoted) if quoted is not None else found.group(3)
-        return None
-    raise Invalid("The multipart body is malformed: a part has no Content-Disposition header.")
+    return boundary
 
 
 class Part(Protocol):
-    """Where the parser sends one field's parts."""
+    """Where one field's parts go."""
 
     def start(self) -> None:
         """A part of this field begins."""
@@ -59,90 +41,72 @@ class Part(Protocol):
         """The next bytes of the current part."""
 
 
-class MultipartParser:
-    """A streaming ``multipart/form-data`` parser (RFC 7578) feeding each field's bytes to its ``Part``.
+class FormStream:
+    """Routes a streamed ``multipart/form-data`` body (parsed by python-multipart) to each field's ``Part``.
 
-    It keeps no more than one delimiter's length between chunks (a delimiter
-    may straddle two), and a part's headers until they end. Parts of fields
-    without a ``Part`` are skipped, the preamble and epilogue ignored.
-    ``Invalid`` for a malformed body. Plain ``bytes.find`` and slicing: the
-    part headers are a few lines, not worth the ``email`` package's parser.
+    Parts of fields without a ``Part`` are skipped. ``Invalid`` for a
+    malformed body; ``complete`` once the closing boundary was read.
     """
-
-    _PREAMBLE, _AFTER_DELIMITER, _HEADERS, _BODY, _END = range(5)
 
     def __init__(self, boundary: bytes, parts: dict[str, Part]) -> None:
         self.parts = parts
-        self._delimiter = b"\r\n--" + boundary
-        # The first delimiter has no line break before it: start as if there were one.
-        self._held = b"\r\n"
-        self._state = self._PREAMBLE
+        self.complete = False
         self._part: Part | None = None
-
-    @property
-    def complete(self) -> bool:
-        """Whether the closing delimiter has been read."""
-        return self._state == self._END
+        self._field = bytearray()
+        self._value = bytearray()
+        self._disposition = b""
+        self._parser = MultipartParser(
+            boundary,
+            callbacks={
+                "on_part_begin": self._on_part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+                "on_end": self._on_end,
+            },
+            max_header_size=_HEADERS_LIMIT,
+        )
 
     def feed(self, chunk: bytes) -> None:
         """Parse the next chunk of the body."""
-        if self._state == self._END:
-            return
-        buffer = self._held + chunk if self._held else chunk
-        self._held = b""
-        self._parse(buffer)
+        try:
+            self._parser.write(chunk)
+        except FormParserError as e:
+            raise Invalid(f"The multipart body is malformed: {e}") from e
 
-    def _parse(self, buffer: bytes) -> None:
-        view = memoryview(buffer)
-        pos, end = 0, len(buffer)
-        while True:
-            state = self._state
-            if state in (self._PREAMBLE, self._BODY):
-                at = buffer.find(self._delimiter, pos)
-                if at < 0:
-                    # Hold back what could be the start of a delimiter.
-                    hold = max(pos, end - len(self._delimiter) + 1)
-                    if state == self._BODY and hold > pos and self._part is not None:
-                        self._part.data(view[pos:hold])
-                    self._held = buffer[hold:]
-                    return
-                if state == self._BODY and at > pos and self._part is not None:
-                    self._part.data(view[pos:at])
-                pos = at + len(self._delimiter)
-                self._state = self._AFTER_DELIMITER
-            elif state == self._AFTER_DELIMITER:
-                if end - pos < 2:
-                    self._held = buffer[pos:]
-                    return
-                if buffer.startswith(b"--", pos):
-                    self._state = self._END
-                    return
-                # Transport padding (spaces, tabs) may follow a delimiter before its line break.
-                padded = pos
-                while padded < end and buffer[padded] in b" \t" and padded - pos < 64:
-                    padded += 1
-                if end - padded < 2:
-                    self._held = buffer[pos:]
-                    return
-                if not buffer.startswith(b"\r\n", padded):
-                    raise Invalid("The multipart body is malformed: a boundary is not followed by a line break.")
-                pos = padded + 2
-                self._state = self._HEADERS
-            elif state == self._HEADERS:
-                at = buffer.find(b"\r\n\r\n", pos)
-                if at < 0:
-                    if end - pos > _HEADERS_LIMIT:
-                        raise Invalid(f"The multipart body is malformed: part headers over {_HEADERS_LIMIT} bytes.")
-                    self._held = buffer[pos:]
-                    return
-                name = _field_name(buffer[pos:at])
-                self._part = self.parts.get(name) if name is not None else None
-                if self._part is not None:
-                    self._part.start()
-                pos = at + 4
-                self._state = self._BODY
-            else:
-                return
+    def _on_part_begin(self) -> None:
+        self._part = None
+        self._disposition = b""
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        if bytes(self._field).lower() == b"content-disposition":
+            self._disposition = bytes(self._value)
+        self._field.clear()
+        self._value.clear()
+
+    def _on_headers_finished(self) -> None:
+        kind, options = parse_options_header(self._disposition)
+        if kind != b"form-data":
+            raise Invalid("The multipart body is malformed: a part is not form-data.")
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        self._part = self.parts.get(name)
+        if self._part is not None:
+            self._part.start()
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part is not None:
+            self._part.data(memoryview(data)[start:end])
+
+    def _on_end(self) -> None:
+        self.complete = True
 
 
 class _FilePart:
@@ -214,7 +178,7 @@ class UploadHandler(BaseHandler):
         self._upload = self.settings["archives"].new_upload(max_size=limit)
         self._file = _FilePart(self._upload)
         self._lists = {name: _ListPart() for name in self.list_fields}
-        self._parser = MultipartParser(boundary, {self.file_field: self._file, **self._lists})
+        self._parser = FormStream(boundary, {self.file_field: self._file, **self._lists})
 
     def data_received(self, chunk: bytes) -> None:
         if self._upload is None or self._failure is not None:
