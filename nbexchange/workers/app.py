@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 #: The embedded default: kombu's in-process transport, no Redis needed.
 EMBEDDED_BROKER = "memory://localhost/"
 
-CHECK_ARCHIVE = "nbexchange.check_archive"
+CHECK_ARCHIVES = "nbexchange.check_archives"
+#: Archives per check message: fewer messages in a burst, still spread over workers.
+CHECKS_PER_MESSAGE = 8
 CATCH_UP = "nbexchange.catch_up"
 SWEEP = "nbexchange.sweep"
 
@@ -53,9 +55,10 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
         task_default_queue=queue,
     )
 
-    @app.task(name=CHECK_ARCHIVE)  # type: ignore[untyped-decorator]
-    def check_archive(position: int) -> None:
-        tasks.check_archive(ctx, position)
+    @app.task(name=CHECK_ARCHIVES)  # type: ignore[untyped-decorator]
+    def check_archives(positions: list[int]) -> None:
+        for position in positions:
+            tasks.check_archive(ctx, position)
 
     @app.task(name=CATCH_UP)  # type: ignore[untyped-decorator]
     def catch_up() -> None:
@@ -116,9 +119,9 @@ class Dispatcher:
                     break
                 batch.extend(more)
             try:
-                for event in batch:
-                    if event.data.archive() is not None:
-                        self._send(CHECK_ARCHIVE, (event.position,))
+                positions = [event.position for event in batch if event.data.archive() is not None]
+                for start in range(0, len(positions), CHECKS_PER_MESSAGE):
+                    self._send(CHECK_ARCHIVES, (positions[start : start + CHECKS_PER_MESSAGE],))
                 self._send(CATCH_UP)
             except Exception as e:
                 # One traceback per outage is enough; the sweep does the work meanwhile.
