@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
@@ -61,32 +61,24 @@ def check_archive(ctx: WorkerContext, position: int) -> RecordedEvent | None:
     done = ctx.store.by_idempotency_key(outcome_key(position))
     if done is not None:
         return done
-    student_id = data.student_id if isinstance(data, StudentEvent) else None
+    # Both outcomes name the same source, in the same stream as it.
+    source: dict[str, Any] = {
+        "org_id": data.org_id,
+        "course_id": data.course_id,
+        "assignment_id": data.assignment_id,
+        "source_position": position,
+        "archive_sha256": sha,
+        "student_id": data.student_id if isinstance(data, StudentEvent) else None,
+    }
     outcome: DomainEvent
     try:
         report = unpack_archive(ctx.archives.path(sha), ctx.archives.extracted_path(sha), ctx.limits)
         outcome = ArchiveUnpacked(
-            data.org_id,
-            data.course_id,
-            data.assignment_id,
-            source_position=position,
-            archive_sha256=sha,
-            members=report.members,
-            total_size=report.total_size,
-            notebooks=report.notebooks,
-            student_id=student_id,
+            **source, members=report.members, total_size=report.total_size, notebooks=report.notebooks
         )
     except (UnsafeArchive, UnsupportedMedia, NotFound) as e:
         log.warning("Archive %s of event %d rejected: %s", sha, position, e.note)
-        outcome = ArchiveRejected(
-            data.org_id,
-            data.course_id,
-            data.assignment_id,
-            source_position=position,
-            archive_sha256=sha,
-            reason=e.note,
-            student_id=student_id,
-        )
+        outcome = ArchiveRejected(**source, reason=e.note)
     appended = ctx.appender.append(AppendRequest(outcome, SYSTEM_ACTOR, idempotency_key=outcome_key(position)))
     return appended.event
 
