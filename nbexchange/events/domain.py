@@ -215,16 +215,16 @@ class FeedbackFetched(StudentEvent):
 
 
 @dataclass(frozen=True)
-class ArchiveUnpacked(DomainEvent):
-    """A worker found the archive of event ``source_position`` safe and unpacked it."""
+class ArchiveOutcome(DomainEvent):
+    """What a worker made of the archive named by the event at ``source_position``.
 
-    TYPE: ClassVar[str] = "archive_unpacked"
+    It lives in the stream of that event: the student's, or the assignment's
+    for a release.
+    """
+
     source_position: int
     archive_sha256: str
-    members: int
-    total_size: int
-    notebooks: tuple[str, ...] = ()
-    student_id: str | None = None
+    student_id: str | None = field(default=None, kw_only=True)
 
     def stream(self) -> str:
         if self.student_id is not None:
@@ -233,19 +233,21 @@ class ArchiveUnpacked(DomainEvent):
 
 
 @dataclass(frozen=True)
-class ArchiveRejected(DomainEvent):
-    """A worker refused the archive of event ``source_position``; the bytes stay stored."""
+class ArchiveUnpacked(ArchiveOutcome):
+    """The archive is safe; it was unpacked."""
+
+    TYPE: ClassVar[str] = "archive_unpacked"
+    members: int
+    total_size: int
+    notebooks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ArchiveRejected(ArchiveOutcome):
+    """The archive breaks the unpacking rules; its bytes stay stored for an auditor."""
 
     TYPE: ClassVar[str] = "archive_rejected"
-    source_position: int
-    archive_sha256: str
     reason: str
-    student_id: str | None = None
-
-    def stream(self) -> str:
-        if self.student_id is not None:
-            return student_stream(self.org_id, self.course_id, self.assignment_id, self.student_id)
-        return super().stream()
 
 
 EVENT_TYPES: dict[str, type[DomainEvent]] = {

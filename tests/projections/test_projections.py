@@ -183,9 +183,13 @@ def _append_ops(store, ops) -> None:
             continue
         elif kind == "outcome":
             pos, s = subs[o[1] % len(subs)]
-            cls = ArchiveUnpacked(1, s.course_id, s.assignment_id, pos, s.archive_sha256, 1, 1, ("nb1",), s.student_id)
+            cls = ArchiveUnpacked(
+                1, s.course_id, s.assignment_id, pos, s.archive_sha256, 1, 1, ("nb1",), student_id=s.student_id
+            )
             if not o[2]:
-                cls = ArchiveRejected(1, s.course_id, s.assignment_id, pos, s.archive_sha256, "no", s.student_id)
+                cls = ArchiveRejected(
+                    1, s.course_id, s.assignment_id, pos, s.archive_sha256, "no", student_id=s.student_id
+                )
             req = AppendRequest(cls, TEACHER)
         elif kind == "collect":
             pos, s = subs[o[1] % len(subs)]
