@@ -126,19 +126,36 @@ class Exchange:
     ) -> Written:
         """Release an assignment's archive; a concurrent release of the same assignment conflicts."""
         self.instructor(user, course_id, "release assignments")
-        seen = self.rt.store.stream_version(assignment_stream(user.org_id, course_id, assignment_id))
         event = Released(user.org_id, course_id, assignment_id, tuple(notebooks), upload.sha256, upload.size)
-        return self._append(user, event, key, expected_version=None if key and self._known(user, key) else seen)
+        earlier = self._replayed(user, key, event)
+        if earlier is not None:
+            return earlier
+        seen = self.rt.store.stream_version(event.stream())
+        return self._append(user, event, key, expected_version=seen)
 
-    def _known(self, user: User, key: str) -> bool:
-        # A retried request must get its first answer, not a conflict with itself.
-        return self.rt.store.by_idempotency_key(f"{user.org_id}/{user.name}/{key}") is not None
+    def _replayed(self, user: User, key: str | None, event: DomainEvent) -> Written | None:
+        """The first answer to a retried request, before its preconditions are checked again.
+
+        A retry must get the answer its first attempt got, not a conflict with
+        itself (a stream version it moved) or a 404 (an assignment it withdrew).
+        """
+        if not key:
+            return None
+        earlier = self.rt.store.by_idempotency_key(f"{user.org_id}/{user.name}/{key}")
+        if earlier is None:
+            return None
+        if earlier.type != event.TYPE or earlier.stream != event.stream():
+            raise Conflict("This Idempotency-Key was already used for a different request; use a new key.")
+        return Written(earlier, duplicate=True)
 
     def unrelease(
         self, user: User, course_id: str, assignment_id: str, purge: bool = False, key: str | None = None
     ) -> Written:
         """Withdraw a released assignment; ``purge`` also removes its stored archive after the event."""
         self.instructor(user, course_id, "unrelease assignments")
+        earlier = self._replayed(user, key, Unreleased(user.org_id, course_id, assignment_id))
+        if earlier is not None:
+            return earlier
         with translate_errors(), self.rt.engine.connect() as conn:
             release = get_release(conn, user.org_id, course_id, assignment_id)
             if release is None or not release.active:
@@ -150,9 +167,8 @@ class Exchange:
                 archive_used_elsewhere(conn, release) or archive_submitted(conn, sha) or file_in_feedback(conn, sha)
             )
         purged = (release.archive_sha256,) if purge and not shared else ()
-        seen = self.rt.store.stream_version(assignment_stream(user.org_id, course_id, assignment_id))
         event = Unreleased(user.org_id, course_id, assignment_id, purge=purge, purged_archives=purged)
-        written = self._append(user, event, key, expected_version=None if key and self._known(user, key) else seen)
+        written = self._append(user, event, key, expected_version=self.rt.store.stream_version(event.stream()))
         for sha in purged:
             self.rt.archives.remove(sha)
         return written

@@ -37,6 +37,8 @@ class AssignmentHandler(UploadHandler):
         """Withdraw the assignment; ``purge=true`` also removes its stored archive (after the event)."""
         course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
         purge = (self.param("purge", required=False) or "").lower() in ("1", "true", "yes")
+        self.exchange.instructor(self.user, course_id, "unrelease assignments")
+        await self.read_position()
         written = await self.run(
             self.exchange.unrelease, self.user, course_id, assignment_id, purge, self.idempotency_key()
         )

@@ -408,3 +408,26 @@ def test_purge_keeps_bytes_a_submission_shares(svc):
     assert [e["payload"]["purged_archives"] for e in events if e["type"] == "unreleased"] == [[]]
     collected = get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps-shared", path=items[0]["path"])
     assert collected.status_code == 200 and collected.content == same
+
+
+def test_retried_release_and_unrelease_get_their_first_answer(svc):
+    """A retry must not conflict with its own first attempt, nor 404 on what it withdrew."""
+    key = str(uuid.uuid4())
+    first = ok(release(svc, "ada", "ps-retry", key=key), 201)
+    ok(release(svc, "ada", "ps-retry"), 201)  # someone else moves the stream on
+    again = ok(release(svc, "ada", "ps-retry", key=key), 200)
+    assert again["position"] == first["position"]
+
+    def withdraw(key, after=0):
+        return requests.delete(
+            url(svc, "assignment"),
+            params={"course_id": COURSE, "assignment_id": "ps-retry", "min_position": after},
+            headers={**svc.headers("ada"), "Idempotency-Key": key},
+            timeout=10,
+        )
+
+    until(lambda: get(svc, "assignment", "ada", course_id=COURSE, assignment_id="ps-retry").status_code == 200)
+    gone_key = str(uuid.uuid4())
+    gone = ok(withdraw(gone_key))
+    assert ok(withdraw(gone_key))["position"] == gone["position"]
+    refused(withdraw(str(uuid.uuid4()), after=gone["position"]), 404, "not released")
