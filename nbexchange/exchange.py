@@ -403,16 +403,17 @@ class Exchange:
         """A page of raw events of one course, with their hashes, for an auditor."""
         self.instructor(user, course_id, "read the course's raw events")
         if assignment_id:
+            inside = f"{user.org_id}/{course_id}/{assignment_id}/"
             page = self.rt.store.read_streams(
                 streams=[assignment_stream(user.org_id, course_id, assignment_id)],
-                prefixes=[f"student/{user.org_id}/{course_id}/{assignment_id}/"],
+                prefixes=[f"student/{inside}", f"check/{inside}"],
                 after=after,
                 limit=limit,
             )
         else:
             course = f"{user.org_id}/{course_id}/"
             page = self.rt.store.read_streams(
-                prefixes=[f"assignment/{course}", f"student/{course}"], after=after, limit=limit
+                prefixes=[f"assignment/{course}", f"student/{course}", f"check/{course}"], after=after, limit=limit
             )
         return [event.to_json() for event in page]
 

@@ -35,6 +35,11 @@ def student_stream(org_id: int, course_id: str, assignment_id: str, student_id: 
     return f"student/{org_id}/{course_id}/{assignment_id}/{student_id}"
 
 
+def check_stream(org_id: int, course_id: str, assignment_id: str, source_position: int) -> str:
+    """The stream of the archive check of the event at ``source_position`` (one event, ever)."""
+    return f"check/{org_id}/{course_id}/{assignment_id}/{source_position}"
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who acted, and in which role, at the moment they acted."""
@@ -218,8 +223,8 @@ class FeedbackFetched(StudentEvent):
 class ArchiveOutcome(DomainEvent):
     """What a worker made of the archive named by the event at ``source_position``.
 
-    It lives in the stream of that event: the student's, or the assignment's
-    for a release.
+    Each check has a stream of its own, so that a worker's outcome never
+    moves the version an instructor's next release expects.
     """
 
     source_position: int
@@ -227,9 +232,7 @@ class ArchiveOutcome(DomainEvent):
     student_id: str | None = field(default=None, kw_only=True)
 
     def stream(self) -> str:
-        if self.student_id is not None:
-            return student_stream(self.org_id, self.course_id, self.assignment_id, self.student_id)
-        return super().stream()
+        return check_stream(self.org_id, self.course_id, self.assignment_id, self.source_position)
 
 
 @dataclass(frozen=True)
