@@ -107,13 +107,13 @@ class Exchange:
     # -- writes ----------------------------------------------------------
 
     def _append(self, user: User, event: DomainEvent, key: str | None, expected_version: int | None = None) -> Written:
-        scoped = f"{user.org_id}/{user.name}/{key}" if key else None
+        scoped = _scoped_key(user, key) if key else None
         appended = self.rt.committer.append(
             AppendRequest(event, self.actor(user, event.course_id), expected_version, scoped)
         )
-        if appended.duplicate and (appended.event.type != event.TYPE or appended.event.stream != event.stream()):
-            raise Conflict("This Idempotency-Key was already used for a different request; use a new key.")
-        return Written(appended.event, appended.duplicate)
+        if appended.duplicate:
+            return _first_answer(appended.event, event)
+        return Written(appended.event, duplicate=False)
 
     def release(
         self,
@@ -141,12 +141,8 @@ class Exchange:
         """
         if not key:
             return None
-        earlier = self.rt.store.by_idempotency_key(f"{user.org_id}/{user.name}/{key}")
-        if earlier is None:
-            return None
-        if earlier.type != event.TYPE or earlier.stream != event.stream():
-            raise Conflict("This Idempotency-Key was already used for a different request; use a new key.")
-        return Written(earlier, duplicate=True)
+        earlier = self.rt.store.by_idempotency_key(_scoped_key(user, key))
+        return None if earlier is None else _first_answer(earlier, event)
 
     def unrelease(
         self, user: User, course_id: str, assignment_id: str, purge: bool = False, key: str | None = None
@@ -424,3 +420,15 @@ def _details(details: dict[str, Any]) -> dict[str, Any]:
     if "timestamp" in out:
         out["submission_timestamp"] = format_timestamp(parse_timestamp(out.pop("timestamp")))
     return out
+
+
+def _scoped_key(user: User, key: str) -> str:
+    # Keys are the client's: scoped per user, two users' keys never collide.
+    return f"{user.org_id}/{user.name}/{key}"
+
+
+def _first_answer(earlier: RecordedEvent, event: DomainEvent) -> Written:
+    """The first answer to a repeated request; ``Conflict`` if its key was used for another request."""
+    if earlier.type != event.TYPE or earlier.stream != event.stream():
+        raise Conflict("This Idempotency-Key was already used for a different request; use a new key.")
+    return Written(earlier, duplicate=True)

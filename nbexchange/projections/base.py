@@ -38,7 +38,7 @@ class Rows:
     """A projection's write access to its tables within one transaction.
 
     Writes are queued and consecutive runs of the same statement are sent as
-    one ``executemany``; a read (``execute``) first sends what is queued, so
+    one ``executemany``; a different statement first sends what is queued, so
     statements still take effect in the order ``apply`` issued them.
     """
 
@@ -61,11 +61,6 @@ class Rows:
             self.flush()
             self._statement = statement
         self._pending.append(params)
-
-    def execute(self, statement: sa.Executable) -> sa.CursorResult[Any]:
-        """Run a statement now, after every queued write."""
-        self.flush()
-        return self.conn.execute(statement)
 
     def flush(self) -> None:
         """Send the queued writes."""
