@@ -75,6 +75,17 @@ def ok(response: requests.Response, status: int = 200) -> dict[str, Any]:
     return body
 
 
+def refused(response: requests.Response, status: int, *words: str) -> dict[str, Any]:
+    """Assert a JSON refusal with this status whose note says each of ``words``; return the body."""
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    assert body["success"] is False
+    for word in words:
+        assert word.lower() in body["note"].lower(), body["note"]
+    return body
+
+
 def until(
     predicate: Callable[[], T | None],
     timeout: float = 20,

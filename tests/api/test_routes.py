@@ -10,75 +10,11 @@ import uuid
 import pytest
 import requests
 from builders import make_archive, make_symlink_archive
-
-COURSE = "phys101"
+from httpclient import COURSE, get, ok, refused, release, submit, until
 
 
 def url(svc, route: str) -> str:
     return svc.url + route
-
-
-def get(svc, route: str, who: str | None, **params):
-    headers = svc.headers(who) if who else {}
-    return requests.get(url(svc, route), params=params, headers=headers, timeout=30)
-
-
-def release(svc, who: str, assignment: str, archive: bytes | None = None, notebooks=("nb1",), key=None, **extra):
-    headers = svc.headers(who)
-    if key:
-        headers["Idempotency-Key"] = key
-    return requests.post(
-        url(svc, "assignment"),
-        params={"course_id": COURSE, "assignment_id": assignment, **extra},
-        files={"assignment": ("a.tar.gz", archive or make_archive())},
-        data={"notebooks": list(notebooks)},
-        headers=headers,
-        timeout=30,
-    )
-
-
-def submit(
-    svc, who: str, assignment: str, archive: bytes | None = None, key=None, stamp="2026-01-31 23:59:59.123456 UTC"
-):
-    headers = svc.headers(who)
-    if key:
-        headers["Idempotency-Key"] = key
-    return requests.post(
-        url(svc, "submission"),
-        params={"course_id": COURSE, "assignment_id": assignment, "timestamp": stamp},
-        files={"assignment": ("s.tar.gz", archive or make_archive({"nb1.ipynb": who.encode()}))},
-        headers=headers,
-        timeout=30,
-    )
-
-
-def refused(response, status: int, *words: str) -> dict:
-    """Assert a JSON refusal with this status whose note says each of ``words``."""
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert body["success"] is False
-    for word in words:
-        assert word.lower() in body["note"].lower(), body["note"]
-    return body
-
-
-def ok(response, status: int = 200) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["success"] is True
-    return body
-
-
-def until(predicate, timeout: float = 20):
-    """Poll until ``predicate()`` is truthy (workers run asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 # -- the edges: health, identity, unknown routes, parameters ---------------------
