@@ -8,7 +8,6 @@ import re
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import requests
 import sqlalchemy as sa
 import yaml
 from builders import make_archive
+from httpclient import until
 from service import TEST_BROKER_URL, Service, drop_db, free_port, fresh_db_url, start_service, wait_until_up
 
 from nbexchange.app import COMMANDS, NbExchange
@@ -306,17 +306,15 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
         assert answer.status_code == 201, answer.text
         return int(answer.json()["position"])
 
-    def until(predicate) -> None:
-        deadline = time.monotonic() + 30
-        while not predicate():
-            assert time.monotonic() < deadline, svc.log_text()
-            time.sleep(0.1)
-
     try:
         ps1 = {"course_id": "phys101", "assignment_id": "ps1"}
         post("assignment", "ada", ps1, make_archive())
         post("assignment", "other_org_ada", {"course_id": "phys101", "assignment_id": "ps-other"}, make_archive())
-        until(lambda: requests.get(svc.url + "assignment", params=ps1, headers=svc.headers("s1")).status_code == 200)
+        until(
+            lambda: requests.get(svc.url + "assignment", params=ps1, headers=svc.headers("s1")).status_code == 200,
+            30,
+            svc.log_text,
+        )
         stamp = {"timestamp": "2026-01-31 23:59:00.000000 UTC"}
         first = post("submission", "s1", {**ps1, **stamp}, make_archive({"nb1.ipynb": b"s1's work"}))
         second = post("submission", "s2", {**ps1, **stamp}, make_archive({"nb1.ipynb": b"s2's work"}))
@@ -332,7 +330,7 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
             )
             return len(items) == 2 and all(i["archive"]["state"] == "unpacked" for i in items)
 
-        until(checked)
+        until(checked, 30, svc.log_text)
         events = requests.get(svc.url + "events", params={**ps1, "limit": 1000}, headers=svc.headers("ada")).json()
         sha = {
             e["payload"]["student_id"]: e["payload"]["archive_sha256"]
