@@ -69,10 +69,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
     @sa_event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get("sqlite_immediate"):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
+        # Straight to the driver: this runs once per transaction, and the
+        # statement needs none of SQLAlchemy's compiling or result handling.
+        immediate = conn.get_execution_options().get("sqlite_immediate")
+        conn.connection.cursor().execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 

@@ -20,9 +20,9 @@ def test_migrations_create_exactly_the_declared_schema(db_url):
     upgrade(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     upgrade(engine)  # a second upgrade is a no-op
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     engine.dispose()
 
 
@@ -33,11 +33,13 @@ def test_an_older_database_keeps_its_log_and_gains_projections(db_url):
     with engine.connect() as conn:
         assert "proj_submissions" not in sa.inspect(conn).get_table_names()
     store = SQLEventStore(engine)
-    store.append(release())
-    store.append(submit("s1"))
+    # One batch: a single-stream append on PostgreSQL calls a function that
+    # only 0003 creates, and the code that wrote this log predates it.
+    store.append_batch([release(), submit("s1")])
     upgrade(engine)
-    assert store.verify().ok and store.head() == 2
+    store.append(submit("s2"))
+    assert store.verify().ok and store.head() == 3
     catch_up_all(engine)
     with engine.connect() as conn:
-        assert [s["student_id"] for s in list_submissions(conn, 1, "phys101", "ps1")] == ["s1"]
+        assert [s["student_id"] for s in list_submissions(conn, 1, "phys101", "ps1")] == ["s1", "s2"]
     engine.dispose()

@@ -53,6 +53,19 @@ _HEAD = (
     .order_by(events_table.c.position.desc())
     .limit(1)
 )
+# One stream (the usual append): the head and that stream's version in one statement.
+_HEAD_AND_VERSION = _HEAD.add_columns(
+    sa.select(sa.func.max(events_table.c.version))
+    .where(events_table.c.stream == sa.bindparam("stream"))
+    .scalar_subquery()
+    .label("stream_version")
+)
+# The same on PostgreSQL, with the lock taken first, in one round trip (migration 0003).
+_LOCK_HEAD_AND_VERSION = sa.select(
+    sa.func.nbexchange_lock_head(_APPEND_LOCK, sa.bindparam("stream"))
+    .table_valued("head_position", "head_hash", "head_recorded_at", "stream_version")
+    .render_derived()
+)
 _BY_KEYS = sa.select(events_table).where(events_table.c.idempotency_key.in_(sa.bindparam("keys", expanding=True)))
 _VERSIONS = (
     sa.select(events_table.c.stream, sa.func.max(events_table.c.version))
@@ -110,27 +123,35 @@ class SQLEventStore:
             return self._append_locked(conn, requests)
 
     def _append_locked(self, conn: Connection, requests: Sequence[AppendRequest]) -> list[Appended | ExchangeError]:
-        if not is_sqlite(conn):
-            conn.execute(_LOCK)
-        head = conn.execute(_HEAD).first()
-        position, prev_hash = (head.position, head.hash) if head else (0, GENESIS)
+        sqlite = is_sqlite(conn)
+        streams = sorted({r.stream for r in requests})
+        versions: dict[str, int] = dict.fromkeys(streams, 0)
+        if len(streams) == 1:
+            query = _HEAD_AND_VERSION if sqlite else _LOCK_HEAD_AND_VERSION
+            head = conn.execute(query, {"stream": streams[0]}).first()
+            if head is not None:
+                versions[streams[0]] = head[3] or 0
+        else:
+            if not sqlite:
+                conn.execute(_LOCK)
+            head = conn.execute(_HEAD).first()
+            for chunk_start in range(0, len(streams), 500):
+                chunk = streams[chunk_start : chunk_start + 500]
+                for row in conn.execute(_VERSIONS, {"streams": chunk}):
+                    versions[row[0]] = row[1]
+        # Both head queries start with (position, hash, recorded_at).
+        position, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
         # recorded_at never runs backwards along the log, even if the clock does,
         # so replaying "as of a time" and "as of a position" agree.
         now = utcnow()
-        if head is not None and as_utc(head.recorded_at) > now:
-            now = as_utc(head.recorded_at)
+        if head is not None and as_utc(head[2]) > now:
+            now = as_utc(head[2])
 
         keys = [r.idempotency_key for r in requests if r.idempotency_key]
         known: dict[str, RecordedEvent] = {}
         if keys:
             for row in conn.execute(_BY_KEYS, {"keys": keys}):
                 known[row.idempotency_key] = _row_to_event(row)
-        streams = sorted({r.stream for r in requests})
-        versions: dict[str, int] = dict.fromkeys(streams, 0)
-        for chunk_start in range(0, len(streams), 500):
-            chunk = streams[chunk_start : chunk_start + 500]
-            for row in conn.execute(_VERSIONS, {"streams": chunk}):
-                versions[row[0]] = row[1]
 
         outcomes: list[Appended | ExchangeError] = []
         rows: list[dict[str, Any]] = []
@@ -176,7 +197,9 @@ class SQLEventStore:
             if key:
                 known[key] = event
             outcomes.append(Appended(event))
-        if rows:
+        if len(rows) == 1:
+            conn.execute(_INSERT, rows[0])
+        elif rows:
             conn.execute(_INSERT, rows)
         return outcomes
 
