@@ -55,14 +55,16 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     engine = sa.create_engine(sa_url, **kwargs)
 
     @sa_event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
         # Let SQLAlchemy's begin hook below decide how each transaction starts.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         if not in_memory:
             cur.execute("PRAGMA journal_mode=WAL")
-        # FULL: every commit is fsync'd, so a 2xx answer survives power loss.
+        # FULL: every commit is fsync'd, so a 2xx answer survives power loss
+        # (the begin hook below relaxes it for derived rows only).
         cur.execute("PRAGMA synchronous=FULL")
+        record.info["synchronous"] = "FULL"
         cur.execute("PRAGMA busy_timeout=60000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -70,9 +72,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     @sa_event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # Straight to the driver: this runs once per transaction, and the
-        # statement needs none of SQLAlchemy's compiling or result handling.
-        immediate = conn.get_execution_options().get("sqlite_immediate")
-        conn.connection.cursor().execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # statements need none of SQLAlchemy's compiling or result handling.
+        options = conn.get_execution_options()
+        cursor = conn.connection.cursor()
+        synchronous = "FULL" if options.get("durable", True) else "NORMAL"
+        # The setting outlives the transaction: remember it with the connection.
+        if conn.connection.info.get("synchronous") != synchronous:
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            conn.connection.info["synchronous"] = synchronous
+        cursor.execute("BEGIN IMMEDIATE" if options.get("sqlite_immediate") else "BEGIN")
 
     return engine
 
@@ -83,16 +91,25 @@ def is_sqlite(engine: Engine | Connection) -> bool:
 
 
 @contextlib.contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
+def write_transaction(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
     """A transaction that writes: on SQLite it holds the write lock from ``BEGIN``.
 
     Taking the lock up front means two writers queue instead of deadlocking
     when both try to upgrade a read lock.
+
+    ``durable=False`` is for rows derived from the log (projections,
+    checkpoints): the commit does not wait for the disk. A power cut may roll
+    such a transaction back whole, which only means catching up again; it
+    cannot lose an event, because a later durable commit flushes everything
+    written before it (both SQLite's WAL and PostgreSQL's are sequential).
     """
     with translate_errors(), engine.connect() as conn:
-        if is_sqlite(engine):
-            conn.execution_options(sqlite_immediate=True)
+        sqlite = is_sqlite(engine)
+        if sqlite:
+            conn.execution_options(sqlite_immediate=True, durable=durable)
         with conn.begin():
+            if not durable and not sqlite:
+                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
             yield conn
 
 

@@ -8,7 +8,7 @@ from alembic.runtime.migration import MigrationContext
 from builders import release, submit
 
 import nbexchange.projections  # noqa: F401  (registers the projections' tables)
-from nbexchange.db import current_revision, make_engine, metadata, upgrade
+from nbexchange.db import current_revision, make_engine, metadata, upgrade, write_transaction
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.projections import catch_up_all
 from nbexchange.projections.collections import list_submissions
@@ -42,4 +42,21 @@ def test_an_older_database_keeps_its_log_and_gains_projections(db_url):
     catch_up_all(engine)
     with engine.connect() as conn:
         assert [s["student_id"] for s in list_submissions(conn, 1, "phys101", "ps1")] == ["s1", "s2"]
+    engine.dispose()
+
+
+def test_only_derived_rows_commit_without_waiting_for_the_disk(db_url):
+    """Projection transactions relax fsync; the next durable one (an append) is fully synchronous again."""
+    engine = make_engine(db_url, pool_size=1, max_overflow=0) if "postgresql" in db_url else make_engine(db_url)
+    upgrade(engine)
+    setting = "PRAGMA synchronous" if engine.dialect.name == "sqlite" else "SHOW synchronous_commit"
+    expected = {"sqlite": ({2}, {1}), "postgresql": ({"on"}, {"off"})}[engine.dialect.name]
+
+    def inside(**kwargs):
+        with write_transaction(engine, **kwargs) as conn:
+            return conn.exec_driver_sql(setting).scalar()
+
+    assert inside() in expected[0]
+    assert inside(durable=False) in expected[1]
+    assert inside() in expected[0]  # the same pooled connection, back to FULL / on
     engine.dispose()

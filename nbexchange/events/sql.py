@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -76,18 +76,20 @@ _INSERT = events_table.insert()
 
 
 def _row_to_event(row: Any) -> RecordedEvent:
+    # By position: rows are ``select(events_table)``, in the table's column order.
+    position, stream, version, type_, schema, actor, recorded_at, key, payload, prev_hash, hash_ = row
     return RecordedEvent(
-        position=row.position,
-        stream=row.stream,
-        version=row.version,
-        type=row.type,
-        schema=row.schema,
-        actor=Actor.from_json(json.loads(row.actor)),
-        recorded_at=as_utc(row.recorded_at),
-        idempotency_key=row.idempotency_key,
-        payload=json.loads(row.payload),
-        prev_hash=row.prev_hash,
-        hash=row.hash,
+        position=position,
+        stream=stream,
+        version=version,
+        type=type_,
+        schema=schema,
+        actor=Actor.from_json(orjson.loads(actor)),
+        recorded_at=as_utc(recorded_at),
+        idempotency_key=key,
+        payload=orjson.loads(payload),
+        prev_hash=prev_hash,
+        hash=hash_,
     )
 
 
@@ -303,7 +305,7 @@ def read_events(
     if stream is not None:
         query = query.where(events_table.c.stream == stream)
     query = query.order_by(events_table.c.position).limit(limit)
-    return [_row_to_event(row) for row in conn.execute(query)]
+    return [_row_to_event(row) for row in conn.execute(query).all()]
 
 
 def _like_prefix(prefix: str) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -102,7 +102,7 @@ class AssignmentsProjection:
                     "position": event.position,
                     "released_by": event.actor.name,
                     "released_at": event.recorded_at,
-                    "notebooks": json.dumps(list(data.notebooks)),
+                    "notebooks": orjson.dumps(list(data.notebooks)).decode(),
                     "archive_sha256": data.archive_sha256,
                     "archive_state": PENDING,
                     "archive_reason": None,
@@ -127,7 +127,7 @@ class AssignmentsProjection:
                     "student_id": data.student_id,
                     "status": data.TYPE,
                     "timestamp": timestamp,
-                    "notebooks": json.dumps(notebooks),
+                    "notebooks": orjson.dumps(notebooks).decode(),
                     "archive_sha256": sha,
                     "archive_state": PENDING if isinstance(data, Submitted) else None,
                     "archive_reason": None,
@@ -170,7 +170,7 @@ def _release(row: Any) -> Release:
         position=row.position,
         released_by=row.released_by,
         released_at=as_utc(row.released_at),
-        notebooks=tuple(json.loads(row.notebooks)),
+        notebooks=tuple(orjson.loads(row.notebooks)),
         archive_sha256=row.archive_sha256,
         archive_state=row.archive_state,
         archive_reason=row.archive_reason,
@@ -223,7 +223,7 @@ def user_actions(
     for row in conn.execute(query.order_by(actions.c.position)):
         item = dict(row._mapping)
         item["timestamp"] = as_utc(item["timestamp"])
-        item["notebooks"] = tuple(json.loads(item["notebooks"]))
+        item["notebooks"] = tuple(orjson.loads(item["notebooks"]))
         out.append(item)
     return out
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -106,8 +106,8 @@ class CollectionsProjection:
                     "archive_size": data.archive_size,
                     "archive_state": PENDING,
                     "archive_reason": None,
-                    "notebooks": json.dumps(list(data.notebooks)),
-                    "entry": json.dumps(entry)[1:-1],
+                    "notebooks": orjson.dumps(list(data.notebooks)).decode(),
+                    "entry": orjson.dumps(entry).decode()[1:-1],
                     "stamp": stamp,
                     "notebooks_entry": notebooks_entry(data.notebooks),
                     "archive_entry": _archive_head(PENDING, None) + f"{data.archive_size}}}",
@@ -116,7 +116,7 @@ class CollectionsProjection:
                 },
             )
         elif isinstance(data, ArchiveUnpacked) and data.student_id is not None:
-            found = json.dumps(list(data.notebooks)) if data.notebooks else None
+            found = orjson.dumps(list(data.notebooks)).decode() if data.notebooks else None
             rows.write(
                 _OUTCOME,
                 {
@@ -146,7 +146,7 @@ class CollectionsProjection:
 
 def _archive_head(state: str, reason: str | None) -> str:
     # The list item's "archive" object up to its size, which the row itself supplies.
-    return f'{{"state":{json.dumps(state)},"reason":{json.dumps(reason)},"size":'
+    return f'{{"state":{orjson.dumps(state).decode()},"reason":{orjson.dumps(reason).decode()},"size":'
 
 
 def notebook_entry(notebook_id: str, feedback: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
@@ -164,14 +164,14 @@ def notebook_entry(notebook_id: str, feedback: Sequence[dict[str, Any]] = ()) ->
 
 def notebooks_entry(notebooks: Sequence[str], feedback: Sequence[dict[str, Any]] = ()) -> str:
     """The ``notebooks`` list of an item, as JSON."""
-    return json.dumps([notebook_entry(nb, feedback) for nb in notebooks])
+    return orjson.dumps([notebook_entry(nb, feedback) for nb in notebooks]).decode()
 
 
 def _submission(row: Any) -> dict[str, Any]:
     item = dict(row._mapping)
     item["timestamp"] = as_utc(item["timestamp"])
     item["recorded_at"] = as_utc(item["recorded_at"])
-    item["notebooks"] = tuple(json.loads(item["notebooks"]))
+    item["notebooks"] = tuple(orjson.loads(item["notebooks"]))
     return item
 
 
@@ -261,7 +261,7 @@ def submission_items_json(
     for position, student, entry, stamp, notebooks, rendered, archive in rows:
         mine = given.get((student, stamp))
         if mine:
-            rendered = notebooks_entry(json.loads(notebooks), mine)
+            rendered = notebooks_entry(orjson.loads(notebooks), mine)
         latest = "true" if last[student] == position else "false"
         parts.append(f'{{{entry},"latest":{latest},"archive":{archive},"notebooks":{rendered}}}')
     return "[" + ",".join(parts) + "]"

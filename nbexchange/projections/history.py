@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -63,7 +63,7 @@ class HistoryProjection:
                 "role": event.actor.role,
                 "student_id": student,
                 "recorded_at": event.recorded_at,
-                "details": json.dumps({k: event.payload[k] for k in _DETAILS if k in event.payload}),
+                "details": orjson.dumps({k: event.payload[k] for k in _DETAILS if k in event.payload}).decode(),
             },
         )
 
@@ -92,6 +92,6 @@ def course_history(
     for row in conn.execute(query.order_by(history.c.position)):
         item = dict(row._mapping)
         item["recorded_at"] = as_utc(item["recorded_at"])
-        item["details"] = json.loads(item["details"])
+        item["details"] = orjson.loads(item["details"])
         out.append(item)
     return out

@@ -118,7 +118,8 @@ def sweep(ctx: WorkerContext) -> int:
 
 
 def _advance(engine: Engine, name: str, position: int) -> None:
-    # Two sweepers may race; the checkpoint only ever moves forward.
-    with write_transaction(engine) as conn:
+    # Two sweepers may race; the checkpoint only ever moves forward. Losing
+    # the move to a power cut only means sweeping those events again.
+    with write_transaction(engine, durable=False) as conn:
         if position > lock_checkpoint(conn, name):
             move_checkpoint(conn, name, position)
