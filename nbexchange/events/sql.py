@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from nbexchange.clock import as_utc, utcnow
-from nbexchange.db import is_sqlite, metadata, translate_errors, write_transaction
+from nbexchange.db import compile_named, driver_insert, is_sqlite, metadata, translate_errors, write_transaction
 from nbexchange.errors import ConflictError, ExchangeError, NotFound
 from nbexchange.events.domain import Actor
 from nbexchange.events.store import (
@@ -66,13 +66,46 @@ _LOCK_HEAD_AND_VERSION = sa.select(
     .table_valued("head_position", "head_hash", "head_recorded_at", "stream_version")
     .render_derived()
 )
+
+
+class _HeadQuery:
+    """The single-stream head query, compiled once per dialect and sent as driver SQL.
+
+    It runs on every append under the lock; skipping SQLAlchemy's statement
+    handling there is worth a few percent of one writer's throughput.
+    """
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        statement = _HEAD_AND_VERSION if dialect.name == "sqlite" else _LOCK_HEAD_AND_VERSION
+        self.sql, self.constants = compile_named(dialect, statement)
+        self.recorded_at = events_table.c.recorded_at.type.dialect_impl(dialect).result_processor(dialect, None)
+
+    def first(self, conn: Connection, stream: str) -> tuple[int, str, datetime, int | None] | None:
+        row = conn.exec_driver_sql(self.sql, {**self.constants, "stream": stream}).first()
+        if row is None:
+            return None
+        position, hash_, recorded_at, version = row
+        if self.recorded_at is not None:
+            recorded_at = self.recorded_at(recorded_at)
+        return position, hash_, recorded_at, version
+
+
+_head_queries: dict[str, _HeadQuery] = {}
+
+
+def _read_head(conn: Connection, stream: str) -> tuple[int, str, datetime, int | None] | None:
+    query = _head_queries.get(conn.dialect.name)
+    if query is None:
+        query = _head_queries[conn.dialect.name] = _HeadQuery(conn.dialect)
+    return query.first(conn, stream)
+
+
 _BY_KEYS = sa.select(events_table).where(events_table.c.idempotency_key.in_(sa.bindparam("keys", expanding=True)))
 _VERSIONS = (
     sa.select(events_table.c.stream, sa.func.max(events_table.c.version))
     .where(events_table.c.stream.in_(sa.bindparam("streams", expanding=True)))
     .group_by(events_table.c.stream)
 )
-_INSERT = events_table.insert()
 
 
 def _row_to_event(row: Any) -> RecordedEvent:
@@ -128,20 +161,21 @@ class SQLEventStore:
         sqlite = is_sqlite(conn)
         streams = sorted({r.stream for r in requests})
         versions: dict[str, int] = dict.fromkeys(streams, 0)
+        head: tuple[int, str, datetime] | None
         if len(streams) == 1:
-            query = _HEAD_AND_VERSION if sqlite else _LOCK_HEAD_AND_VERSION
-            head = conn.execute(query, {"stream": streams[0]}).first()
-            if head is not None:
-                versions[streams[0]] = head[3] or 0
+            found = _read_head(conn, streams[0])
+            head = found[:3] if found else None
+            if found is not None:
+                versions[streams[0]] = found[3] or 0
         else:
             if not sqlite:
                 conn.execute(_LOCK)
-            head = conn.execute(_HEAD).first()
+            row = conn.execute(_HEAD).first()
+            head = (row[0], row[1], row[2]) if row else None
             for chunk_start in range(0, len(streams), 500):
                 chunk = streams[chunk_start : chunk_start + 500]
-                for row in conn.execute(_VERSIONS, {"streams": chunk}):
-                    versions[row[0]] = row[1]
-        # Both head queries start with (position, hash, recorded_at).
+                for stream, version in conn.execute(_VERSIONS, {"streams": chunk}):
+                    versions[stream] = version
         position, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
         # recorded_at never runs backwards along the log, even if the clock does,
         # so replaying "as of a time" and "as of a position" agree.
@@ -199,10 +233,8 @@ class SQLEventStore:
             if key:
                 known[key] = event
             outcomes.append(Appended(event))
-        if len(rows) == 1:
-            conn.execute(_INSERT, rows[0])
-        elif rows:
-            conn.execute(_INSERT, rows)
+        if rows:
+            driver_insert(conn.dialect, events_table).execute(conn, rows)
         return outcomes
 
     # -- reading ---------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -15,6 +14,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from nbexchange.clock import as_utc, utcnow
 from nbexchange.db import (
+    DriverInsert,
+    driver_insert,
     is_sqlite,
     make_engine,
     metadata,
@@ -45,14 +46,14 @@ class Rows:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self._statement: sa.Executable | _DriverInsert | None = None
+        self._statement: sa.Executable | DriverInsert | None = None
         self._pending: list[dict[str, Any]] = []
 
     def insert(self, table: sa.Table, row: dict[str, Any]) -> None:
         """Queue a row for ``table`` (every column named)."""
-        self.write(_driver_insert(self.conn.dialect, table), row)
+        self.write(driver_insert(self.conn.dialect, table), row)
 
-    def write(self, statement: sa.Executable | _DriverInsert, params: dict[str, Any]) -> None:
+    def write(self, statement: sa.Executable | DriverInsert, params: dict[str, Any]) -> None:
         """Queue a parameterised write (build ``statement`` once, with bind parameters)."""
         if statement is not self._statement:
             self.flush()
@@ -63,66 +64,12 @@ class Rows:
         """Send the queued writes."""
         statement = self._statement
         if self._pending and statement is not None:
-            if isinstance(statement, _DriverInsert):
+            if isinstance(statement, DriverInsert):
                 statement.execute(self.conn, self._pending)
             else:
                 self.conn.execute(statement, self._pending)
         self._pending = []
         self._statement = None
-
-
-class _DriverInsert:
-    """A table's INSERT compiled once, its rows converted by the column types and sent by the driver.
-
-    Rebuilds insert hundreds of thousands of rows: SQLAlchemy's per-row
-    parameter processing for ``executemany`` cost more than the database's own
-    work. The column types still convert the values that need it (SQLite's
-    datetimes), as they would there.
-    """
-
-    def __init__(self, dialect: sa.Dialect, table: sa.Table) -> None:
-        # Named parameters on every driver (pysqlite takes ``:name``), so the
-        # queued dicts go to the driver as they are.
-        dialect_class: Any = type(dialect)  # every SQLAlchemy dialect takes ``paramstyle``
-        named = dialect_class(paramstyle="named") if dialect.positional else dialect
-        self.sql = str(table.insert().compile(dialect=named))
-        self.processors = [
-            (column.key, process)
-            for column in table.columns
-            if (process := column.type.dialect_impl(dialect).bind_processor(dialect)) is not None
-        ]
-        # PostgreSQL: COPY, which streams the rows in one command instead of
-        # one INSERT each.
-        self.copy: str | None = None
-        if dialect.name == "postgresql":
-            quote = dialect.identifier_preparer
-            names = ", ".join(quote.quote(column.name) for column in table.columns)
-            self.copy = f"COPY {quote.format_table(table)} ({names}) FROM STDIN"
-            self.values = operator.itemgetter(*(column.key for column in table.columns))
-
-    def execute(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        """Insert ``rows`` (each names every column; converted in place)."""
-        for name, process in self.processors:
-            for row in rows:
-                row[name] = process(row[name])
-        if self.copy is None:
-            conn.exec_driver_sql(self.sql, rows)
-            return
-        cursor: Any = conn.connection.cursor()  # psycopg's, inside this transaction
-        with cursor.copy(self.copy) as copy:
-            for row in rows:
-                copy.write_row(self.values(row))
-
-
-_driver_inserts: dict[tuple[str, sa.Table], _DriverInsert] = {}
-
-
-def _driver_insert(dialect: sa.Dialect, table: sa.Table) -> _DriverInsert:
-    key = (dialect.name, table)
-    found = _driver_inserts.get(key)
-    if found is None:
-        found = _driver_inserts[key] = _DriverInsert(dialect, table)
-    return found
 
 
 class Projection(Protocol):
