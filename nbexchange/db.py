@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     """
     sa_url = sa.make_url(url)
     if sa_url.get_backend_name() != "sqlite":
-        kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
-        return sa.create_engine(sa_url, **kwargs)
+        engine = sa.create_engine(sa_url, **kwargs)
+        if not kwargs.get("pool_pre_ping"):
+            _ping_idle_connections(engine)
+        return engine
 
     in_memory = sa_url.database in (None, "", ":memory:")
     if in_memory:
@@ -84,6 +87,36 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         cursor.execute("BEGIN IMMEDIATE" if options.get("sqlite_immediate") else "BEGIN")
 
     return engine
+
+
+#: A pooled connection idle longer than this is tested before it is handed out.
+PING_IDLE_AFTER = 1.0
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Test a pooled connection before use if it sat idle, so a restarted server costs no request.
+
+    SQLAlchemy's ``pool_pre_ping`` tests every checkout, a round trip on
+    every append; a connection back in use within a second was just shown to
+    work. One that fails its test is replaced (SQLAlchemy retries the
+    checkout on ``DisconnectionError``).
+    """
+
+    @sa_event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info["idle_since"] = time.monotonic()
+
+    @sa_event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("idle_since", 0.0) < PING_IDLE_AFTER:
+            return
+        try:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+        except Exception as e:
+            raise sa.exc.DisconnectionError("a pooled connection failed its test") from e
 
 
 def is_sqlite(engine: Engine | Connection) -> bool:

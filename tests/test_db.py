@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from builders import release, submit
 
 import nbexchange.projections  # noqa: F401  (registers the projections' tables)
+from nbexchange import db
 from nbexchange.db import current_revision, make_engine, metadata, upgrade, write_transaction
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.projections import catch_up_all
@@ -59,4 +63,42 @@ def test_only_derived_rows_commit_without_waiting_for_the_disk(db_url):
     assert inside() in expected[0]
     assert inside(durable=False) in expected[1]
     assert inside() in expected[0]  # the same pooled connection, back to FULL / on
+    engine.dispose()
+
+
+def test_a_pooled_connection_the_server_dropped_is_replaced_unnoticed(db_url, monkeypatch):
+    """PostgreSQL: a connection that sat idle is tested before use; one the server closed costs no request."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite has no server to drop a connection")
+    monkeypatch.setattr(db, "PING_IDLE_AFTER", 0.05)
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    with engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    admin = sa.create_engine(db_url)
+    with admin.connect() as conn:
+        assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar() is True
+    admin.dispose()
+    time.sleep(0.1)
+    with engine.connect() as conn:  # the pool's one connection is dead; this is a new one
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+    engine.dispose()
+
+
+def test_an_append_on_a_connection_the_server_just_dropped_is_retried_once(db_url, monkeypatch):
+    """PostgreSQL: the drop is found at the append's first statement, before anything is written."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite has no server to drop a connection")
+    monkeypatch.setattr(db, "PING_IDLE_AFTER", 1000)  # too recent to be tested at checkout
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    upgrade(engine)
+    store = SQLEventStore(engine)
+    store.append(release())
+    with engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    admin = sa.create_engine(db_url)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+    admin.dispose()
+    assert store.append(submit("s1")).event.position == 2
+    assert store.verify().ok and store.head() == 2
     engine.dispose()

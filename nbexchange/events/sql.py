@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from nbexchange.clock import as_utc, utcnow
 from nbexchange.db import compile_named, driver_insert, is_sqlite, metadata, translate_errors, write_transaction
-from nbexchange.errors import ConflictError, ExchangeError, NotFound
+from nbexchange.errors import ConflictError, ExchangeError, NotFound, Unavailable
 from nbexchange.events.domain import Actor
 from nbexchange.events.store import (
     GENESIS,
@@ -154,8 +154,21 @@ class SQLEventStore:
         """Append many events in one transaction; each fails or succeeds on its own."""
         if not requests:
             return []
-        with write_transaction(self.engine) as conn:
-            return self._append_locked(conn, requests)
+        for attempt in (1, 2):
+            committing = False
+            try:
+                with write_transaction(self.engine) as conn:
+                    outcomes = self._append_locked(conn, requests)
+                    committing = True
+                return outcomes
+            except Unavailable as e:
+                # A connection the server dropped fails at its first statement;
+                # nothing was written, so one retry on a fresh connection is safe.
+                # A failure in COMMIT has an unknown outcome: that one is raised.
+                dropped = getattr(e.__cause__, "connection_invalidated", False)
+                if attempt == 2 or committing or not dropped:
+                    raise
+        raise AssertionError("unreachable")
 
     def _append_locked(self, conn: Connection, requests: Sequence[AppendRequest]) -> list[Appended | ExchangeError]:
         sqlite = is_sqlite(conn)
