@@ -168,9 +168,17 @@ class BaseHandler(web.RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         text = json.dumps({"success": True, **body})
-        if value_json is not None:
-            text = text[:-1] + ', "value": ' + value_json + "}"
-        self.finish(text)
+        if value_json is None:
+            self.finish(text)
+            return
+        # A long list goes out in pieces, not copied into one string first.
+        self.write(text[:-1] + ', "value": ')
+        self.write(value_json)
+        self.finish("}")
+
+    def compute_etag(self) -> None:
+        """No ETag: every answer carries the log's position, and hashing a 5 MB list costs more than it saves."""
+        return None
 
     async def send_download(self, download: Download, filename: str) -> None:
         """Stream a stored archive in chunks (read in a thread), never whole in memory."""

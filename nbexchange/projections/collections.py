@@ -256,7 +256,7 @@ def submission_items_json(
     given: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for f in feedback:
         given.setdefault((f["student_id"], format_timestamp(f["timestamp"])), []).append(f)
-    last = {student: position for position, student, *_ in rows}
+    last = {row[1]: row[0] for row in rows}  # student -> position of their latest
     parts = []
     for position, student, entry, stamp, notebooks, rendered, archive in rows:
         mine = given.get((student, stamp))
