@@ -653,6 +653,23 @@ def run_bigupload_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[
 # -- the list scenario ---------------------------------------------------------------------------
 
 
+def wait_idle(servers: Servers, timeout: float, window: float = 3.0, busy: float = 0.05) -> float:
+    """Wait until the exchange's processes together use under ``busy`` cores over ``window`` s.
+
+    The log's head standing still is not enough: after a 10,000-upload burst
+    the sweep still re-reads every event it has not swept yet, and a listing
+    timed meanwhile measures that contention rather than the listing.
+    """
+    started = time.monotonic()
+    pids = list(servers.pids.values())
+    while time.monotonic() - started < timeout:
+        before = sum(cpu_by_pid(pids).values())
+        time.sleep(window)
+        if sum(cpu_by_pid(pids).values()) - before < busy * window:
+            return time.monotonic() - started
+    raise RuntimeError(f"the exchange did not go idle within {timeout} s")
+
+
 def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     root.mkdir(parents=True)
     instructor, students = write_users(root / "users.yaml", args.list_submissions, COURSE)
@@ -678,6 +695,7 @@ def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, 
         ok = [r for r in seeded["records"] if r.get("status") in (200, 201)]
         seed_seconds = time.monotonic() - started
         settle = wait_quiet(servers.port, instructor, max(r["position"] for r in ok), timeout=1800)
+        idle = wait_idle(servers, timeout=1800) + settle
         cfg = target("list", servers.port, instructor_token=instructor, requests=args.list_requests)
         gen = LoadGen(cfg, root, servers, args.profile, f"{args.label or 'list'}-{mode}")
         gen.expect("READY", 120)
@@ -693,6 +711,7 @@ def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, 
         "seeded": len(ok),
         "seed_seconds": round(seed_seconds, 1),
         "settled_after_s": round(settle, 1),
+        "idle_after_s": round(idle, 1),
         "items_listed": raw["items"],
         "answer_bytes": raw["bytes"],
         "requests": len(times),
