@@ -661,7 +661,7 @@ def wait_idle(servers: Servers, timeout: float, window: float = 3.0, busy: float
     timed meanwhile measures that contention rather than the listing.
     """
     started = time.monotonic()
-    pids = list(servers.pids.values())
+    pids = list(servers.pids().values())
     while time.monotonic() - started < timeout:
         before = sum(cpu_by_pid(pids).values())
         time.sleep(window)
