@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -108,6 +109,13 @@ _VERSIONS = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
+def _actor(text: str) -> Actor:
+    # Actors repeat along the log (a course's students act again and again),
+    # and an Actor is immutable: decode each stored encoding once.
+    return Actor.from_json(orjson.loads(text))
+
+
 def _row_to_event(row: Any) -> RecordedEvent:
     # By position: rows are ``select(events_table)``, in the table's column order.
     position, stream, version, type_, schema, actor, recorded_at, key, payload, prev_hash, hash_ = row
@@ -117,7 +125,7 @@ def _row_to_event(row: Any) -> RecordedEvent:
         version=version,
         type=type_,
         schema=schema,
-        actor=Actor.from_json(orjson.loads(actor)),
+        actor=_actor(actor),
         recorded_at=as_utc(recorded_at),
         idempotency_key=key,
         payload=orjson.loads(payload),

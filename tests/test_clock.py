@@ -1,0 +1,54 @@
+"""Time: one way to make, format and parse it, and the fast paths agree with the plain ones."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy.dialects import sqlite
+
+from nbexchange.clock import NBGRADER_FORMAT, as_utc, format_iso, format_timestamp, parse_timestamp
+from nbexchange.db import _sqlite_datetime, make_engine
+
+moments = st.datetimes(
+    min_value=datetime(1000, 1, 1),
+    max_value=datetime(9998, 12, 31),
+    timezones=st.sampled_from([timezone.utc, timezone(timedelta(hours=-7, minutes=-30))]),
+)
+
+
+@given(moments)
+def test_nbgrader_format_is_strftime_of_the_utc_moment(moment):
+    assert format_timestamp(moment) == as_utc(moment).strftime(NBGRADER_FORMAT)
+
+
+@given(moments)
+def test_both_formats_parse_back_to_the_same_moment(moment):
+    assert parse_timestamp(format_timestamp(moment)) == moment
+    assert parse_timestamp(format_iso(moment)) == moment
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-01-31 23:59:59.123456 UTC",
+        " 2026-01-31 23:59:59.123456 UTC ",
+        "2026-01-31T23:59:59.123456Z",
+        "2026-01-31 23:59:59.123456",
+    ],
+)
+def test_clients_timestamps_are_read_as_utc(text):
+    assert parse_timestamp(text) == datetime(2026, 1, 31, 23, 59, 59, 123456, tzinfo=timezone.utc)
+
+
+def test_an_unreadable_timestamp_is_refused():
+    with pytest.raises(ValueError):
+        parse_timestamp("yesterday")
+
+
+@given(st.one_of(st.none(), st.datetimes(), st.datetimes(timezones=st.just(timezone.utc))))
+def test_sqlite_datetimes_are_written_as_sqlalchemy_writes_them(value):
+    process = sqlite.DATETIME().bind_processor(make_engine("sqlite://").dialect)
+    assert _sqlite_datetime(value) == process(value)
