@@ -178,15 +178,13 @@ def _release(row: Any) -> Release:
     )
 
 
+# Built once: every fetch and submission reads its release.
+_GET_RELEASE = sa.select(releases).where(_RELEASE_KEY)
+
+
 def get_release(conn: Connection, org_id: int, course_id: str, assignment_id: str) -> Release | None:
     """The assignment's latest release, active or not; ``None`` if it was never released."""
-    row = conn.execute(
-        sa.select(releases).where(
-            releases.c.org_id == org_id,
-            releases.c.course_id == course_id,
-            releases.c.assignment_id == assignment_id,
-        )
-    ).first()
+    row = conn.execute(_GET_RELEASE, {"org": org_id, "course": course_id, "assignment": assignment_id}).first()
     return _release(row) if row else None
 
 
