@@ -532,6 +532,9 @@ def summarize_deadline(mode: str, raw: dict[str, Any], concurrency: int) -> dict
         out["duplicates"] = listing.get("duplicates")
         if "complete_at" in listing:
             out["all_listed_after_last_upload_s"] = round(listing["complete_at"] - last, 3)
+        if "checks" in listing:
+            out["archive_states"] = listing["checks"]["states"]
+            out["all_checked_after_last_upload_s"] = round(listing["checks"]["at"] - last, 3)
     return out
 
 
@@ -732,8 +735,9 @@ def deadline_table(summaries: list[dict[str, Any]]) -> str:
     base = next((s for s in summaries if s["mode"] == "baseline"), None)
     lines = [
         "| mode | accepted | accepted/s (saturated) | × baseline | overall/s | accept p50 / p99 / max (ms) "
-        "| p99 × baseline | projection lag p50 / p99 / max (ms) | visible after last upload (ms) | lost | dup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p99 × baseline | projection lag p50 / p99 / max (ms) | visible after last upload (ms) | lost | dup "
+        "| all archives checked after last upload (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         lat = s["accept_latency_s"]
@@ -747,7 +751,8 @@ def deadline_table(summaries: list[dict[str, Any]]) -> str:
             f"| {s['mode']} | {s['accepted']}/{s['students']} | {s.get('accepted_per_s') or '–'} | {ratio} "
             f"| {s['accepted_per_s_overall']} | {_ms(lat['p50'])} / {_ms(lat['p99'])} / {_ms(lat['max'])} "
             f"| {p99_ratio} | {_ms(lag.get('p50'))} / {_ms(lag.get('p99'))} / {_ms(lag.get('max'))} "
-            f"| {_ms(s.get('visible_after_last_upload_s'))} | {s.get('lost', '–')} | {s.get('duplicates', '–')} |"
+            f"| {_ms(s.get('visible_after_last_upload_s'))} | {s.get('lost', '–')} | {s.get('duplicates', '–')} "
+            f"| {s.get('all_checked_after_last_upload_s', '–')} {s.get('archive_states', '')} |"
         )
     lines += ["", "| mode | process | peak RSS (MB) | CPU during uploads (cores) |", "|---|---|---|---|"]
     for s in summaries:

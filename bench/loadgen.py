@@ -181,6 +181,7 @@ async def deadline(cfg: dict[str, Any]) -> dict[str, Any]:
     listing: dict[str, Any] = {}
     if probe:
         listing = await final_listing(probe, target, probe_token or "", records, t0, lag_timeout)
+        listing["checks"] = await all_checked(probe, target, probe_token or "", t0, lag_timeout)
     for c in conns:
         await c.close()
     if probe:
@@ -228,6 +229,22 @@ async def final_listing(
         "duplicates": sum(n - 1 for n in listed.values() if n > 1),
         "unacknowledged": len(set(listed) - accepted),
     }
+
+
+async def all_checked(conn: Connection, target: Target, token: str, t0: float, timeout: float) -> dict[str, Any]:
+    """List until no submission's archive check is pending (or ``timeout``): when, and the states."""
+    auth = {"Authorization": f"token {token}"}
+    give_up = time.monotonic() + timeout
+    while True:
+        answer = await conn.request("GET", target.route("collections"), auth)
+        finished = time.monotonic()
+        states: dict[str, int] = {}
+        for item in answer.json().get("value", []) if answer.status == 200 else []:
+            state = item["archive"]["state"]
+            states[state] = states.get(state, 0) + 1
+        if answer.status == 200 and not states.get("pending") or finished > give_up:
+            return {"at": finished - t0, "states": states}
+        await asyncio.sleep(0.25)
 
 
 # -- bigupload ------------------------------------------------------------------

@@ -123,6 +123,12 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     sweep_grace = Float(
         30.0, config=True, help="Seconds an archive's own check message has before the sweep checks it instead."
     )
+    check_defer_max = Float(
+        20.0,
+        config=True,
+        help="Embedded default: seconds an archive check may wait while the process receives uploads, so they "
+        "go first. Keep it below sweep_grace.",
+    )
     group_commit_max = Int(256, config=True, help="Most appends committed together in one transaction.")
 
     # -- who is calling ------------------------------------------------------

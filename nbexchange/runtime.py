@@ -13,7 +13,7 @@ from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import RecordedEvent
 from nbexchange.metrics import count_appended
 from nbexchange.storage import ArchiveStore
-from nbexchange.workers.app import Dispatcher, make_celery
+from nbexchange.workers.app import Dispatcher, Projector, make_celery
 from nbexchange.workers.archives import ArchiveLimits
 
 if TYPE_CHECKING:
@@ -43,7 +43,19 @@ class Runtime:
         self.sweep_grace = settings.sweep_grace
         self.broker_url = settings.broker_url
         self.celery = make_celery(self, settings.broker_url, settings.queue_name)
-        self.dispatcher = Dispatcher(self.celery)
+        #: Uploads this process is receiving now (kept by the API's upload
+        #: handlers, on the event loop). A worker process never has any.
+        self.uploads_in_flight = 0
+        # Embedded: the worker is a thread of this process. Its archive checks
+        # wait while this process receives uploads, and a projector thread of
+        # its own catches up, so readers never wait behind those checks.
+        self.projector = Projector(self) if settings.embedded else None
+        self.dispatcher = Dispatcher(
+            self.celery,
+            hold_checks=self.receiving_uploads if settings.embedded else None,
+            hold_max=settings.check_defer_max,
+            catch_up=self.projector.wake if self.projector else None,
+        )
         self.committer = GroupCommitter(self.store, on_commit=self._on_commit, max_batch=settings.group_commit_max)
         # Appends go through the group committer in API and worker processes alike.
         self.appender = self.committer
@@ -51,6 +63,10 @@ class Runtime:
     def _on_commit(self, events: Sequence[RecordedEvent]) -> None:
         count_appended(events)
         self.dispatcher(events)
+
+    def receiving_uploads(self) -> bool:
+        """Whether this process is receiving uploads, which its own archive checks let go first."""
+        return self.uploads_in_flight > 0
 
     def queue_depth(self) -> int | None:
         """Messages waiting for a worker, or ``None`` if the broker cannot say."""
@@ -75,4 +91,6 @@ class Runtime:
         """Commit and send what is pending, then release connections."""
         self.committer.close()
         self.dispatcher.close()
+        if self.projector:
+            self.projector.stop()
         self.engine.dispose()

@@ -145,8 +145,10 @@ def start_service(
         f"--NbExchange.queue_name=nbx-test-{uuid.uuid4().hex[:8]}",
         "--NbExchange.sweep_interval=2",
         "--NbExchange.sweep_grace=1",
-        *(extra or []),
     ]
+    # A setting in ``extra`` replaces the default above (traitlets refuses a setting given twice).
+    overridden = {flag.split("=", 1)[0] for flag in extra or []}
+    flags = [flag for flag in flags if flag.split("=", 1)[0] not in overridden] + list(extra or [])
     if broker_url:
         flags.append(f"--NbExchange.broker_url={broker_url}")
     service = Service(f"http://127.0.0.1:{port}{BASE_URL}", tokens, root, db_url, broker_url, flags)

@@ -20,6 +20,7 @@ from nbexchange.errors import ExchangeError, Invalid, Unauthorized, Unavailable
 from nbexchange.exchange import Download, Exchange
 from nbexchange.identity.base import User, UserPlugin
 from nbexchange.metrics import REQUEST_LATENCY
+from nbexchange.runtime import Runtime
 from nbexchange.storage import CHUNK_SIZE
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ class BaseHandler(web.RequestHandler):
     def exchange(self) -> Exchange:
         exchange: Exchange = self.settings["exchange"]
         return exchange
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime: Runtime = self.settings["runtime"]
+        return runtime
 
     @property
     def user_plugin(self) -> UserPlugin:

@@ -158,6 +158,7 @@ class UploadHandler(BaseHandler):
 
     _upload: Upload | None = None
     _failure: Exception | None = None
+    _receiving = False
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -176,6 +177,8 @@ class UploadHandler(BaseHandler):
         self._received = 0
         self._limit = limit
         self._upload = self.settings["archives"].new_upload(max_size=limit)
+        self.runtime.uploads_in_flight += 1
+        self._receiving = True
         self._file = _FilePart(self._upload)
         self._lists = {name: _ListPart() for name in self.list_fields}
         self._parser = FormStream(boundary, {self.file_field: self._file, **self._lists})
@@ -222,12 +225,20 @@ class UploadHandler(BaseHandler):
             raise UnsupportedMedia("The upload is not a gzip'd tar archive (.tar.gz).")
         return await self.run(upload.finish)
 
+    def _received_all(self) -> None:
+        # Once per request, whichever of finishing or a closed connection comes first.
+        if self._receiving:
+            self._receiving = False
+            self.runtime.uploads_in_flight -= 1
+
     def on_connection_close(self) -> None:
+        self._received_all()
         if self._upload is not None:
             self._upload.abort()
         super().on_connection_close()
 
     def on_finish(self) -> None:
+        self._received_all()
         # A request that failed before ``finish`` leaves no temp file behind.
         if self._upload is not None and self.get_status() >= 400:
             self._upload.abort()

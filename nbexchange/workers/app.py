@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
@@ -22,6 +23,8 @@ EMBEDDED_BROKER = "memory://localhost/"
 CHECK_ARCHIVES = "nbexchange.check_archives"
 #: Archives per check message: fewer messages in a burst, still spread over workers.
 CHECKS_PER_MESSAGE = 8
+#: How often (seconds) held check messages look whether they may go.
+HOLD_POLL = 0.05
 CATCH_UP = "nbexchange.catch_up"
 SWEEP = "nbexchange.sweep"
 
@@ -76,10 +79,29 @@ class Dispatcher:
 
     The committer hands over events and moves on; a slow or absent broker
     delays the workers (the sweep catches up) but never the accept path.
+
+    In the embedded default two hooks change what it does. ``catch_up``
+    replaces the catch-up message: the process's own :class:`Projector`
+    brings the projections up, so readers never wait behind archive checks
+    in the one embedded worker. ``hold_checks`` says whether the process is
+    receiving uploads: archive checks would compete with them for the one
+    GIL, so each check message waits while it says yes, at most ``hold_max``
+    seconds from its event's commit. A held message lost with the process is
+    a lost message like any other: the sweep does its work.
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        hold_checks: Callable[[], bool] | None = None,
+        hold_max: float = 20.0,
+        catch_up: Callable[[], None] | None = None,
+    ) -> None:
         self.app = app
+        self.hold_checks = hold_checks
+        self.hold_max = hold_max
+        self.catch_up = catch_up
         self._down = False
         self._queue: queue.Queue[Sequence[RecordedEvent] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="nbexchange-dispatcher", daemon=True)
@@ -90,7 +112,7 @@ class Dispatcher:
         self._queue.put(events)
 
     def close(self) -> None:
-        """Send what is queued, then stop."""
+        """Send what is queued or held, then stop."""
         self._queue.put(None)
         self._thread.join(timeout=10)
 
@@ -102,27 +124,42 @@ class Dispatcher:
             retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
         )
 
+    def _due(self, held: list[tuple[int, float]], closing: bool) -> tuple[list[int], list[tuple[int, float]]]:
+        """The held checks whose message should go now, and those that keep waiting."""
+        if closing or self.hold_checks is None or not self.hold_checks():
+            return [position for position, _ in held], []
+        oldest = time.monotonic() - self.hold_max
+        due = [position for position, since in held if since <= oldest]
+        return due, held[len(due) :]  # held in commit order: the due ones come first
+
     def _run(self) -> None:
-        while True:
-            events = self._queue.get()
-            if events is None:
-                return
-            # Gather whatever else is waiting, so a burst costs one catch-up message.
-            batch = list(events)
-            while True:
+        held: list[tuple[int, float]] = []  # archive events whose check message waits, since when
+        closing = False
+        while not closing:
+            try:
+                events = self._queue.get(timeout=HOLD_POLL if held else None)
+            except queue.Empty:
+                events = ()
+            # Gather whatever else is waiting, so a burst costs one catch-up.
+            batch = list(events or ())
+            closing = events is None
+            while not closing:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    self._queue.put(None)
-                    break
-                batch.extend(more)
+                closing = more is None
+                batch.extend(more or ())
+            now = time.monotonic()
+            held += [(event.position, now) for event in batch if event.data.archive() is not None]
+            positions, held = self._due(held, closing)
             try:
-                positions = [event.position for event in batch if event.data.archive() is not None]
                 for start in range(0, len(positions), CHECKS_PER_MESSAGE):
                     self._send(CHECK_ARCHIVES, (positions[start : start + CHECKS_PER_MESSAGE],))
-                self._send(CATCH_UP)
+                if batch and self.catch_up is not None:
+                    self.catch_up()
+                elif batch:
+                    self._send(CATCH_UP)
             except Exception as e:
                 # One traceback per outage is enough; the sweep does the work meanwhile.
                 log.warning(
@@ -133,6 +170,38 @@ class Dispatcher:
                 if self._down:
                     log.warning("The broker answers again")
                 self._down = False
+
+
+class Projector:
+    """The embedded default's catch-up: a thread that brings the projections up after each commit."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="nbexchange-projector", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Catch up soon (wake-ups that come while it works make one more pass, not many)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Make a last pass over what was committed, then stop."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                tasks.catch_up(self.ctx)
+            except Exception:
+                log.exception("Catch-up failed; the next commit or the sweep tries again")
+            if self._stopping:
+                return
 
 
 class Sweeper:

@@ -1,0 +1,94 @@
+"""In the embedded default, archive checks let the process's uploads go first; a worker process never waits."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlsplit
+
+from httpclient import COURSE, get, ok, release, submit, until
+from service import TEST_BROKER_URL, Service
+
+from nbexchange.workers.app import CATCH_UP, CHECK_ARCHIVES, Dispatcher
+
+USERS = {"ada": {COURSE: "Instructor"}, "s1": {COURSE: "Student"}, "s2": {COURSE: "Student"}}
+
+
+class _App:
+    """Records the messages a dispatcher sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, tuple[Any, ...]]] = []
+
+    def send_task(self, name: str, args: tuple[Any, ...] = (), **_: Any) -> None:
+        self.sent.append((name, tuple(args)))
+
+
+def _submitted(position: int) -> Any:
+    return SimpleNamespace(position=position, data=SimpleNamespace(archive=lambda: "a" * 64))
+
+
+def test_check_messages_wait_while_uploads_arrive_and_catch_up_does_not():
+    app, busy, woken = _App(), [True], []
+    dispatcher = Dispatcher(app, hold_checks=lambda: busy[0], hold_max=30, catch_up=lambda: woken.append(1))
+    dispatcher([_submitted(1), _submitted(2)])
+    until(lambda: woken)
+    time.sleep(0.3)
+    assert app.sent == []  # the catch-up was local; the checks wait
+    busy[0] = False
+    until(lambda: app.sent == [(CHECK_ARCHIVES, ([1, 2],))])
+    dispatcher.close()
+
+
+def test_a_check_waits_at_most_hold_max_and_goes_on_close():
+    app = _App()
+    dispatcher = Dispatcher(app, hold_checks=lambda: True, hold_max=0.2)
+    dispatcher([_submitted(1)])
+    until(lambda: (CHECK_ARCHIVES, ([1],)) in app.sent)  # busy all along: sent once held long enough
+    dispatcher([_submitted(2)])
+    dispatcher.close()
+    assert (CHECK_ARCHIVES, ([2],)) in app.sent
+    assert (CATCH_UP, ()) in app.sent  # no local catch-up given: a message
+
+
+def _start_slow_upload(svc: Service, who: str) -> http.client.HTTPConnection:
+    """A submission whose body has begun to arrive and is not finished."""
+    url = urlsplit(svc.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.putrequest("POST", f"{url.path}submission?course_id={COURSE}&assignment_id=ps1&timestamp=2026-01-31")
+    for name, value in svc.headers(who).items():
+        conn.putheader(name, value)
+    conn.putheader("Content-Type", "multipart/form-data; boundary=slow")
+    conn.putheader("Content-Length", str(10 * 1024 * 1024))
+    conn.endheaders()
+    conn.send(b'--slow\r\nContent-Disposition: form-data; name="assignment"; filename="s.tar.gz"\r\n\r\n\x1f\x8b')
+    return conn
+
+
+def _state(svc: Service, position: int) -> str:
+    items = ok(get(svc, "collections", "ada", course_id=COURSE, assignment_id="ps1", min_position=position))["value"]
+    (item,) = [i for i in items if i["student_id"] == "s1"]
+    return str(item["archive"]["state"])
+
+
+def test_a_check_waits_while_this_process_receives_an_upload(exchange_service):
+    # The sweep (its grace is 1 s in tests) would check the archive itself: hold it off.
+    svc = exchange_service(USERS, extra=["--NbExchange.check_defer_max=60", "--NbExchange.sweep_grace=120"])
+    ok(release(svc, "ada", "ps1"), 201)
+    until(lambda: get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps1").status_code == 200)
+    slow = _start_slow_upload(svc, "s2")
+    try:
+        accepted = ok(submit(svc, "s1", "ps1"), 201)
+        if not TEST_BROKER_URL:
+            # Listed at once (catch-up does not wait), its check pending behind the upload in flight.
+            assert _state(svc, accepted["position"]) == "pending"
+            time.sleep(2)
+            assert _state(svc, accepted["position"]) == "pending"
+        else:
+            # A worker process has no uploads of its own to let go first: it checks at once.
+            until(lambda: _state(svc, accepted["position"]) == "unpacked")
+    finally:
+        slow.close()
+    until(lambda: _state(svc, accepted["position"]) == "unpacked")
