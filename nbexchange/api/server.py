@@ -95,6 +95,13 @@ def serve(settings: NbExchange) -> None:
     executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="nbexchange-io")
     worker = sweeper = None
     if settings.embedded:
+        if settings.check_defer_max >= settings.sweep_grace:
+            log.warning(
+                "check_defer_max (%s s) is not below sweep_grace (%s s): the sweep may check held archives "
+                "itself, doing the work twice",
+                settings.check_defer_max,
+                settings.sweep_grace,
+            )
         worker = EmbeddedWorker(runtime.celery, settings.worker_concurrency)
         worker.start()
         sweeper = Sweeper(runtime, settings.sweep_interval)

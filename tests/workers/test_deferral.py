@@ -92,3 +92,10 @@ def test_a_check_waits_while_this_process_receives_an_upload(exchange_service):
     finally:
         slow.close()
     until(lambda: _state(svc, accepted["position"]) == "unpacked")
+
+
+def test_a_hold_longer_than_the_sweeps_grace_is_warned_about(exchange_service):
+    """The test services' sweep grace is 1 s, below the default hold of 20 s."""
+    svc = exchange_service(USERS)
+    embedded = not TEST_BROKER_URL
+    assert ("check_defer_max (20.0 s) is not below sweep_grace (1.0 s)" in svc.log_text()) is embedded
