@@ -232,11 +232,12 @@ def _faster(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
 #: PostgreSQL inserts this many rows or more with COPY.
 COPY_FROM = 16
 
-_driver_inserts: dict[tuple[str, sa.Table], DriverInsert] = {}
+_driver_inserts: dict[tuple[str, str, sa.Table], DriverInsert] = {}
 
 
 def driver_insert(dialect: sa.Dialect, table: sa.Table) -> DriverInsert:
-    key = (dialect.name, table)
+    """The :class:`DriverInsert` for ``table`` on this dialect and driver, made once."""
+    key = (dialect.name, dialect.driver, table)  # the SQL text depends on the driver's paramstyle
     found = _driver_inserts.get(key)
     if found is None:
         found = _driver_inserts[key] = DriverInsert(dialect, table)

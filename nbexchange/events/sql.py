@@ -91,13 +91,14 @@ class _HeadQuery:
         return position, hash_, recorded_at, version
 
 
-_head_queries: dict[str, _HeadQuery] = {}
+_head_queries: dict[tuple[str, str], _HeadQuery] = {}
 
 
 def _read_head(conn: Connection, stream: str) -> tuple[int, str, datetime, int | None] | None:
-    query = _head_queries.get(conn.dialect.name)
+    key = (conn.dialect.name, conn.dialect.driver)  # the SQL text depends on the driver's paramstyle
+    query = _head_queries.get(key)
     if query is None:
-        query = _head_queries[conn.dialect.name] = _HeadQuery(conn.dialect)
+        query = _head_queries[key] = _HeadQuery(conn.dialect)
     return query.first(conn, stream)
 
 
