@@ -185,7 +185,12 @@ def rebuild_many(engine: Engine, projections: Sequence[Projection], batch_size: 
         for projection in projections:
             lock_checkpoint(conn, projection.name)
             for table in reversed(projection.tables):
-                conn.execute(table.delete())
+                if is_sqlite(conn):
+                    conn.execute(table.delete())  # SQLite truncates an unqualified DELETE itself
+                else:
+                    # TRUNCATE, not DELETE: no dead rows and bloated indexes left
+                    # for the rebuild to insert around (still transactional).
+                    conn.exec_driver_sql(f"TRUNCATE {conn.dialect.identifier_preparer.format_table(table)}")
             move_checkpoint(conn, projection.name, 0)
     return catch_up_many(engine, projections, batch_size)
 
