@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -656,23 +657,6 @@ def run_bigupload_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[
 # -- the list scenario ---------------------------------------------------------------------------
 
 
-def wait_idle(servers: Servers, timeout: float, window: float = 3.0, busy: float = 0.05) -> float:
-    """Wait until the exchange's processes together use under ``busy`` cores over ``window`` s.
-
-    The log's head standing still is not enough: after a 10,000-upload burst
-    the sweep still re-reads every event it has not swept yet, and a listing
-    timed meanwhile measures that contention rather than the listing.
-    """
-    started = time.monotonic()
-    pids = list(servers.pids().values())
-    while time.monotonic() - started < timeout:
-        before = sum(cpu_by_pid(pids).values())
-        time.sleep(window)
-        if sum(cpu_by_pid(pids).values()) - before < busy * window:
-            return time.monotonic() - started
-    raise RuntimeError(f"the exchange did not go idle within {timeout} s")
-
-
 def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     root.mkdir(parents=True)
     instructor, students = write_users(root / "users.yaml", args.list_submissions, COURSE)
@@ -698,7 +682,14 @@ def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, 
         ok = [r for r in seeded["records"] if r.get("status") in (200, 201)]
         seed_seconds = time.monotonic() - started
         settle = wait_quiet(servers.port, instructor, max(r["position"] for r in ok), timeout=1800)
-        idle = wait_idle(servers, timeout=1800) + settle
+        # The log's head standing still is not enough: after a 10,000-upload
+        # burst the sweep still re-reads every event it has not swept yet, and
+        # a listing timed meanwhile would measure that contention.
+        pids = list(servers.pids().values())
+        quiet = wait_for_idle(1800, below=0.05, busy_seconds=lambda: sum(cpu_by_pid(pids).values()))
+        if not quiet["idle"]:
+            raise RuntimeError(f"the exchange did not go idle: {quiet}")
+        idle = quiet["seconds"] + settle
         cfg = target("list", servers.port, instructor_token=instructor, requests=args.list_requests)
         gen = LoadGen(cfg, root, servers, args.profile, f"{args.label or 'list'}-{mode}")
         gen.expect("READY", 120)
@@ -766,15 +757,18 @@ def deadline_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def wait_for_idle(timeout: float, below: float = 0.3, steady: int = 3) -> dict[str, Any]:
-    """Wait (at most ``timeout`` s) until the machine's other users leave it nearly idle for ``steady`` s."""
+def wait_for_idle(
+    timeout: float, below: float = 0.3, steady: int = 3, busy_seconds: Callable[[], float] = machine_busy_seconds
+) -> dict[str, Any]:
+    """Wait (at most ``timeout`` s) until ``busy_seconds`` (by default: the whole machine's) grows by
+    less than ``below`` cores for ``steady`` s."""
     started = time.monotonic()
     calm = 0
-    busy = machine_busy_seconds()
+    busy = busy_seconds()
     cores = None
     while time.monotonic() - started < timeout:
         time.sleep(1)
-        now = machine_busy_seconds()
+        now = busy_seconds()
         cores, busy = now - busy, now
         calm = calm + 1 if cores < below else 0
         if calm >= steady:
