@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import operator
 import time
@@ -232,16 +233,11 @@ def _faster(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
 #: PostgreSQL inserts this many rows or more with COPY.
 COPY_FROM = 16
 
-_driver_inserts: dict[tuple[str, str, sa.Table], DriverInsert] = {}
 
-
+@functools.cache
 def driver_insert(dialect: sa.Dialect, table: sa.Table) -> DriverInsert:
-    """The :class:`DriverInsert` for ``table`` on this dialect and driver, made once."""
-    key = (dialect.name, dialect.driver, table)  # the SQL text depends on the driver's paramstyle
-    found = _driver_inserts.get(key)
-    if found is None:
-        found = _driver_inserts[key] = DriverInsert(dialect, table)
-    return found
+    """The :class:`DriverInsert` for ``table`` on this engine's dialect, made once."""
+    return DriverInsert(dialect, table)
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

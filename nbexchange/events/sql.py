@@ -91,15 +91,13 @@ class _HeadQuery:
         return position, hash_, recorded_at, version
 
 
-_head_queries: dict[tuple[str, str], _HeadQuery] = {}
+@functools.cache
+def _head_query(dialect: sa.Dialect) -> _HeadQuery:
+    return _HeadQuery(dialect)
 
 
 def _read_head(conn: Connection, stream: str) -> tuple[int, str, datetime, int | None] | None:
-    key = (conn.dialect.name, conn.dialect.driver)  # the SQL text depends on the driver's paramstyle
-    query = _head_queries.get(key)
-    if query is None:
-        query = _head_queries[key] = _HeadQuery(conn.dialect)
-    return query.first(conn, stream)
+    return _head_query(conn.dialect).first(conn, stream)
 
 
 _BY_KEYS = sa.select(events_table).where(events_table.c.idempotency_key.in_(sa.bindparam("keys", expanding=True)))
