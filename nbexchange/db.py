@@ -55,6 +55,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("poolclass", StaticPool)
     else:
         Path(sa_url.database or "").parent.mkdir(parents=True, exist_ok=True)
+        # Enough pooled connections for a burst's request threads: a connection
+        # beyond the pool is opened (with its PRAGMAs) and closed for each use.
+        kwargs.setdefault("pool_size", 20)
+        kwargs.setdefault("max_overflow", 40)
     connect_args = kwargs.setdefault("connect_args", {})
     connect_args.setdefault("check_same_thread", False)
     connect_args.setdefault("timeout", 60)
