@@ -17,7 +17,7 @@ class AssignmentHandler(UploadHandler):
         """Download the released archive; appends ``fetched``."""
         course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
         self.exchange.member(self.user, course_id)
-        await self.read_position()
+        await self.wait_for_position()
         download = await self.run(self.exchange.fetch, self.user, course_id, assignment_id, self.idempotency_key())
         await self.send_download(download, f"{assignment_id}.tar.gz")
 
@@ -38,7 +38,7 @@ class AssignmentHandler(UploadHandler):
         course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
         purge = (self.param("purge", required=False) or "").lower() in ("1", "true", "yes")
         self.exchange.instructor(self.user, course_id, "unrelease assignments")
-        await self.read_position()
+        await self.wait_for_position()
         written = await self.run(
             self.exchange.unrelease, self.user, course_id, assignment_id, purge, self.idempotency_key()
         )

@@ -167,6 +167,11 @@ class BaseHandler(web.RequestHandler):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
+    async def wait_for_position(self) -> None:
+        """Wait until projections reach ``min_position``, if the request gives one; nothing is read otherwise."""
+        if self.int_param("min_position", 0) > 0:
+            await self.read_position()
+
     # -- answering ---------------------------------------------------------
 
     def answer(self, body: dict[str, Any], status: int = 200, value_json: str | None = None) -> None:

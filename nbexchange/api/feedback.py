@@ -31,7 +31,7 @@ class FeedbackHandler(UploadHandler):
         checksum = self.id_param("checksum")
         key = self.idempotency_key()
         self.exchange.instructor(self.user, course_id, "release feedback")
-        await self.read_position()
+        await self.wait_for_position()
         stored = await self.stored_upload()
         written = await self.run(
             self.exchange.release_feedback,

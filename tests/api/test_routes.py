@@ -322,6 +322,9 @@ def test_reads_wait_for_min_position_then_give_up(svc):
     refused(late, 503, "caught up")
     assert late.headers["Retry-After"] == "2"
     assert time.monotonic() - started >= 1.5  # it waited for the consistency timeout first
+    # Reads that append (a fetch) wait the same way when given a position, and only then.
+    refused(get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps1", min_position=head + 10_000), 503)
+    refused(get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps1", min_position="soon"), 400)
 
 
 def test_purge_keeps_bytes_a_submission_shares(svc):
