@@ -49,7 +49,7 @@ class Runtime:
         # Embedded: the worker is a thread of this process. Its archive checks
         # wait while this process receives uploads, and a projector thread of
         # its own catches up, so readers never wait behind those checks.
-        self.projector = Projector(self) if settings.embedded else None
+        self.projector = Projector(self, busy=self.receiving_uploads) if settings.embedded else None
         self.dispatcher = Dispatcher(
             self.celery,
             hold_checks=self.receiving_uploads if settings.embedded else None,

@@ -1,8 +1,9 @@
-"""In the embedded default, archive checks let the process's uploads go first; a worker process never waits."""
+"""In the embedded default, archive checks and catch-up let the process's uploads go first; a worker process never waits."""
 
 from __future__ import annotations
 
 import http.client
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +12,10 @@ from urllib.parse import urlsplit
 from httpclient import COURSE, get, ok, release, submit, until
 from service import TEST_BROKER_URL, Service
 
-from nbexchange.workers.app import CATCH_UP, CHECK_ARCHIVES, Dispatcher
+import pytest
+
+from nbexchange.workers import app as workers_app
+from nbexchange.workers.app import CATCH_UP, CHECK_ARCHIVES, Dispatcher, Projector
 
 USERS = {"ada": {COURSE: "Instructor"}, "s1": {COURSE: "Student"}, "s2": {COURSE: "Student"}}
 
@@ -51,6 +55,34 @@ def test_a_check_waits_at_most_hold_max_and_goes_on_close():
     dispatcher.close()
     assert (CHECK_ARCHIVES, ([2],)) in app.sent
     assert (CATCH_UP, ()) in app.sent  # no local catch-up given: a message
+
+
+def test_catch_up_passes_are_spaced_while_uploads_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
+    passes: list[float] = []
+    ran = threading.Event()
+
+    def catch_up(ctx: object) -> None:
+        passes.append(time.monotonic())
+        ran.set()
+
+    monkeypatch.setattr(workers_app.tasks, "catch_up", catch_up)
+    busy = [True]
+    projector = Projector(SimpleNamespace(), busy=lambda: busy[0], busy_interval=0.5)
+    try:
+        woken = time.monotonic()
+        for _ in range(20):  # a burst of commits
+            projector.wake()
+        assert ran.wait(5)
+        time.sleep(0.3)
+        assert len(passes) == 1 and passes[0] - woken >= 0.5  # one pass for the burst, after the interval
+        busy[0] = False
+        ran.clear()
+        woken = time.monotonic()
+        projector.wake()
+        assert ran.wait(5)
+        assert len(passes) == 2 and passes[1] - woken < 0.4  # not busy: at once
+    finally:
+        projector.stop()
 
 
 def _start_slow_upload(svc: Service, who: str) -> http.client.HTTPConnection:
