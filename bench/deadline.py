@@ -251,6 +251,8 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
         queue = f"nbx-bench-{uuid.uuid4().hex[:8]}"
         servers.cleanup.append(lambda: _forget_queue(queue))
         flags += [
+            # The workers share this machine's cores with the APIs, as in docker-compose.yml.
+            "--NbExchange.check_defer_max=20",
             f"--NbExchange.db_url={PG_URL}?options=-csearch_path%3D{schema}",
             f"--NbExchange.broker_url={REDIS_URL}",
             f"--NbExchange.queue_name={queue}",

@@ -124,10 +124,12 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         30.0, config=True, help="Seconds an archive's own check message has before the sweep checks it instead."
     )
     check_defer_max = Float(
-        20.0,
+        None,
+        allow_none=True,
         config=True,
-        help="Embedded default: seconds an archive check may wait while the process receives uploads, so they "
-        "go first. Keep it below sweep_grace.",
+        help="Seconds an archive check may wait while its API process receives uploads, so they go first; 0: "
+        "never. Default: 20 in the embedded default, 0 with a broker (set it where workers share the API "
+        "processes' CPUs). Keep it below sweep_grace.",
     )
     group_commit_max = Int(256, config=True, help="Most appends committed together in one transaction.")
 
@@ -217,6 +219,13 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         """Whether this process also runs the workers (no broker configured)."""
         return not self.broker_url
 
+    @property
+    def check_hold_seconds(self) -> float:
+        """``check_defer_max``, or its default for this topology."""
+        if self.check_defer_max is not None:
+            return float(self.check_defer_max)
+        return 20.0 if self.embedded else 0.0
+
     def make_user_plugin(self) -> UserPlugin:
         """The identity plugin; the embedded default on loopback gets a demo users file."""
         if self.user_plugin_class is UsersFilePlugin and not self.users_file:
@@ -251,7 +260,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         if self.embedded:
             self.log.critical("`nbexchange worker` needs broker_url (NBEX_BROKER_URL); the embedded API runs its own.")
             self.exit(2)
-        runtime = Runtime(self)
+        runtime = Runtime(self, follow_log=True)
         sweeper = Sweeper(runtime, self.sweep_interval)
         sweeper.start()
         worker = runtime.celery.Worker(

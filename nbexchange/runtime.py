@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,13 +15,16 @@ from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import RecordedEvent
 from nbexchange.metrics import count_appended
 from nbexchange.storage import ArchiveStore
-from nbexchange.workers.app import Dispatcher, Projector, make_celery
+from nbexchange.workers.app import FOLLOW_POLL, Dispatcher, Projector, make_celery
 from nbexchange.workers.archives import ArchiveLimits
 
 if TYPE_CHECKING:
     from nbexchange.app import NbExchange
 
 log = logging.getLogger(__name__)
+
+#: Seconds after its last upload during which a process still counts as receiving them.
+UPLOAD_GAP = 1.0
 
 
 class Runtime:
@@ -29,7 +34,7 @@ class Runtime:
     the embedded default (worker thread) and in a ``nbexchange worker`` process.
     """
 
-    def __init__(self, settings: NbExchange) -> None:
+    def __init__(self, settings: NbExchange, *, follow_log: bool = False) -> None:
         self.engine = make_engine(settings.db_url)
         if settings.upgrade_db:
             upgrade(self.engine)
@@ -46,14 +51,22 @@ class Runtime:
         #: Uploads this process is receiving now (kept by the API's upload
         #: handlers, on the event loop). A worker process never has any.
         self.uploads_in_flight = 0
-        # Embedded: the worker is a thread of this process. Its archive checks
-        # wait while this process receives uploads, and a projector thread of
-        # its own catches up, so readers never wait behind those checks.
-        self.projector = Projector(self, busy=self.receiving_uploads) if settings.embedded else None
+        self._last_upload_end = -math.inf
+        # Catch-up has a thread of its own, so readers never wait behind
+        # archive checks: woken after each commit in the embedded default,
+        # following the log in a worker process (``follow_log``). Where
+        # workers share this process's CPUs (always when embedded), check
+        # messages wait while it receives uploads.
+        self.projector: Projector | None = None
+        if follow_log:
+            self.projector = Projector(self, poll=FOLLOW_POLL)
+        elif settings.embedded:
+            self.projector = Projector(self)
+        hold = settings.check_hold_seconds
         self.dispatcher = Dispatcher(
             self.celery,
-            hold_checks=self.receiving_uploads if settings.embedded else None,
-            hold_max=settings.check_defer_max,
+            hold_checks=self.receiving_uploads if hold > 0 else None,
+            hold_max=hold,
             catch_up=self.projector.wake if self.projector else None,
         )
         self.committer = GroupCommitter(self.store, on_commit=self._on_commit, max_batch=settings.group_commit_max)
@@ -64,9 +77,23 @@ class Runtime:
         count_appended(events)
         self.dispatcher(events)
 
+    def upload_started(self) -> None:
+        """An upload's body began to arrive (called on the event loop)."""
+        self.uploads_in_flight += 1
+
+    def upload_ended(self) -> None:
+        """An upload's body arrived whole, or its connection closed (called on the event loop)."""
+        self.uploads_in_flight -= 1
+        self._last_upload_end = time.monotonic()
+
     def receiving_uploads(self) -> bool:
-        """Whether this process is receiving uploads, which its own archive checks let go first."""
-        return self.uploads_in_flight > 0
+        """Whether this process is receiving uploads, which its own archive checks let go first.
+
+        A moment between two uploads (``UPLOAD_GAP`` seconds) still counts:
+        in a burst, the held checks would otherwise all go out whenever no
+        body happens to be arriving.
+        """
+        return self.uploads_in_flight > 0 or time.monotonic() - self._last_upload_end < UPLOAD_GAP
 
     def queue_depth(self) -> int | None:
         """Messages waiting for a worker, or ``None`` if the broker cannot say."""

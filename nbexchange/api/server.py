@@ -94,14 +94,14 @@ def serve(settings: NbExchange) -> None:
     runtime = Runtime(settings)
     executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="nbexchange-io")
     worker = sweeper = None
+    if 0 < settings.check_hold_seconds >= settings.sweep_grace:
+        log.warning(
+            "check_defer_max (%s s) is not below sweep_grace (%s s): the sweep may check held archives "
+            "itself, doing the work twice",
+            settings.check_hold_seconds,
+            settings.sweep_grace,
+        )
     if settings.embedded:
-        if settings.check_defer_max >= settings.sweep_grace:
-            log.warning(
-                "check_defer_max (%s s) is not below sweep_grace (%s s): the sweep may check held archives "
-                "itself, doing the work twice",
-                settings.check_defer_max,
-                settings.sweep_grace,
-            )
         worker = EmbeddedWorker(runtime.celery, settings.worker_concurrency)
         worker.start()
         sweeper = Sweeper(runtime, settings.sweep_interval)

@@ -177,7 +177,7 @@ class UploadHandler(BaseHandler):
         self._received = 0
         self._limit = limit
         self._upload = self.settings["archives"].new_upload(max_size=limit)
-        self.runtime.uploads_in_flight += 1
+        self.runtime.upload_started()
         self._receiving = True
         self._file = _FilePart(self._upload)
         self._lists = {name: _ListPart() for name in self.list_fields}
@@ -229,7 +229,7 @@ class UploadHandler(BaseHandler):
         # Once per request, whichever of finishing or a closed connection comes first.
         if self._receiving:
             self._receiving = False
-            self.runtime.uploads_in_flight -= 1
+            self.runtime.upload_ended()
 
     def on_connection_close(self) -> None:
         self._received_all()

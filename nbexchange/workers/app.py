@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -25,6 +26,10 @@ CHECK_ARCHIVES = "nbexchange.check_archives"
 CHECKS_PER_MESSAGE = 8
 #: How often (seconds) held check messages look whether they may go.
 HOLD_POLL = 0.05
+#: While the process receives uploads, catch-up starts at most this often (seconds).
+BUSY_CATCH_UP_INTERVAL = 0.2
+#: How often (seconds) a worker process's projector looks whether the log moved.
+FOLLOW_POLL = 0.1
 CATCH_UP = "nbexchange.catch_up"
 SWEEP = "nbexchange.sweep"
 
@@ -75,19 +80,23 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
 
 
 class Dispatcher:
-    """Sends wake-up messages for committed events, from its own thread.
+    """Sends wake-ups for committed events, from its own thread.
 
     The committer hands over events and moves on; a slow or absent broker
     delays the workers (the sweep catches up) but never the accept path.
 
-    In the embedded default two hooks change what it does. ``catch_up``
-    replaces the catch-up message: the process's own :class:`Projector`
-    brings the projections up, so readers never wait behind archive checks
-    in the one embedded worker. ``hold_checks`` says whether the process is
-    receiving uploads: archive checks would compete with them for the one
-    GIL, so each check message waits while it says yes, at most ``hold_max``
-    seconds from its event's commit. A held message lost with the process is
-    a lost message like any other: the sweep does its work.
+    Archive events get ``check_archives`` messages. Catch-up needs none: a
+    worker process's :class:`Projector` follows the log on its own, and in
+    the embedded default ``catch_up`` wakes the process's projector after
+    each commit. ``hold_checks`` says whether the process is receiving
+    uploads, which go first where the workers share its CPUs (the embedded
+    default always; with a broker if ``check_defer_max`` says so). While it
+    says yes, each check message waits, at most ``hold_max`` seconds from its
+    event's commit, and ``catch_up`` is called at most every
+    ``catch_up_interval`` seconds: a burst's commits are applied a few dozen
+    at a time, not with a pass (a transaction, the checkpoints' reads) each.
+    A held message lost with the process is a lost message like any other:
+    the sweep does its work.
     """
 
     def __init__(
@@ -97,11 +106,13 @@ class Dispatcher:
         hold_checks: Callable[[], bool] | None = None,
         hold_max: float = 20.0,
         catch_up: Callable[[], None] | None = None,
+        catch_up_interval: float = BUSY_CATCH_UP_INTERVAL,
     ) -> None:
         self.app = app
         self.hold_checks = hold_checks
         self.hold_max = hold_max
         self.catch_up = catch_up
+        self.catch_up_interval = catch_up_interval
         self._down = False
         self._queue: queue.Queue[Sequence[RecordedEvent] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="nbexchange-dispatcher", daemon=True)
@@ -124,23 +135,26 @@ class Dispatcher:
             retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
         )
 
-    def _due(self, held: list[tuple[int, float]], closing: bool) -> tuple[list[int], list[tuple[int, float]]]:
+    def _due(
+        self, held: list[tuple[int, float]], busy: bool, now: float
+    ) -> tuple[list[int], list[tuple[int, float]]]:
         """The held checks whose message should go now, and those that keep waiting."""
-        if closing or self.hold_checks is None or not self.hold_checks():
+        if not busy:
             return [position for position, _ in held], []
-        oldest = time.monotonic() - self.hold_max
+        oldest = now - self.hold_max
         due = [position for position, since in held if since <= oldest]
         return due, held[len(due) :]  # held in commit order: the due ones come first
 
     def _run(self) -> None:
         held: list[tuple[int, float]] = []  # archive events whose check message waits, since when
-        closing = False
+        caught_up_at = -math.inf
+        catch_up_due = closing = False
         while not closing:
             try:
-                events = self._queue.get(timeout=HOLD_POLL if held else None)
+                events = self._queue.get(timeout=HOLD_POLL if held or catch_up_due else None)
             except queue.Empty:
                 events = ()
-            # Gather whatever else is waiting, so a burst costs one catch-up.
+            # Gather whatever else is waiting, so a burst costs one pass.
             batch = list(events or ())
             closing = events is None
             while not closing:
@@ -151,15 +165,18 @@ class Dispatcher:
                 closing = more is None
                 batch.extend(more or ())
             now = time.monotonic()
+            busy = not closing and self.hold_checks is not None and self.hold_checks()
             held += [(event.position, now) for event in batch if event.data.archive() is not None]
-            positions, held = self._due(held, closing)
+            positions, held = self._due(held, busy, now)
+            wake = self.catch_up
+            if wake is not None:
+                catch_up_due = catch_up_due or bool(batch)
+                if catch_up_due and (not busy or now - caught_up_at >= self.catch_up_interval):
+                    catch_up_due, caught_up_at = False, now
+                    wake()
             try:
                 for start in range(0, len(positions), CHECKS_PER_MESSAGE):
                     self._send(CHECK_ARCHIVES, (positions[start : start + CHECKS_PER_MESSAGE],))
-                if batch and self.catch_up is not None:
-                    self.catch_up()
-                elif batch:
-                    self._send(CATCH_UP)
             except Exception as e:
                 # One traceback per outage is enough; the sweep does the work meanwhile.
                 log.warning(
@@ -173,19 +190,17 @@ class Dispatcher:
 
 
 class Projector:
-    """The embedded default's catch-up: a thread that brings the projections up after each commit.
+    """A thread that brings the projections up to the head of the log.
 
-    While ``busy`` says yes (the process is receiving uploads), passes start
-    at most every ``busy_interval`` seconds: a burst's commits are then
-    applied a few dozen at a time, not one or two, and the pass's fixed cost
-    (a write transaction, reading checkpoints) is not paid per commit on the
-    GIL the uploads need. Readers see a burst's events that much later.
+    In the embedded default the dispatcher wakes it after each commit. In a
+    worker process it follows the log on its own, every ``poll`` seconds (a
+    look at the head and the checkpoints; a write transaction only when the
+    log moved), so catch-up never waits in the queue behind archive checks.
     """
 
-    def __init__(self, ctx: WorkerContext, busy: Callable[[], bool] | None = None, busy_interval: float = 0.2) -> None:
+    def __init__(self, ctx: WorkerContext, poll: float | None = None) -> None:
         self.ctx = ctx
-        self.busy = busy
-        self.busy_interval = busy_interval
+        self.poll = poll
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="nbexchange-projector", daemon=True)
@@ -203,9 +218,7 @@ class Projector:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
-            if self.busy is not None and not self._stopping and self.busy():
-                time.sleep(self.busy_interval)
+            self._wake.wait(self.poll)
             self._wake.clear()
             try:
                 tasks.catch_up(self.ctx)

@@ -1,21 +1,18 @@
-"""In the embedded default, archive checks and catch-up let the process's uploads go first; a worker process never waits."""
+"""Archive checks and catch-up let an API process's uploads go first: always when embedded, with a broker if told to."""
 
 from __future__ import annotations
 
 import http.client
-import threading
 import time
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from httpclient import COURSE, get, ok, release, submit, until
 from service import TEST_BROKER_URL, Service
 
-import pytest
-
-from nbexchange.workers import app as workers_app
-from nbexchange.workers.app import CATCH_UP, CHECK_ARCHIVES, Dispatcher, Projector
+from nbexchange.workers.app import CHECK_ARCHIVES, Dispatcher, Projector
 
 USERS = {"ada": {COURSE: "Instructor"}, "s1": {COURSE: "Student"}, "s2": {COURSE: "Student"}}
 
@@ -54,35 +51,35 @@ def test_a_check_waits_at_most_hold_max_and_goes_on_close():
     dispatcher([_submitted(2)])
     dispatcher.close()
     assert (CHECK_ARCHIVES, ([2],)) in app.sent
-    assert (CATCH_UP, ()) in app.sent  # no local catch-up given: a message
+    assert [name for name, _ in app.sent] == [CHECK_ARCHIVES] * 2  # catch-up is no message: workers follow the log
 
 
-def test_catch_up_passes_are_spaced_while_uploads_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
-    passes: list[float] = []
-    ran = threading.Event()
+def test_catch_up_is_spaced_while_uploads_arrive():
+    busy, woken = [True], []
+    dispatcher = Dispatcher(
+        _App(), hold_checks=lambda: busy[0], catch_up=lambda: woken.append(time.monotonic()), catch_up_interval=0.5
+    )
+    for i in range(20):  # a burst of commits over 0.2 s
+        dispatcher([_submitted(i)])
+        time.sleep(0.01)
+    until(lambda: len(woken) == 2)
+    time.sleep(0.3)
+    assert len(woken) == 2 and woken[1] - woken[0] >= 0.5  # one pass at once, one for the rest after the interval
+    busy[0] = False
+    sent = time.monotonic()
+    dispatcher([_submitted(21)])
+    until(lambda: len(woken) == 3)
+    assert woken[2] - sent < 0.4  # not busy: at once
+    dispatcher.close()
 
-    def catch_up(ctx: object) -> None:
-        passes.append(time.monotonic())
-        ran.set()
 
-    monkeypatch.setattr(workers_app.tasks, "catch_up", catch_up)
-    busy = [True]
-    projector = Projector(SimpleNamespace(), busy=lambda: busy[0], busy_interval=0.5)
-    try:
-        woken = time.monotonic()
-        for _ in range(20):  # a burst of commits
-            projector.wake()
-        assert ran.wait(5)
-        time.sleep(0.3)
-        assert len(passes) == 1 and passes[0] - woken >= 0.5  # one pass for the burst, after the interval
-        busy[0] = False
-        ran.clear()
-        woken = time.monotonic()
-        projector.wake()
-        assert ran.wait(5)
-        assert len(passes) == 2 and passes[1] - woken < 0.4  # not busy: at once
-    finally:
-        projector.stop()
+def test_without_uploads_to_hold_for_checks_and_catch_up_go_at_once():
+    app, woken = _App(), []
+    dispatcher = Dispatcher(app, catch_up=lambda: woken.append(1))  # a worker process's own commits
+    for i in range(3):
+        dispatcher([_submitted(i)])
+        until(lambda: len(woken) == i + 1 and (CHECK_ARCHIVES, ([i],)) in app.sent)
+    dispatcher.close()
 
 
 def _start_slow_upload(svc: Service, who: str) -> http.client.HTTPConnection:
@@ -113,17 +110,28 @@ def test_a_check_waits_while_this_process_receives_an_upload(exchange_service):
     slow = _start_slow_upload(svc, "s2")
     try:
         accepted = ok(submit(svc, "s1", "ps1"), 201)
-        if not TEST_BROKER_URL:
-            # Listed at once (catch-up does not wait), its check pending behind the upload in flight.
-            assert _state(svc, accepted["position"]) == "pending"
-            time.sleep(2)
-            assert _state(svc, accepted["position"]) == "pending"
-        else:
-            # A worker process has no uploads of its own to let go first: it checks at once.
-            until(lambda: _state(svc, accepted["position"]) == "unpacked")
+        # Listed at once (catch-up does not wait), its check pending behind the upload in flight.
+        assert _state(svc, accepted["position"]) == "pending"
+        time.sleep(2)
+        assert _state(svc, accepted["position"]) == "pending"
     finally:
         slow.close()
     until(lambda: _state(svc, accepted["position"]) == "unpacked")
+
+
+def test_with_a_broker_checks_go_at_once_unless_told_to_wait(exchange_service):
+    if not TEST_BROKER_URL:
+        pytest.skip("runs in the PostgreSQL+Redis pass")
+    svc = exchange_service(USERS, extra=["--NbExchange.sweep_grace=120"])
+    ok(release(svc, "ada", "ps1"), 201)
+    until(lambda: get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps1").status_code == 200)
+    slow = _start_slow_upload(svc, "s2")
+    try:
+        accepted = ok(submit(svc, "s1", "ps1"), 201)
+        # The worker process has CPUs of its own, as far as the exchange knows: it checks at once.
+        until(lambda: _state(svc, accepted["position"]) == "unpacked")
+    finally:
+        slow.close()
 
 
 def test_a_hold_longer_than_the_sweeps_grace_is_warned_about(exchange_service):

@@ -36,7 +36,7 @@ from nbexchange.projections import NAMES, checkpoints
 from nbexchange.projections.collections import list_submissions
 from nbexchange.storage import ArchiveStore, StoredArchive
 from nbexchange.workers import tasks
-from nbexchange.workers.app import Sweeper
+from nbexchange.workers.app import Projector, Sweeper
 from nbexchange.workers.archives import ArchiveLimits
 
 #: The multi-process tests run on PostgreSQL whatever NBEX_TEST_DB_URL says (SQLite is not the production topology).
@@ -482,6 +482,22 @@ def test_sweeper_timer_finds_work_appended_after_it_started(ctx: Context) -> Non
     finally:
         sweeper.stop()
     assert len(outcomes_of(ctx, submitted.position)) == 1
+
+
+def test_a_worker_projector_follows_the_log_without_being_told(ctx: Context) -> None:
+    """A worker process's catch-up needs no message: it looks at the log's head on a short timer."""
+    projector = Projector(ctx, poll=0.1)  # type: ignore[arg-type]
+    try:
+        append_release(ctx)
+        for student_id in ("s1", "s2"):
+            submitted = append_submission(ctx, student_id, student_id.encode())
+            until(
+                lambda: min(checkpoints(ctx.engine).get(name, 0) for name in NAMES) >= submitted.position,
+                5,
+                "the projector never caught up with the log",
+            )
+    finally:
+        projector.stop()
 
 
 def test_a_failing_check_does_not_stop_the_projections(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
