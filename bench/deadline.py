@@ -98,6 +98,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--list-size", type=size_arg, default=4096, help="list: bytes per seeded archive")
     p.add_argument("--list-requests", type=int, default=100, help="list: timed collections GETs")
     p.add_argument("--extra", action="append", default=[], help="one more flag for every nbexchange process")
+    p.add_argument(
+        "--fsync-delay",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="a slow disk: every fsync and fdatasync of the servers under test (baseline included) returns MS "
+        "milliseconds later (strace fault injection); PostgreSQL, shared, is not slowed",
+    )
     p.add_argument("--label", default="", help="a word for the results file name (e.g. tmpfs)")
     p.add_argument(
         "--quiet-wait",
@@ -115,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
+    if args.fsync_delay and args.profile:
+        p.error("--profile and --fsync-delay cannot be combined: py-spy cannot attach to a process strace traces")
     for mode in args.modes:
         if mode not in ("embedded", "production"):
             p.error(f"unknown mode {mode!r}")
@@ -206,7 +216,7 @@ def wait_checked(port: int, token: str, timeout: float) -> float:
 # -- starting the servers under test ---------------------------------------------------------
 
 
-def start_baseline(root: Path) -> Servers:
+def start_baseline(root: Path, args: argparse.Namespace) -> Servers:
     port = free_port()
     (root / "release.tar.gz").write_bytes(release_archive())
     servers = Servers("baseline", port)
@@ -219,6 +229,7 @@ def start_baseline(root: Path) -> Servers:
             f"--fetch-file={root / 'release.tar.gz'}",
         ],
         root / "baseline.log",
+        fsync_delay_ms=args.fsync_delay,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", list(servers.procs.values()))
@@ -241,7 +252,9 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
     try:
         if mode == "embedded":
             flags.append(f"--NbExchange.db_url=sqlite:///{root / 'store' / 'nbexchange.sqlite'}")
-            api = spawn(_nbexchange("--ip=127.0.0.1", f"--port={port}", *flags), root / "api-0.log")
+            api = spawn(
+                _nbexchange("--ip=127.0.0.1", f"--port={port}", *flags), root / "api-0.log", args.fsync_delay
+            )
             servers.procs["api-0"] = api
             wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", [api])
             return servers
@@ -263,13 +276,16 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
             proc = spawn(
                 _nbexchange("--ip=127.0.0.1", f"--port={port}", "--NbExchange.reuse_port=True", *migrate, *flags),
                 root / f"api-{i}.log",
+                args.fsync_delay,
             )
             servers.procs[f"api-{i}"] = proc
             if i == 0:
                 wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", [proc])
         for i in range(args.workers):
             log = root / f"worker-{i}.log"
-            servers.procs[f"worker-{i}"] = spawn(_nbexchange("worker", "--NbExchange.upgrade_db=False", *flags), log)
+            servers.procs[f"worker-{i}"] = spawn(
+                _nbexchange("worker", "--NbExchange.upgrade_db=False", *flags), log, args.fsync_delay
+            )
             _wait_log(log, " ready", servers.procs[f"worker-{i}"])
         wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", list(servers.procs.values()))
         return servers
@@ -469,7 +485,7 @@ def peaks(samples: dict[str, Any]) -> dict[str, float]:
 def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     root.mkdir(parents=True)
     instructor, students = write_users(root / "users.yaml", args.students, COURSE)
-    servers = start_baseline(root) if mode == "baseline" else start_exchange(mode, root, root / "users.yaml", args)
+    servers = start_baseline(root, args) if mode == "baseline" else start_exchange(mode, root, root / "users.yaml", args)
     try:
         if mode != "baseline":
             release(servers.port, instructor)
@@ -789,9 +805,12 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "storage": str(storage),
         "fsync_before": fsync_probe(storage),
+        "fsync_delay_injected_ms": args.fsync_delay,
     }
     print(f"machine: {report['machine']}", flush=True)
     print(f"fsync on {storage} before: {report['fsync_before']}", flush=True)
+    if args.fsync_delay:
+        print(f"the servers' every fsync made {args.fsync_delay} ms slower (strace)", flush=True)
     runs: list[dict[str, Any]] = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:

@@ -7,6 +7,7 @@ Every process started here is remembered and stopped by :func:`stop_all`
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import secrets
 import signal
@@ -28,6 +29,8 @@ BASE_URL = "/services/nbexchange/"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 _started: list[subprocess.Popen[bytes]] = []
+#: Processes started under strace (see :func:`slow_fsync`): wrapper pid -> the server's pid.
+_traced: dict[int, int] = {}
 
 
 def free_port() -> int:
@@ -36,30 +39,73 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(args: list[str], log: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Start a process logging to ``log``; it is stopped by :func:`stop_all` whatever happens."""
+def spawn(args: list[str], log: Path, fsync_delay_ms: float = 0, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start a process logging to ``log``; it is stopped by :func:`stop_all` whatever happens.
+
+    With ``fsync_delay_ms``, it runs under :func:`slow_fsync`; :func:`server_pid`
+    then names the process itself, not strace.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_"))}
     env["PYTHONUNBUFFERED"] = "1"
     out = open(log, "ab")  # noqa: SIM115 - the child's for its lifetime
     kwargs.setdefault("stdout", out)
+    if fsync_delay_ms:
+        args = slow_fsync(args, fsync_delay_ms)
     proc = subprocess.Popen(args, stderr=out, env=env, cwd=ROOT, **kwargs)
     _started.append(proc)
+    if fsync_delay_ms:
+        _traced[proc.pid] = _only_child(proc)
     return proc
+
+
+def slow_fsync(args: list[str], delay_ms: float) -> list[str]:
+    """``args`` under strace, every fsync and fdatasync returning ``delay_ms`` later: a slow disk.
+
+    strace's fault injection, with seccomp-bpf so that only those two system
+    calls stop the process; everything else runs at full speed.
+    """
+    inject = f"inject=fsync,fdatasync:delay_exit={round(delay_ms * 1000)}"
+    return ["strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", "trace=fsync,fdatasync", "-e", inject, *args]
+
+
+def _only_child(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        if children:
+            return int(children[0])
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    raise RuntimeError(f"{proc.args} started no process under strace")
+
+
+def server_pid(proc: subprocess.Popen[bytes]) -> int:
+    """The pid of the server itself (under strace, strace's child)."""
+    return _traced.get(proc.pid, proc.pid)
 
 
 def stop(procs: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
     """SIGTERM, then SIGKILL whoever is still there after ``timeout``."""
     for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            # Under strace, the server itself: strace leaves when its child does.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server_pid(proc), signal.SIGTERM)
     for proc in procs:
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server_pid(proc), signal.SIGKILL)
             proc.kill()
             proc.wait(timeout=10)
         if proc in _started:
             _started.remove(proc)
+        _traced.pop(proc.pid, None)
 
 
 def stop_all() -> None:
@@ -253,7 +299,7 @@ class Servers:
     cleanup: list[Any] = field(default_factory=list)
 
     def pids(self) -> dict[str, int]:
-        return {role: proc.pid for role, proc in self.procs.items()}
+        return {role: server_pid(proc) for role, proc in self.procs.items()}
 
     def stop(self) -> None:
         stop(list(self.procs.values()))
