@@ -217,13 +217,21 @@ class Projector:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        failing = False
         while True:
             self._wake.wait(self.poll)
             self._wake.clear()
             try:
                 tasks.catch_up(self.ctx)
             except Exception:
-                log.exception("Catch-up failed; the next commit or the sweep tries again")
+                # Once per outage: following the log, it tries ten times a second.
+                if not failing:
+                    log.exception("Catch-up failed; it is tried again at each wake-up until it works")
+                failing = True
+            else:
+                if failing:
+                    log.warning("Catch-up works again")
+                failing = False
             if self._stopping:
                 return
 

@@ -500,6 +500,29 @@ def test_a_worker_projector_follows_the_log_without_being_told(ctx: Context) -> 
         projector.stop()
 
 
+def test_a_following_projector_reports_an_outage_once(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+    real = tasks.catch_up
+
+    def failing_for_a_while(context: object) -> None:
+        calls.append(1)
+        if len(calls) <= 10:
+            raise RuntimeError("database down")
+        real(ctx)
+
+    monkeypatch.setattr(tasks, "catch_up", failing_for_a_while)
+    projector = Projector(ctx, poll=0.02)  # type: ignore[arg-type]
+    try:
+        until(lambda: len(calls) > 12, 10, "the projector stopped trying")
+    finally:
+        projector.stop()
+    failures = [r for r in caplog.records if r.getMessage().startswith("Catch-up failed")]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert any(r.getMessage() == "Catch-up works again" for r in caplog.records)
+
+
 def test_a_failing_check_does_not_stop_the_projections(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
     """An unexpected error on one archive (a full disk, say) leaves it for the next sweep; reads still catch up."""
     append_release(ctx)
