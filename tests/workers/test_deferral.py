@@ -119,7 +119,7 @@ def test_a_check_waits_while_this_process_receives_an_upload(exchange_service):
     until(lambda: _state(svc, accepted["position"]) == "unpacked")
 
 
-def test_with_a_broker_checks_go_at_once_unless_told_to_wait(exchange_service):
+def test_with_a_broker_checks_go_at_once_by_default(exchange_service):
     if not TEST_BROKER_URL:
         pytest.skip("runs in the PostgreSQL+Redis pass")
     svc = exchange_service(USERS, extra=["--NbExchange.sweep_grace=120"])
