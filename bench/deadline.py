@@ -736,25 +736,35 @@ def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, 
 # -- reporting ----------------------------------------------------------------------------------
 
 
+#: The second baseline run's name: the same server, measured after the exchange's modes.
+AFTER = "baseline (after)"
+
+
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{1000 * value:.0f}"
 
 
+def _ratios(value: float | None, bases: list[float | None]) -> str:
+    """``value`` over each baseline's, "before / after"."""
+    if not value or not bases or not all(bases):
+        return "–"
+    return " / ".join(f"{value / base:.2f}" for base in bases if base)
+
+
 def deadline_table(summaries: list[dict[str, Any]]) -> str:
-    base = next((s for s in summaries if s["mode"] == "baseline"), None)
+    bases = [s for s in summaries if s["mode"] in ("baseline", AFTER)]
     lines = [
-        "| mode | accepted | accepted/s (saturated) | × baseline | overall/s | accept p50 / p99 / max (ms) "
-        "| p99 × baseline | projection lag p50 / p99 / max (ms) | visible after last upload (ms) | lost | dup "
-        "| all archives checked after last upload (s) |",
+        "| mode | accepted | accepted/s (saturated) | × baseline (before / after) | overall/s "
+        "| accept p50 / p99 / max (ms) | p99 × baseline (before / after) | projection lag p50 / p99 / max (ms) "
+        "| visible after last upload (ms) | lost | dup | all archives checked after last upload (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         lat = s["accept_latency_s"]
         ratio = p99_ratio = "–"
-        if base and s is not base and base.get("accepted_per_s") and s.get("accepted_per_s"):
-            ratio = f"{s['accepted_per_s'] / base['accepted_per_s']:.2f}"
-        if base and s is not base and base["accept_latency_s"]["p99"] and lat["p99"]:
-            p99_ratio = f"{lat['p99'] / base['accept_latency_s']['p99']:.2f}"
+        if s not in bases:
+            ratio = _ratios(s.get("accepted_per_s"), [b.get("accepted_per_s") for b in bases])
+            p99_ratio = _ratios(lat["p99"], [b["accept_latency_s"]["p99"] for b in bases])
         lag = s.get("projection_lag_s") or {}
         lines.append(
             f"| {s['mode']} | {s['accepted']}/{s['students']} | {s.get('accepted_per_s') or '–'} | {ratio} "
@@ -816,14 +826,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         modes = list(args.modes)
         if args.scenario == "deadline" and not args.no_baseline:
-            modes.insert(0, "baseline")
+            # Before and after: this machine's baseline drifts between runs, and within one.
+            modes = ["baseline", *modes, "baseline"]
         runner = {"deadline": run_deadline_mode, "bigupload": run_bigupload_mode, "list": run_list_mode}[args.scenario]
         for mode in modes:
             os.sync()
             waited = wait_for_idle(args.quiet_wait)
-            root = storage / f"{args.scenario}-{mode}-{stamp}"
+            again = "-after" if mode == "baseline" and runs else ""
+            root = storage / f"{args.scenario}-{mode}{again}-{stamp}"
             print(f"== {args.scenario}: {mode} ({root})", flush=True)
             result = runner(mode, root, args)
+            if again:
+                result["mode"] = AFTER
             result["waited_for_idle"] = waited
             runs.append(result)
             print(json.dumps(result, indent=1), flush=True)
