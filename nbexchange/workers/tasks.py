@@ -40,6 +40,10 @@ class WorkerContext(Protocol):
     limits: ArchiveLimits
     sweep_grace: float
 
+    def queue_depth(self) -> int | None:
+        """Messages waiting for a worker, or ``None`` if the broker cannot say."""
+        ...
+
 
 def outcome_key(position: int) -> str:
     """The idempotency key of the check of the archive named at ``position``."""
@@ -92,19 +96,26 @@ def sweep(ctx: WorkerContext) -> int:
     """Check every archive whose check never happened (a lost message), then catch up.
 
     Runs on a worker's start and on a timer. Events younger than
-    ``sweep_grace`` seconds are left to their own messages, so the sweep
-    rarely duplicates a check in flight (and if it does, the idempotency key
-    keeps the log unchanged). Returns the sweep's new checkpoint.
+    ``sweep_grace`` seconds are left to their own messages, and so are all
+    archives while check messages wait in the queue (after a deadline's
+    burst, the backlog can outlast the grace: the workers will come to those
+    archives, and a sweep checking them too would unpack each twice). A lost
+    message is still found: once the queue is empty, its archive is the
+    sweep's. If the sweep does duplicate a check in flight, the idempotency
+    key keeps the log unchanged. Returns the sweep's new checkpoint.
     """
     with translate_errors(), ctx.engine.connect() as conn:
         after = checkpoint(conn, SWEEP_CHECKPOINT)
     cutoff = utcnow() - timedelta(seconds=ctx.sweep_grace)
+    backlog = bool(ctx.queue_depth())
     last = after
     try:
         for event in ctx.store.read(after=after):
             if event.recorded_at > cutoff:
                 break
             if event.data.archive() is not None:
+                if backlog:
+                    break  # the queued checks come first; the next sweep looks again
                 check_archive(ctx, event.position)
             last = event.position
     except Exception:

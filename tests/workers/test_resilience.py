@@ -379,6 +379,11 @@ class Context:
     archives: ArchiveStore
     limits: ArchiveLimits
     sweep_grace: float
+    #: What the broker would say; ``None``: it cannot say (the sweep then checks).
+    waiting: int | None = None
+
+    def queue_depth(self) -> int | None:
+        return self.waiting
 
 
 @pytest.fixture
@@ -466,6 +471,19 @@ def test_sweep_leaves_young_events_to_their_messages_and_comes_back_for_them(ctx
     tasks.sweep(ctx)
     assert [e.type for e in outcomes_of(ctx, submitted.position)] == ["archive_unpacked"]
     assert checkpoints(ctx.engine)[tasks.SWEEP_CHECKPOINT] >= submitted.position
+
+
+def test_sweep_leaves_archives_to_queued_checks_and_comes_back_once_the_queue_is_empty(ctx: Context) -> None:
+    submitted = append_submission(ctx, "s1", b"queued")
+    ctx.waiting = 12  # a burst's check messages still wait for the workers
+    tasks.sweep(ctx)
+    assert outcomes_of(ctx, submitted.position) == []
+    assert checkpoints(ctx.engine).get(tasks.SWEEP_CHECKPOINT, 0) < submitted.position
+    assert min(checkpoints(ctx.engine).get(name, 0) for name in NAMES) == ctx.store.head()  # reads still catch up
+
+    ctx.waiting = 0  # drained, and this archive's message was not among them: it was lost
+    tasks.sweep(ctx)
+    assert [e.type for e in outcomes_of(ctx, submitted.position)] == ["archive_unpacked"]
 
 
 def test_sweeper_timer_finds_work_appended_after_it_started(ctx: Context) -> None:
