@@ -31,14 +31,20 @@ class Appender(Protocol):
 
 
 class WorkerContext(Protocol):
-    """What a task needs: the database, the log, the archives and the limits."""
+    """What a task needs: the database, the log, the archives and the limits (read-only here)."""
 
-    engine: Engine
-    store: EventStore
-    appender: Appender
-    archives: ArchiveStore
-    limits: ArchiveLimits
-    sweep_grace: float
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def store(self) -> EventStore: ...
+    @property
+    def appender(self) -> Appender: ...
+    @property
+    def archives(self) -> ArchiveStore: ...
+    @property
+    def limits(self) -> ArchiveLimits: ...
+    @property
+    def sweep_grace(self) -> float: ...
 
     def queue_depth(self) -> int | None:
         """Messages waiting for a worker, or ``None`` if the broker cannot say."""

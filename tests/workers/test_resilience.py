@@ -487,7 +487,7 @@ def test_sweep_leaves_archives_to_queued_checks_and_comes_back_once_the_queue_is
 
 
 def test_sweeper_timer_finds_work_appended_after_it_started(ctx: Context) -> None:
-    sweeper = Sweeper(ctx, interval=0.2)  # type: ignore[arg-type]
+    sweeper = Sweeper(ctx, interval=0.2)
     sweeper.start()
     try:
         submitted = append_submission(ctx, "s1", b"later")
@@ -504,7 +504,7 @@ def test_sweeper_timer_finds_work_appended_after_it_started(ctx: Context) -> Non
 
 def test_a_worker_projector_follows_the_log_without_being_told(ctx: Context) -> None:
     """A worker process's catch-up needs no message: it looks at the log's head on a short timer."""
-    projector = Projector(ctx, poll=0.1)  # type: ignore[arg-type]
+    projector = Projector(ctx, poll=0.1)
     try:
         append_release(ctx)
         for student_id in ("s1", "s2"):
@@ -531,7 +531,7 @@ def test_a_following_projector_reports_an_outage_once(
         real(ctx)
 
     monkeypatch.setattr(tasks, "catch_up", failing_for_a_while)
-    projector = Projector(ctx, poll=0.02)  # type: ignore[arg-type]
+    projector = Projector(ctx, poll=0.02)
     try:
         until(lambda: len(calls) > 12, 10, "the projector stopped trying")
     finally:
