@@ -177,6 +177,33 @@ def compile_named(dialect: sa.Dialect, statement: sa.ClauseElement) -> tuple[str
     return str(compiled), {k: v for k, v in compiled.params.items() if v is not None}
 
 
+@contextlib.contextmanager
+def driver_cursor(conn: Connection, statement: str) -> Iterator[Any]:
+    """A cursor of the driver itself, inside ``conn``'s transaction; its errors come out as SQLAlchemy's.
+
+    For the hot paths (one append, a rebuild's inserts): SQLAlchemy's
+    execution machinery costs more there than the database's own work. A
+    driver error is raised as the matching ``sqlalchemy.exc.DBAPIError``, and
+    a lost connection is invalidated and marked as such, as SQLAlchemy does
+    for the statements it runs itself (:func:`translate_errors` and the
+    append's retry rely on both).
+    """
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    dbapi_error: Any = conn.dialect.loaded_dbapi.Error  # the driver's own base class
+    try:
+        yield cursor
+    except dbapi_error as e:
+        lost = conn.dialect.is_disconnect(e, conn.connection.dbapi_connection, cursor)
+        if lost:
+            conn.invalidate(e)
+        raise sa.exc.DBAPIError.instance(
+            statement, None, e, dbapi_error, connection_invalidated=lost, dialect=conn.dialect
+        ) from e
+    finally:
+        with contextlib.suppress(Exception):  # a dead connection's cursor may not close cleanly
+            cursor.close()
+
+
 class DriverInsert:
     """A table's INSERT compiled once, its rows converted by the column types and sent by the driver.
 
@@ -207,10 +234,13 @@ class DriverInsert:
             for row in rows:
                 row[name] = process(row[name])
         if self.copy is None or len(rows) < COPY_FROM:
-            conn.exec_driver_sql(self.sql, rows[0] if len(rows) == 1 else rows)
+            with driver_cursor(conn, self.sql) as cursor:
+                if len(rows) == 1:
+                    cursor.execute(self.sql, rows[0])
+                else:
+                    cursor.executemany(self.sql, rows)
             return
-        cursor: Any = conn.connection.cursor()  # psycopg's, inside this transaction
-        with cursor.copy(self.copy) as copy:
+        with driver_cursor(conn, self.copy) as cursor, cursor.copy(self.copy) as copy:  # psycopg's COPY
             for row in rows:
                 copy.write_row(self.values(row))
 

@@ -102,3 +102,15 @@ def test_an_append_on_a_connection_the_server_just_dropped_is_retried_once(db_ur
     assert store.append(submit("s1")).event.position == 2
     assert store.verify().ok and store.head() == 2
     engine.dispose()
+
+
+def test_the_drivers_own_cursor_raises_sqlalchemys_errors(db_url):
+    """The hot paths' driver cursor keeps what translate_errors and the append's retry rely on."""
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            with db.driver_cursor(conn, "SELECT nothing FROM no_such_table") as cursor:
+                cursor.execute("SELECT nothing FROM no_such_table")
+        assert isinstance(raised.value.orig, engine.dialect.loaded_dbapi.Error)
+        assert not raised.value.connection_invalidated
+    engine.dispose()
