@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ from traitlets import Bool, Float, Int, Type, Unicode, default, validate
 from traitlets.config import Application
 
 from nbexchange.identity import JupyterHubPlugin, UserPlugin, UsersFilePlugin, create_demo_users_file
+
+#: A worker process restarts its Celery consumer after an error at most this often per minute.
+MAX_WORKER_RESTARTS = 5
 
 COMMANDS = {
     "serve": "Run the HTTP API (the default). With no broker_url, also runs the workers in-process.",
@@ -263,16 +267,29 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         runtime = Runtime(self, follow_log=True)
         sweeper = Sweeper(runtime, self.sweep_interval)
         sweeper.start()
-        worker = runtime.celery.Worker(
-            pool="threads",
-            concurrency=self.worker_concurrency,
-            queues=[self.queue_name],
-            loglevel=logging.getLevelName(self.log_level),
-            without_mingle=True,
-            without_gossip=True,
-        )
+        crashes: list[float] = []
         try:
-            worker.start()
+            while True:
+                worker = runtime.celery.Worker(
+                    pool="threads",
+                    concurrency=self.worker_concurrency,
+                    queues=[self.queue_name],
+                    loglevel=logging.getLevelName(self.log_level),
+                    without_mingle=True,
+                    without_gossip=True,
+                )
+                worker.start()
+                if not worker.exitcode:
+                    break  # asked to stop
+                # Celery gives up on errors it calls unrecoverable, and kombu has some
+                # when the broker vanishes while messages are unacknowledged. This
+                # process's projector and sweeper still run: start the consumer again.
+                now = time.monotonic()
+                crashes = [t for t in crashes if t > now - 60] + [now]
+                if len(crashes) > MAX_WORKER_RESTARTS:
+                    self.log.critical("The Celery worker failed %d times within a minute; exiting", len(crashes))
+                    break
+                self.log.error("The Celery worker stopped on an error (exit %s); starting it again", worker.exitcode)
         finally:
             sweeper.stop()
             runtime.close()
