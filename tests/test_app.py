@@ -103,6 +103,40 @@ def test_worker_without_a_broker_exits_2():
     assert "needs broker_url" in result.stderr
 
 
+class _FailingConsumer:
+    """Stands in for Celery's worker: stops ``failures`` times on an 'unrecoverable' error, then as if asked to."""
+
+    failures = 0
+    runs = 0
+
+    def __init__(self, **options: Any) -> None:
+        self.exitcode: int | None = None
+
+    def start(self) -> None:
+        type(self).runs += 1
+        self.exitcode = 1 if type(self).runs <= type(self).failures else 0
+
+
+@pytest.mark.parametrize("failures, runs, code", [(2, 3, 0), (100, 6, 1)])
+def test_a_worker_process_starts_its_consumer_again_after_an_error(tmp_path, monkeypatch, failures, runs, code):
+    """Celery gives up on some broker errors (kombu's, when Redis vanishes mid-acknowledgement); the process
+    starts it again, but not forever."""
+    from celery import Celery
+
+    monkeypatch.setattr(_FailingConsumer, "failures", failures)
+    monkeypatch.setattr(_FailingConsumer, "runs", 0)
+    monkeypatch.setattr(Celery, "Worker", property(lambda app: _FailingConsumer))
+    app = NbExchange(
+        db_url=f"sqlite:///{tmp_path}/exchange.sqlite",
+        broker_url="redis://127.0.0.1:1/0",  # nothing listens: the consumer above never connects anyway
+        base_storage_location=str(tmp_path),
+        sweep_interval=3600,
+    )
+    with pytest.raises(SystemExit) as exited:
+        app.cmd_worker()
+    assert (exited.value.code, _FailingConsumer.runs) == (code, runs)
+
+
 # -- where settings come from ----------------------------------------------------
 
 
