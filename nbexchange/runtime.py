@@ -48,9 +48,10 @@ class Runtime:
         self.sweep_grace = settings.sweep_grace
         self.broker_url = settings.broker_url
         self.celery = make_celery(self, settings.broker_url, settings.queue_name)
-        #: Uploads this process is receiving now (kept by the API's upload
-        #: handlers, on the event loop). A worker process never has any.
-        self.uploads_in_flight = 0
+        # Uploads this process is receiving now, kept by the API's upload
+        # handlers on the event loop through upload_started / upload_ended.
+        # A worker process never has any.
+        self._uploads_in_flight = 0
         self._last_upload_end = -math.inf
         # Catch-up has a thread of its own, so readers never wait behind
         # archive checks: woken after each commit in the embedded default,
@@ -79,11 +80,11 @@ class Runtime:
 
     def upload_started(self) -> None:
         """An upload's body began to arrive (called on the event loop)."""
-        self.uploads_in_flight += 1
+        self._uploads_in_flight += 1
 
     def upload_ended(self) -> None:
         """An upload's body arrived whole, or its connection closed (called on the event loop)."""
-        self.uploads_in_flight -= 1
+        self._uploads_in_flight -= 1
         self._last_upload_end = time.monotonic()
 
     def receiving_uploads(self) -> bool:
@@ -93,7 +94,7 @@ class Runtime:
         in a burst, the held checks would otherwise all go out whenever no
         body happens to be arriving.
         """
-        return self.uploads_in_flight > 0 or time.monotonic() - self._last_upload_end < UPLOAD_GAP
+        return self._uploads_in_flight > 0 or time.monotonic() - self._last_upload_end < UPLOAD_GAP
 
     def queue_depth(self) -> int | None:
         """Messages waiting for a worker, or ``None`` if the broker cannot say."""
