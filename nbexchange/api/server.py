@@ -94,11 +94,12 @@ def serve(settings: NbExchange) -> None:
     runtime = Runtime(settings)
     executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="nbexchange-io")
     worker = sweeper = None
-    if 0 < settings.check_hold_seconds >= settings.sweep_grace:
+    hold = settings.check_hold_seconds
+    if hold > 0 and hold >= settings.sweep_grace:
         log.warning(
             "check_defer_max (%s s) is not below sweep_grace (%s s): the sweep may check held archives "
             "itself, doing the work twice",
-            settings.check_hold_seconds,
+            hold,
             settings.sweep_grace,
         )
     if settings.embedded:
