@@ -31,6 +31,11 @@ metadata = sa.MetaData(
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
+#: The type of a key that is a log position: BIGINT, but INTEGER on SQLite,
+#: where only an INTEGER primary key is the row's own rowid. Any other type
+#: makes SQLite keep a second B-tree beside the table for the key.
+POSITION = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``: SQLite in WAL mode with fsync'd commits, or PostgreSQL.
@@ -288,6 +293,15 @@ def driver_insert(dialect: sa.Dialect, table: sa.Table) -> DriverInsert:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database up to ``revision`` with alembic; a new one is created from empty."""
+    _alembic(engine, "upgrade", revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Take the database's schema back to ``revision`` (the log's rows are kept; see each migration)."""
+    _alembic(engine, "downgrade", revision)
+
+
+def _alembic(engine: Engine, command_name: str, revision: str) -> None:
     from alembic import command
     from alembic.config import Config
 
@@ -295,7 +309,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
-        command.upgrade(config, revision)
+        getattr(command, command_name)(config, revision)
 
 
 def current_revision(engine: Engine) -> str | None:

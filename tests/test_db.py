@@ -14,8 +14,8 @@ import nbexchange.projections  # noqa: F401  (registers the projections' tables)
 from nbexchange import db
 from nbexchange.db import current_revision, make_engine, metadata, upgrade, write_transaction
 from nbexchange.events.sql import SQLEventStore
-from nbexchange.projections import catch_up_all
-from nbexchange.projections.collections import list_submissions
+from nbexchange.projections import PROJECTIONS, catch_up_all, snapshot
+from nbexchange.projections.collections import get_submission, list_submissions
 
 
 def test_migrations_create_exactly_the_declared_schema(db_url):
@@ -24,9 +24,9 @@ def test_migrations_create_exactly_the_declared_schema(db_url):
     upgrade(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     upgrade(engine)  # a second upgrade is a no-op
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     engine.dispose()
 
 
@@ -47,6 +47,33 @@ def test_an_older_database_keeps_its_log_and_gains_projections(db_url):
     with engine.connect() as conn:
         assert [s["student_id"] for s in list_submissions(conn, 1, "phys101", "ps1")] == ["s1", "s2"]
     engine.dispose()
+
+
+def test_rekeying_the_projections_keeps_their_rows(db_url):
+    """0004 changes the read models' keys in place: down to 0003 and up again, the rows equal a rebuild's."""
+    engine = make_engine(db_url)
+    upgrade(engine)
+    store = SQLEventStore(engine)
+    store.append_batch([release(), submit("s1"), submit("s2", minutes=1), submit("s1", minutes=2)])
+    catch_up_all(engine)
+    before = {p.name: snapshot(engine, p) for p in PROJECTIONS}
+    paths = [s["path"] for s in _submissions(engine)]
+    db.downgrade(engine, "0003")
+    with engine.connect() as conn:
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("proj_submissions")}
+    assert "path_key" not in columns and len(_submissions(engine)) == 3  # the rows stayed, without their keys
+    upgrade(engine)
+    assert {p.name: snapshot(engine, p) for p in PROJECTIONS} == before  # path_key computed as the code does
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        found = [get_submission(conn, 1, "phys101", "ps1", path) for path in paths]
+    assert [s["student_id"] for s in found if s] == ["s1", "s2", "s1"]
+    engine.dispose()
+
+
+def _submissions(engine: sa.Engine) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(sa.text("SELECT * FROM proj_submissions ORDER BY position"))]
 
 
 def test_only_derived_rows_commit_without_waiting_for_the_disk(db_url):

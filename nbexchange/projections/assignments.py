@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from nbexchange.clock import as_utc
-from nbexchange.db import metadata
+from nbexchange.db import POSITION, metadata
 from nbexchange.events.domain import (
     ArchiveRejected,
     ArchiveUnpacked,
@@ -47,7 +47,7 @@ releases = sa.Table(
 actions = sa.Table(
     "proj_actions",
     metadata,
-    sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("position", POSITION, primary_key=True, autoincrement=False),
     sa.Column("org_id", sa.Integer, nullable=False),
     sa.Column("course_id", sa.String(255), nullable=False),
     sa.Column("assignment_id", sa.String(255), nullable=False),

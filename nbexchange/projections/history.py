@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from nbexchange.clock import as_utc
-from nbexchange.db import metadata
+from nbexchange.db import POSITION, metadata
 from nbexchange.events.domain import StudentEvent
 from nbexchange.events.store import RecordedEvent
 from nbexchange.projections.base import Rows
@@ -17,7 +17,7 @@ from nbexchange.projections.base import Rows
 history = sa.Table(
     "proj_history",
     metadata,
-    sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("position", POSITION, primary_key=True, autoincrement=False),
     sa.Column("org_id", sa.Integer, nullable=False),
     sa.Column("course_id", sa.String(255), nullable=False),
     sa.Column("assignment_id", sa.String(255), nullable=False),
