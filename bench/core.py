@@ -30,6 +30,7 @@ from nbexchange.events.domain import STUDENT, Actor, Released, Submitted
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import AppendRequest
 from nbexchange.projections import PROJECTIONS, rebuild, rebuild_many
+from nbexchange.tuning import tune_gc
 
 PG_URL = os.environ.get("NBEX_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 1, 31, 23, 0, tzinfo=timezone.utc)
@@ -163,6 +164,8 @@ def main() -> None:
     parser.add_argument("--rebuild-events", type=int, default=100_000)
     parser.add_argument("--dir", default=None, help="folder for SQLite files (default: a temp dir on /tmp's disk)")
     args = parser.parse_args()
+    # As every nbexchange process that appends or rebuilds does once it has started.
+    tune_gc()
     root = Path(args.dir or tempfile.mkdtemp(prefix="nbex-bench-"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; commit {commit}")

@@ -259,12 +259,14 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
 
     def cmd_worker(self) -> None:
         from nbexchange.runtime import Runtime
+        from nbexchange.tuning import tune_gc
         from nbexchange.workers.app import Sweeper
 
         if self.embedded:
             self.log.critical("`nbexchange worker` needs broker_url (NBEX_BROKER_URL); the embedded API runs its own.")
             self.exit(2)
         runtime = Runtime(self, follow_log=True)
+        tune_gc()
         sweeper = Sweeper(runtime, self.sweep_interval)
         sweeper.start()
         crashes: list[float] = []
@@ -359,8 +361,10 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
 
     def cmd_rebuild(self) -> None:
         from nbexchange.projections import rebuild_all
+        from nbexchange.tuning import tune_gc
 
         engine, _ = self._open()
+        tune_gc()
         self.log.info("Rebuilt: %s", rebuild_all(engine))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from nbexchange.identity.base import UserPlugin
 from nbexchange.metrics import StateCollector
 from nbexchange.projections import NAMES, lag
 from nbexchange.runtime import Runtime
+from nbexchange.tuning import tune_gc
 from nbexchange.workers.app import EmbeddedWorker, Sweeper
 
 if TYPE_CHECKING:
@@ -72,21 +72,6 @@ def _register_collector(runtime: Runtime) -> None:
         REGISTRY.register(_collector)
 
 
-def _tune_gc() -> None:
-    """Keep the garbage collector out of the answers' tail latency.
-
-    The objects made at start-up (modules, the app, the Celery worker) live
-    as long as the process: collected once and frozen, later collections skip
-    them. The youngest generation is collected every 50,000 allocations, not
-    700: listing 10,000 submissions allocates that many rows, and each
-    collection it triggered walked the heap. Measured over 200 such lists on
-    a quiet exchange: p95 93 → 62–65 ms, p99 99 → 67–80 ms.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 10, 10)
-
-
 def serve(settings: NbExchange) -> None:
     """Run the API until SIGTERM or SIGINT; in the embedded default, the workers too."""
     # Identity first: a service that must refuse to start does so before touching the database.
@@ -126,7 +111,7 @@ def serve(settings: NbExchange) -> None:
         server.stop()
         await server.close_all_connections()
 
-    _tune_gc()
+    tune_gc()
     try:
         asyncio.run(main())
     finally:
