@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,8 +115,8 @@ class CollectionsProjection:
                     "notebooks": orjson.dumps(list(data.notebooks)).decode(),
                     "entry": orjson.dumps(entry).decode()[1:-1],
                     "stamp": stamp,
-                    "notebooks_entry": notebooks_entry(data.notebooks),
-                    "archive_entry": _archive_head(PENDING, None) + f"{data.archive_size}}}",
+                    "notebooks_entry": _unmarked_notebooks_entry(data.notebooks),
+                    "archive_entry": _PENDING_HEAD + f"{data.archive_size}}}",
                     "collected_count": 0,
                     "last_collected_at": None,
                 },
@@ -130,7 +131,7 @@ class CollectionsProjection:
                     "reason": None,
                     "archive_head": _archive_head(UNPACKED, None),
                     "found": found,
-                    "found_entry": notebooks_entry(data.notebooks) if data.notebooks else None,
+                    "found_entry": _unmarked_notebooks_entry(data.notebooks) if data.notebooks else None,
                 },
             )
         elif isinstance(data, ArchiveRejected) and data.student_id is not None:
@@ -160,6 +161,15 @@ def path_key(path: str) -> int:
 def _archive_head(state: str, reason: str | None) -> str:
     # The list item's "archive" object up to its size, which the row itself supplies.
     return f'{{"state":{orjson.dumps(state).decode()},"reason":{orjson.dumps(reason).decode()},"size":'
+
+
+_PENDING_HEAD = _archive_head(PENDING, None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _unmarked_notebooks_entry(notebooks: tuple[str, ...]) -> str:
+    # Without feedback, an assignment's students mostly send the same notebooks.
+    return notebooks_entry(notebooks)
 
 
 def notebook_entry(notebook_id: str, feedback: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
