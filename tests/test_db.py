@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -10,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from builders import release, submit
 
-import nbexchange.projections  # noqa: F401  (registers the projections' tables)
+import nbexchange.projections  # registers the projections' tables
 from nbexchange import db
 from nbexchange.db import current_revision, make_engine, metadata, upgrade, write_transaction
 from nbexchange.events.sql import SQLEventStore
@@ -74,6 +75,18 @@ def test_rekeying_the_projections_keeps_their_rows(db_url):
 def _submissions(engine: sa.Engine) -> list[dict]:
     with engine.connect() as conn:
         return [dict(row._mapping) for row in conn.execute(sa.text("SELECT * FROM proj_submissions ORDER BY position"))]
+
+
+def test_sqlite_datetimes_are_written_as_sqlalchemy_writes_them():
+    """The inserts' own datetime conversion is SQLAlchemy's text, wall time kept for any offset."""
+    dialect = sa.create_engine("sqlite://").dialect
+    stock = sa.DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
+    insert = db.DriverInsert(dialect, nbexchange.projections.collections.submissions)
+    assert {process for _, process in insert.processors} == {db._sqlite_datetime}
+    utc = datetime(2026, 1, 31, 23, 59, 59, 5, tzinfo=timezone.utc)
+    same_moment = utc.astimezone(timezone(timedelta(hours=-5)))  # equal, and equal hashes
+    for value in (utc, same_moment, utc, same_moment, datetime(2026, 1, 31), None):
+        assert db._sqlite_datetime(value) == stock(value)
 
 
 def test_only_derived_rows_commit_without_waiting_for_the_disk(db_url):
