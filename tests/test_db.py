@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -25,9 +26,9 @@ def test_migrations_create_exactly_the_declared_schema(db_url):
     upgrade(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-    assert current_revision(engine) == "0004"
+    assert current_revision(engine) == "0005"
     upgrade(engine)  # a second upgrade is a no-op
-    assert current_revision(engine) == "0004"
+    assert current_revision(engine) == "0005"
     engine.dispose()
 
 
@@ -51,7 +52,7 @@ def test_an_older_database_keeps_its_log_and_gains_projections(db_url):
 
 
 def test_rekeying_the_projections_keeps_their_rows(db_url):
-    """0004 changes the read models' keys in place: down to 0003 and up again, the rows equal a rebuild's."""
+    """0004 and 0005 change the read models in place: down to 0003 and up again, the rows equal a rebuild's."""
     engine = make_engine(db_url)
     upgrade(engine)
     store = SQLEventStore(engine)
@@ -59,6 +60,10 @@ def test_rekeying_the_projections_keeps_their_rows(db_url):
     catch_up_all(engine)
     before = {p.name: snapshot(engine, p) for p in PROJECTIONS}
     paths = [s["path"] for s in _submissions(engine)]
+    db.downgrade(engine, "0004")
+    assert {(json.loads(s["archive_entry"])["state"], s["notebooks_entry"]) for s in _submissions(engine)} == {
+        ("pending", "[]")
+    }
     db.downgrade(engine, "0003")
     with engine.connect() as conn:
         columns = {c["name"] for c in sa.inspect(conn).get_columns("proj_submissions")}

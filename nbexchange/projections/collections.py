@@ -40,12 +40,12 @@ submissions = sa.Table(
     sa.Column("archive_state", sa.String(16), nullable=False),
     sa.Column("archive_reason", sa.Text, nullable=True),
     sa.Column("notebooks", sa.Text, nullable=False),
-    # The list item as the API sends it, rendered once here instead of on
-    # every read: a course's 10,000 submissions list in milliseconds.
+    # The list item's fields that never change, as the API sends them,
+    # rendered once here instead of on every read: a course's 10,000
+    # submissions list in milliseconds. (The parts that change, the archive's
+    # state and the notebooks' feedback, are rendered from cached pieces.)
     sa.Column("entry", sa.Text, nullable=False),
     sa.Column("stamp", sa.String(64), nullable=False),
-    sa.Column("notebooks_entry", sa.Text, nullable=False),
-    sa.Column("archive_entry", sa.Text, nullable=False),
     sa.Column("collected_count", sa.Integer, nullable=False),
     sa.Column("last_collected_at", sa.DateTime(timezone=True), nullable=True),
     sa.Index("ix_proj_submissions_assignment", "org_id", "course_id", "assignment_id", "student_id"),
@@ -58,10 +58,6 @@ _OUTCOME = (
         archive_state=sa.bindparam("state"),
         archive_reason=sa.bindparam("reason"),
         notebooks=sa.func.coalesce(sa.bindparam("found", type_=sa.Text), submissions.c.notebooks),
-        notebooks_entry=sa.func.coalesce(sa.bindparam("found_entry", type_=sa.Text), submissions.c.notebooks_entry),
-        archive_entry=sa.bindparam("archive_head", type_=sa.Text)
-        + sa.cast(submissions.c.archive_size, sa.String)
-        + "}",
     )
 )
 _COLLECTED = (
@@ -115,8 +111,6 @@ class CollectionsProjection:
                     "notebooks": orjson.dumps(list(data.notebooks)).decode(),
                     "entry": orjson.dumps(entry).decode()[1:-1],
                     "stamp": stamp,
-                    "notebooks_entry": _unmarked_notebooks_entry(data.notebooks),
-                    "archive_entry": _PENDING_HEAD + f"{data.archive_size}}}",
                     "collected_count": 0,
                     "last_collected_at": None,
                 },
@@ -129,9 +123,7 @@ class CollectionsProjection:
                     "source": data.source_position,
                     "state": UNPACKED,
                     "reason": None,
-                    "archive_head": _archive_head(UNPACKED, None),
                     "found": found,
-                    "found_entry": _unmarked_notebooks_entry(data.notebooks) if data.notebooks else None,
                 },
             )
         elif isinstance(data, ArchiveRejected) and data.student_id is not None:
@@ -141,9 +133,7 @@ class CollectionsProjection:
                     "source": data.source_position,
                     "state": REJECTED,
                     "reason": data.reason,
-                    "archive_head": _archive_head(REJECTED, data.reason),
                     "found": None,
-                    "found_entry": None,
                 },
             )
         elif isinstance(data, Collected):
@@ -158,18 +148,16 @@ def path_key(path: str) -> int:
     return int(path[:15], 16)
 
 
+@functools.lru_cache(maxsize=1024)
 def _archive_head(state: str, reason: str | None) -> str:
-    # The list item's "archive" object up to its size, which the row itself supplies.
+    # The list item's "archive" object up to its size, which the row supplies.
     return f'{{"state":{orjson.dumps(state).decode()},"reason":{orjson.dumps(reason).decode()},"size":'
 
 
-_PENDING_HEAD = _archive_head(PENDING, None)
-
-
 @functools.lru_cache(maxsize=1024)
-def _unmarked_notebooks_entry(notebooks: tuple[str, ...]) -> str:
-    # Without feedback, an assignment's students mostly send the same notebooks.
-    return notebooks_entry(notebooks)
+def _unmarked_notebooks_entry(notebooks: str) -> str:
+    # ``notebooks`` as a JSON list of names: an assignment's students mostly send the same ones.
+    return notebooks_entry(orjson.loads(notebooks))
 
 
 def notebook_entry(notebook_id: str, feedback: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
@@ -253,8 +241,9 @@ _ENTRIES = sa.select(
     submissions.c.entry,
     submissions.c.stamp,
     submissions.c.notebooks,
-    submissions.c.notebooks_entry,
-    submissions.c.archive_entry,
+    submissions.c.archive_state,
+    submissions.c.archive_reason,
+    submissions.c.archive_size,
 )
 
 
@@ -284,10 +273,10 @@ def submission_items_json(
         given.setdefault((f["student_id"], format_timestamp(f["timestamp"])), []).append(f)
     last = {row[1]: row[0] for row in rows}  # student -> position of their latest
     parts = []
-    for position, student, entry, stamp, notebooks, rendered, archive in rows:
+    for position, student, entry, stamp, notebooks, state, reason, size in rows:
         mine = given.get((student, stamp))
-        if mine:
-            rendered = notebooks_entry(orjson.loads(notebooks), mine)
+        rendered = notebooks_entry(orjson.loads(notebooks), mine) if mine else _unmarked_notebooks_entry(notebooks)
         latest = "true" if last[student] == position else "false"
-        parts.append(f'{{{entry},"latest":{latest},"archive":{archive},"notebooks":{rendered}}}')
+        archive = _archive_head(state, reason)
+        parts.append(f'{{{entry},"latest":{latest},"archive":{archive}{size}}},"notebooks":{rendered}}}')
     return "[" + ",".join(parts) + "]"
