@@ -129,7 +129,7 @@ def _actor(text: str) -> Actor:
 def _row_to_event(row: Any) -> RecordedEvent:
     # By position: rows are ``select(events_table)``, in the table's column order.
     position, stream, version, type_, schema, actor, recorded_at, key, payload, prev_hash, hash_ = row
-    return RecordedEvent(
+    return RecordedEvent.stored(
         position=position,
         stream=stream,
         version=version,

@@ -48,9 +48,10 @@ def test_append_assigns_positions_versions_and_chains_hashes(store):
 
 
 def test_events_round_trip_through_the_log(store):
-    store.append(release())
-    store.append(submit("s1", minutes=3))
+    appended = [store.append(release()).event, store.append(submit("s1", minutes=3)).event]
     events = list(store.read())
+    assert events == appended  # read back (RecordedEvent.stored) as the append made them
+    assert [e.data for e in events] == [e.data for e in appended]
     assert isinstance(events[0].data, Released) and events[0].data.notebooks == (
         "nb1",
         "nb2",
