@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from sqlalchemy.dialects import sqlite
 
 from nbexchange.clock import NBGRADER_FORMAT, as_utc, format_iso, format_timestamp, parse_timestamp
-from nbexchange.db import _sqlite_datetime, make_engine
+from nbexchange.db import Moment, make_engine
 
 moments = st.datetimes(
     min_value=datetime(1000, 1, 1),
@@ -48,7 +48,14 @@ def test_an_unreadable_timestamp_is_refused():
         parse_timestamp("yesterday")
 
 
-@given(st.one_of(st.none(), st.datetimes(), st.datetimes(timezones=st.just(timezone.utc))))
-def test_sqlite_datetimes_are_written_as_sqlalchemy_writes_them(value):
-    process = sqlite.DATETIME().bind_processor(make_engine("sqlite://").dialect)
-    assert _sqlite_datetime(value) == process(value)
+SQLITE = make_engine("sqlite://").dialect
+
+
+@given(st.one_of(st.none(), st.datetimes(), moments))
+def test_sqlite_moments_are_sqlalchemys_text_of_the_utc_time_and_read_back_as_it(value):
+    write = Moment().dialect_impl(SQLITE).bind_processor(SQLITE)
+    read = Moment().dialect_impl(SQLITE).result_processor(SQLITE, None)
+    stock = sqlite.DATETIME().bind_processor(SQLITE)
+    moment = None if value is None else as_utc(value)
+    assert write(value) == stock(moment)
+    assert read(write(value)) == moment

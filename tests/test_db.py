@@ -82,16 +82,27 @@ def _submissions(engine: sa.Engine) -> list[dict]:
         return [dict(row._mapping) for row in conn.execute(sa.text("SELECT * FROM proj_submissions ORDER BY position"))]
 
 
-def test_sqlite_datetimes_are_written_as_sqlalchemy_writes_them():
-    """The inserts' own datetime conversion is SQLAlchemy's text, wall time kept for any offset."""
-    dialect = sa.create_engine("sqlite://").dialect
-    stock = sa.DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
-    insert = db.DriverInsert(dialect, nbexchange.projections.collections.submissions)
-    assert {process for _, process in insert.processors} == {db._sqlite_datetime}
+def test_moments_are_written_and_read_back_in_utc(db_url):
+    """Any offset in, the same moment out, aware and in UTC, by SQLAlchemy's inserts and the driver's alike."""
+    engine = make_engine(db_url)
+    table = sa.Table("moments", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), sa.Column("at", db.Moment))
+    table.create(engine)
     utc = datetime(2026, 1, 31, 23, 59, 59, 5, tzinfo=timezone.utc)
-    same_moment = utc.astimezone(timezone(timedelta(hours=-5)))  # equal, and equal hashes
-    for value in (utc, same_moment, utc, same_moment, datetime(2026, 1, 31), None):
-        assert db._sqlite_datetime(value) == stock(value)
+    same_moment = utc.astimezone(timezone(timedelta(hours=-5)))  # equal, with an equal hash
+    values = [utc, same_moment, utc.replace(tzinfo=None), None]
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "at": v} for i, v in enumerate(values)])
+        db.driver_insert(conn.dialect, table).execute(conn, [{"id": 10 + i, "at": v} for i, v in enumerate(values)])
+    with engine.connect() as conn:
+        read = dict(conn.execute(sa.select(table.c.id, table.c.at)).all())
+    assert [read[i] for i in range(4)] == [read[10 + i] for i in range(4)] == [utc, utc, utc, None]
+    assert all(read[i].tzinfo is timezone.utc for i in (0, 1, 2, 10, 11, 12))
+    if db.is_sqlite(engine):  # the text SQLAlchemy's own DATETIME writes (and wrote before Moment)
+        stock = sa.DateTime(timezone=True).dialect_impl(engine.dialect).bind_processor(engine.dialect)
+        with engine.connect() as conn:
+            texts = [conn.exec_driver_sql(f"SELECT at FROM moments WHERE id = {i}").scalar() for i in (0, 1, 2, 10, 11)]
+        assert texts == [stock(utc)] * 5
+    engine.dispose()
 
 
 def test_only_derived_rows_commit_without_waiting_for_the_disk(db_url):

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from nbexchange.clock import as_utc, utcnow
 from nbexchange.db import (
+    Moment,
     compile_named,
     driver_cursor,
     driver_insert,
@@ -44,7 +45,7 @@ events_table = sa.Table(
     sa.Column("type", sa.String(64), nullable=False),
     sa.Column("schema", sa.Integer, nullable=False),
     sa.Column("actor", sa.Text, nullable=False),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("recorded_at", Moment, nullable=False, index=True),
     sa.Column("idempotency_key", sa.String(512), nullable=True, unique=True),
     sa.Column("payload", sa.Text, nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),

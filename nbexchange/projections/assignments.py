@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from nbexchange.clock import as_utc
-from nbexchange.db import POSITION, metadata
+from nbexchange.db import POSITION, Moment, metadata
 from nbexchange.events.domain import (
     ArchiveRejected,
     ArchiveUnpacked,
@@ -36,7 +36,7 @@ releases = sa.Table(
     sa.Column("assignment_id", sa.String(255), primary_key=True),
     sa.Column("position", sa.BigInteger, nullable=False),
     sa.Column("released_by", sa.String(255), nullable=False),
-    sa.Column("released_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("released_at", Moment, nullable=False),
     sa.Column("notebooks", sa.Text, nullable=False),
     sa.Column("archive_sha256", sa.String(64), nullable=False),
     sa.Column("archive_state", sa.String(16), nullable=False),
@@ -54,7 +54,7 @@ actions = sa.Table(
     sa.Column("user_id", sa.String(255), nullable=False),
     sa.Column("student_id", sa.String(255), nullable=False),
     sa.Column("status", sa.String(32), nullable=False),
-    sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("timestamp", Moment, nullable=False),
     sa.Column("notebooks", sa.Text, nullable=False),
     sa.Column("archive_sha256", sa.String(64), nullable=True),
     sa.Column("archive_state", sa.String(16), nullable=True),

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from nbexchange.clock import as_utc, utcnow
 from nbexchange.db import (
+    Moment,
     DriverInsert,
     driver_insert,
     is_sqlite,
@@ -32,7 +33,7 @@ checkpoints_table = sa.Table(
     metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("position", sa.BigInteger, nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", Moment, nullable=False),
 )
 
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from nbexchange.clock import as_utc, format_timestamp
-from nbexchange.db import POSITION, metadata
+from nbexchange.db import POSITION, Moment, metadata
 from nbexchange.events.domain import ArchiveRejected, ArchiveUnpacked, Collected, Submitted
 from nbexchange.events.store import RecordedEvent
 from nbexchange.projections.assignments import PENDING, REJECTED, UNPACKED
@@ -28,8 +28,8 @@ submissions = sa.Table(
     sa.Column("full_name", sa.String(255), nullable=True),
     sa.Column("email", sa.String(255), nullable=True),
     sa.Column("lms_user_id", sa.String(255), nullable=True),
-    sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("timestamp", Moment, nullable=False),
+    sa.Column("recorded_at", Moment, nullable=False),
     # The opaque token naming the submission (its event's hash), found by
     # ``path_key``: an index of 64 random characters per row cost a rebuild
     # more than the rest of the row.
@@ -47,7 +47,7 @@ submissions = sa.Table(
     sa.Column("entry", sa.Text, nullable=False),
     sa.Column("stamp", sa.String(64), nullable=False),
     sa.Column("collected_count", sa.Integer, nullable=False),
-    sa.Column("last_collected_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("last_collected_at", Moment, nullable=True),
     sa.Index("ix_proj_submissions_assignment", "org_id", "course_id", "assignment_id", "student_id"),
 )
 

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from nbexchange.clock import as_utc
-from nbexchange.db import POSITION, metadata
+from nbexchange.db import POSITION, Moment, metadata
 from nbexchange.events.domain import FeedbackFetched, FeedbackReleased
 from nbexchange.events.store import RecordedEvent
 from nbexchange.projections.base import Rows
@@ -22,12 +22,12 @@ feedback = sa.Table(
     sa.Column("assignment_id", sa.String(255), nullable=False),
     sa.Column("student_id", sa.String(255), nullable=False),
     sa.Column("notebook_id", sa.String(255), nullable=False),
-    sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("timestamp", Moment, nullable=False),
     sa.Column("checksum", sa.String(255), nullable=False),
     sa.Column("feedback_sha256", sa.String(64), nullable=False),
     sa.Column("released_by", sa.String(255), nullable=False),
-    sa.Column("released_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("released_at", Moment, nullable=False),
+    sa.Column("fetched_at", Moment, nullable=True),
     sa.Index("ix_proj_feedback_student", "org_id", "course_id", "assignment_id", "student_id"),
 )
 

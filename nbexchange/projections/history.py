@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from nbexchange.clock import as_utc
-from nbexchange.db import POSITION, metadata
+from nbexchange.db import POSITION, Moment, metadata
 from nbexchange.events.domain import StudentEvent
 from nbexchange.events.store import RecordedEvent
 from nbexchange.projections.base import Rows
@@ -25,7 +25,7 @@ history = sa.Table(
     sa.Column("actor", sa.String(255), nullable=False),
     sa.Column("role", sa.String(32), nullable=False),
     sa.Column("student_id", sa.String(255), nullable=True),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("recorded_at", Moment, nullable=False),
     sa.Column("details", sa.Text, nullable=False),
     sa.Index("ix_proj_history_course", "org_id", "course_id", "assignment_id"),
 )
