@@ -27,7 +27,9 @@ def format_timestamp(moment: datetime) -> str:
     """Format a moment in nbgrader's format: ``2026-01-31 23:59:59.123456 UTC``."""
     # The same text as strftime(NBGRADER_FORMAT), made in C without strftime's
     # format parsing: projections format one per submission on every rebuild.
-    return as_utc(moment).replace(tzinfo=None).isoformat(" ", "microseconds") + " UTC"
+    # The first 26 characters are the wall time (years have 4 digits), cut
+    # before the offset: cheaper than removing the time zone first.
+    return as_utc(moment).isoformat(" ", "microseconds")[:26] + " UTC"
 
 
 def format_iso(moment: datetime) -> str:
