@@ -32,6 +32,7 @@ metadata = sa.MetaData(
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
+
 class Moment(sa.types.TypeDecorator[datetime]):
     """A moment in time: ``timestamptz`` on PostgreSQL, text on SQLite; read back aware, in UTC.
 
@@ -279,7 +280,7 @@ class DriverInsert:
         if self.positional:
             # pysqlite: ``?`` parameters, bound from tuples by index. Bound by
             # name, each parameter of each row is a string made from the
-            # statement's text and looked up in the row: a third of a rebuild.
+            # statement's text and looked up in the row (18 % of a rebuild).
             compiled = table.insert().compile(dialect=dialect)
             assert list(compiled.positiontup or ()) == [column.key for column in table.columns]
             self.sql = str(compiled)

@@ -97,7 +97,7 @@ class RecordedEvent:
 
         Made without the frozen dataclass's ``__init__``, which sets each of
         eleven fields through ``object.__setattr__``: a third of the cost of
-        reading an event, in every replay and rebuild.
+        turning a stored row into an event, in every replay and rebuild.
         """
         event = object.__new__(cls)
         event.__dict__.update(

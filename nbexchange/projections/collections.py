@@ -31,8 +31,8 @@ submissions = sa.Table(
     sa.Column("timestamp", Moment, nullable=False),
     sa.Column("recorded_at", Moment, nullable=False),
     # The opaque token naming the submission (its event's hash), found by
-    # ``path_key``: an index of 64 random characters per row cost a rebuild
-    # more than the rest of the row.
+    # ``path_key``: a unique index of 64 random characters was half the cost
+    # of writing a row (18.3 against 9.5 µs in a standalone SQLite test).
     sa.Column("path", sa.String(64), nullable=False),
     sa.Column("path_key", sa.BigInteger, nullable=False, index=True),
     sa.Column("archive_sha256", sa.String(64), nullable=False),
