@@ -23,13 +23,27 @@ def as_utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+def format_utc_wall(moment: datetime) -> str:
+    """The moment's wall time in UTC: ``2026-01-31 23:59:59.123456`` (naive means UTC).
+
+    nbgrader's format without its `` UTC``, and the text SQLite stores.
+    """
+    # Made in C without strftime's format parsing: a rebuild makes several per
+    # event. The first 26 characters are the wall time (years have 4 digits),
+    # cut before the offset: cheaper than removing the time zone first.
+    return as_utc(moment).isoformat(" ", "microseconds")[:26]
+
+
+def parse_utc_wall(text: str) -> datetime:
+    """The moment :func:`format_utc_wall` wrote (aware, in UTC)."""
+    # Parsed with its offset at once: making a naive time aware costs more.
+    return datetime.fromisoformat(text + "+00:00")
+
+
 def format_timestamp(moment: datetime) -> str:
     """Format a moment in nbgrader's format: ``2026-01-31 23:59:59.123456 UTC``."""
-    # The same text as strftime(NBGRADER_FORMAT), made in C without strftime's
-    # format parsing: projections format one per submission on every rebuild.
-    # The first 26 characters are the wall time (years have 4 digits), cut
-    # before the offset: cheaper than removing the time zone first.
-    return as_utc(moment).isoformat(" ", "microseconds")[:26] + " UTC"
+    # The same text as strftime(NBGRADER_FORMAT); projections format one per submission.
+    return format_utc_wall(moment) + " UTC"
 
 
 def format_iso(moment: datetime) -> str:

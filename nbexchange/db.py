@@ -17,7 +17,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
-from nbexchange.clock import as_utc
+from nbexchange.clock import as_utc, format_utc_wall, parse_utc_wall
 from nbexchange.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -58,24 +58,17 @@ class Moment(sa.types.TypeDecorator[datetime]):
 
 
 def _sqlite_text(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:  # taken to be UTC
-        return value.isoformat(" ", "microseconds")
-    return _utc_text(as_utc(value))
+    return None if value is None else _cached_utc_wall(value)
 
 
-@functools.lru_cache(maxsize=1 << 14)
-def _utc_text(value: datetime) -> str:
-    # Cached: a rebuild writes each event's times into several read models, and
-    # a datetime hashes in nanoseconds (its hash is kept) but formats in a
-    # microsecond. Only UTC times come here: equal ones have one wall time.
-    # The first 26 characters are the wall time (years have 4 digits).
-    return value.isoformat(" ", "microseconds")[:26]
+# A rebuild writes each event's times into several read models, and a datetime
+# hashes in nanoseconds (its hash is kept) but formats in a microsecond. Equal
+# moments have one UTC wall time, whatever their offsets.
+_cached_utc_wall = functools.lru_cache(maxsize=1 << 14)(format_utc_wall)
 
 
 def _parse_sqlite_text(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value + "+00:00")
+    return None if value is None else parse_utc_wall(value)
 
 
 def _aware_utc(value: datetime | None) -> datetime | None:
