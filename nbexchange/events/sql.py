@@ -89,7 +89,7 @@ class _HeadQuery:
     def __init__(self, dialect: sa.Dialect) -> None:
         statement = _HEAD_AND_VERSION if dialect.name == "sqlite" else _LOCK_HEAD_AND_VERSION
         self.sql, self.constants = compile_named(dialect, statement)
-        self.recorded_at = events_table.c.recorded_at.type.dialect_impl(dialect).result_processor(dialect, None)
+        self.recorded_at = Moment().result_processor(dialect, None)  # the column's type, as SQLAlchemy reads it
 
     def first(self, conn: Connection, stream: str) -> tuple[int, str, datetime, int | None] | None:
         with driver_cursor(conn, self.sql) as cursor:
@@ -97,9 +97,9 @@ class _HeadQuery:
             row = cursor.fetchone()
         if row is None:
             return None
-        position, hash_, recorded_at, version = row
-        if self.recorded_at is not None:
-            recorded_at = self.recorded_at(recorded_at)
+        position, hash_, stored_at, version = row
+        recorded_at = self.recorded_at(stored_at)
+        assert recorded_at is not None  # a NOT NULL column
         return position, hash_, recorded_at, version
 
 
@@ -137,7 +137,7 @@ def _row_to_event(row: Any) -> RecordedEvent:
         type=type_,
         schema=schema,
         actor=_actor(actor),
-        recorded_at=as_utc(recorded_at),
+        recorded_at=recorded_at,
         idempotency_key=key,
         payload=orjson.loads(payload),
         prev_hash=prev_hash,
@@ -212,8 +212,8 @@ class SQLEventStore:
         # recorded_at never runs backwards along the log, even if the clock does,
         # so replaying "as of a time" and "as of a position" agree.
         now = utcnow()
-        if head is not None and as_utc(head[2]) > now:
-            now = as_utc(head[2])
+        if head is not None and head[2] > now:
+            now = head[2]
 
         keys = [r.idempotency_key for r in requests if r.idempotency_key]
         known: dict[str, RecordedEvent] = {}

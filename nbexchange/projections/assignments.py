@@ -10,7 +10,6 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from nbexchange.clock import as_utc
 from nbexchange.db import POSITION, Moment, metadata
 from nbexchange.events.domain import (
     ArchiveRejected,
@@ -169,7 +168,7 @@ def _release(row: Any) -> Release:
         assignment_id=row.assignment_id,
         position=row.position,
         released_by=row.released_by,
-        released_at=as_utc(row.released_at),
+        released_at=row.released_at,
         notebooks=tuple(orjson.loads(row.notebooks)),
         archive_sha256=row.archive_sha256,
         archive_state=row.archive_state,
@@ -220,7 +219,6 @@ def user_actions(
     out = []
     for row in conn.execute(query.order_by(actions.c.position)):
         item = dict(row._mapping)
-        item["timestamp"] = as_utc(item["timestamp"])
         item["notebooks"] = tuple(orjson.loads(item["notebooks"]))
         out.append(item)
     return out

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
-from nbexchange.clock import as_utc, utcnow
+from nbexchange.clock import utcnow
 from nbexchange.db import (
     Moment,
     DriverInsert,
@@ -253,9 +253,5 @@ def snapshot(engine: Engine, projection: Projection) -> dict[str, list[tuple[Any
     with engine.connect() as conn:
         out: dict[str, list[tuple[Any, ...]]] = {}
         for table in projection.tables:
-            rows = [
-                tuple(as_utc(v) if isinstance(v, datetime) else v for v in row)
-                for row in conn.execute(sa.select(table))
-            ]
-            out[table.name] = sorted(rows, key=repr)
+            out[table.name] = sorted((tuple(row) for row in conn.execute(sa.select(table))), key=repr)
         return out

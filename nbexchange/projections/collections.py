@@ -10,7 +10,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from nbexchange.clock import as_utc, format_timestamp
+from nbexchange.clock import format_timestamp
 from nbexchange.db import POSITION, Moment, metadata
 from nbexchange.events.domain import ArchiveRejected, ArchiveUnpacked, Collected, Submitted
 from nbexchange.events.store import RecordedEvent
@@ -180,8 +180,6 @@ def notebooks_entry(notebooks: Sequence[str], feedback: Sequence[dict[str, Any]]
 
 def _submission(row: Any) -> dict[str, Any]:
     item = dict(row._mapping)
-    item["timestamp"] = as_utc(item["timestamp"])
-    item["recorded_at"] = as_utc(item["recorded_at"])
     item["notebooks"] = tuple(orjson.loads(item["notebooks"]))
     return item
 

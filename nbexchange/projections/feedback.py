@@ -7,7 +7,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from nbexchange.clock import as_utc
 from nbexchange.db import POSITION, Moment, metadata
 from nbexchange.events.domain import FeedbackFetched, FeedbackReleased
 from nbexchange.events.store import RecordedEvent
@@ -101,11 +100,7 @@ def student_feedback(
     rows = conn.execute(query.order_by(feedback.c.position))
     out = []
     for row in rows:
-        item = dict(row._mapping)
-        for name in ("timestamp", "released_at", "fetched_at"):
-            if item[name] is not None:
-                item[name] = as_utc(item[name])
-        out.append(item)
+        out.append(dict(row._mapping))
     return out
 
 

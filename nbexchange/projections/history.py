@@ -8,7 +8,6 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from nbexchange.clock import as_utc
 from nbexchange.db import POSITION, Moment, metadata
 from nbexchange.events.domain import StudentEvent
 from nbexchange.events.store import RecordedEvent
@@ -91,7 +90,6 @@ def course_history(
     out = []
     for row in conn.execute(query.order_by(history.c.position)):
         item = dict(row._mapping)
-        item["recorded_at"] = as_utc(item["recorded_at"])
         item["details"] = orjson.loads(item["details"])
         out.append(item)
     return out
