@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from builders import release, submit
 
-import nbexchange.projections  # registers the projections' tables
+import nbexchange.projections  # noqa: F401  (registers the projections' tables)
 from nbexchange import db
 from nbexchange.db import current_revision, make_engine, metadata, upgrade, write_transaction
 from nbexchange.events.sql import SQLEventStore

@@ -12,7 +12,7 @@ import pytest
 from httpclient import COURSE, get, ok, release, submit, until
 from service import TEST_BROKER_URL, Service
 
-from nbexchange.workers.app import CHECK_ARCHIVES, Dispatcher, Projector
+from nbexchange.workers.app import CHECK_ARCHIVES, Dispatcher
 
 USERS = {"ada": {COURSE: "Instructor"}, "s1": {COURSE: "Student"}, "s2": {COURSE: "Student"}}
 
