@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -62,38 +63,45 @@ actions = sa.Table(
 )
 
 
-_RELEASE_KEY = sa.and_(
-    releases.c.org_id == sa.bindparam("org"),
-    releases.c.course_id == sa.bindparam("course"),
-    releases.c.assignment_id == sa.bindparam("assignment"),
-)
-_DROP_RELEASE = releases.delete().where(_RELEASE_KEY)
-_WITHDRAW = releases.update().where(_RELEASE_KEY).values(active=False)
-_RELEASE_OUTCOME = (
-    releases.update()
-    .where(_RELEASE_KEY, releases.c.position == sa.bindparam("source"))
-    .values(archive_state=sa.bindparam("state"), archive_reason=sa.bindparam("reason"))
-)
-_ACTION_OUTCOME = (
-    actions.update()
-    .where(actions.c.position == sa.bindparam("source"))
-    .values(archive_state=sa.bindparam("state"), archive_reason=sa.bindparam("reason"))
-)
+def _release_key(table: sa.Table) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        table.c.org_id == sa.bindparam("org"),
+        table.c.course_id == sa.bindparam("course"),
+        table.c.assignment_id == sa.bindparam("assignment"),
+    )
 
 
 class AssignmentsProjection:
     """Releases per course, and every action a user took, keyed by who acted."""
 
-    name = "assignments"
-    tables = (releases, actions)
+    def __init__(self, name: str = "assignments", tables: Sequence[sa.Table] = (releases, actions)) -> None:
+        self.name = name
+        self.tables = tuple(tables)
+        self._releases, self._actions = self.tables
+        key = _release_key(self._releases)
+        self._drop_release = self._releases.delete().where(key)
+        self._withdraw = self._releases.update().where(key).values(active=False)
+        self._release_outcome = (
+            self._releases.update()
+            .where(key, self._releases.c.position == sa.bindparam("source"))
+            .values(archive_state=sa.bindparam("state"), archive_reason=sa.bindparam("reason"))
+        )
+        self._action_outcome = (
+            self._actions.update()
+            .where(self._actions.c.position == sa.bindparam("source"))
+            .values(archive_state=sa.bindparam("state"), archive_reason=sa.bindparam("reason"))
+        )
+
+    def into(self, name: str, tables: Sequence[sa.Table]) -> AssignmentsProjection:
+        return AssignmentsProjection(name, tables)
 
     def apply(self, rows: Rows, event: RecordedEvent) -> None:
         data = event.data
         key = {"org": data.org_id, "course": data.course_id, "assignment": data.assignment_id}
         if isinstance(data, Released):
-            rows.write(_DROP_RELEASE, key)
+            rows.write(self._drop_release, key)
             rows.insert(
-                releases,
+                self._releases,
                 {
                     "org_id": data.org_id,
                     "course_id": data.course_id,
@@ -109,14 +117,14 @@ class AssignmentsProjection:
                 },
             )
         elif isinstance(data, Unreleased):
-            rows.write(_WITHDRAW, key)
+            rows.write(self._withdraw, key)
         elif isinstance(data, (Fetched, Submitted, Collected, FeedbackReleased, FeedbackFetched)):
             # A submission names its notebooks; other actions show the release's (at read time).
             notebooks = list(data.notebooks) if isinstance(data, Submitted) else []
             timestamp = data.timestamp if isinstance(data, Submitted) else event.recorded_at
             sha = data.archive_sha256 if isinstance(data, (Fetched, Submitted, Collected)) else None
             rows.insert(
-                actions,
+                self._actions,
                 {
                     "position": event.position,
                     "org_id": data.org_id,
@@ -139,9 +147,9 @@ class AssignmentsProjection:
                 "reason": data.reason if isinstance(data, ArchiveRejected) else None,
             }
             if data.student_id is None:
-                rows.write(_RELEASE_OUTCOME, {**key, **outcome})
+                rows.write(self._release_outcome, {**key, **outcome})
             else:
-                rows.write(_ACTION_OUTCOME, outcome)
+                rows.write(self._action_outcome, outcome)
 
 
 @dataclass(frozen=True)
@@ -178,7 +186,7 @@ def _release(row: Any) -> Release:
 
 
 # Built once: every fetch and submission reads its release.
-_GET_RELEASE = sa.select(releases).where(_RELEASE_KEY)
+_GET_RELEASE = sa.select(releases).where(_release_key(releases))
 
 
 def get_release(conn: Connection, org_id: int, course_id: str, assignment_id: str) -> Release | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -90,6 +91,18 @@ class Projection(Protocol):
         """Change the rows as ``event`` says; must not read or write anything else."""
         ...
 
+    def into(self, name: str, tables: Sequence[sa.Table]) -> Projection:
+        """The same read model under another name (its checkpoint's), writing to tables of the same shape."""
+        ...
+
+
+#: ``Index.info`` of an index that ``apply`` looks rows up by: a rebuild's new
+#: table has it while it is filled. The others are made once it is full.
+USED_BY_APPLY = {"used_by_apply": True}
+
+#: The suffix of a rebuild's new tables and checkpoints until they replace the live ones.
+REBUILDING = "__rebuilding"
+
 
 def checkpoint(conn: Connection, name: str) -> int:
     """The position a projection has applied up to (0 if it never ran)."""
@@ -164,15 +177,22 @@ def catch_up_many(
         return marks  # nothing to do: no write lock taken
     while True:
         with write_transaction(engine, durable=False) as conn:
-            marks = {p.name: lock_checkpoint(conn, p.name) for p in projections}
-            after = min(marks.values())
-            events = read_events(conn, after, batch_size, until_position=until)
-            for projection in projections:
-                todo = [e for e in events if e.position > marks[projection.name]]
-                if todo:
-                    marks[projection.name] = apply_batch(conn, projection, todo)
-        if len(events) < batch_size:
+            marks, read = _apply_next(conn, projections, batch_size, until)
+        if read < batch_size:
             return marks
+
+
+def _apply_next(
+    conn: Connection, projections: Sequence[Projection], batch_size: int, until: int | None
+) -> tuple[dict[str, int], int]:
+    """Take the projections' checkpoints and apply the next batch of events; returns them and the events read."""
+    marks = {p.name: lock_checkpoint(conn, p.name) for p in projections}
+    events = read_events(conn, min(marks.values()), batch_size, until_position=until)
+    for projection in projections:
+        todo = [e for e in events if e.position > marks[projection.name]]
+        if todo:
+            marks[projection.name] = apply_batch(conn, projection, todo)
+    return marks, len(events)
 
 
 def catch_up(engine: Engine, projection: Projection, batch_size: int = 2000, until: int | None = None) -> int:
@@ -181,19 +201,86 @@ def catch_up(engine: Engine, projection: Projection, batch_size: int = 2000, unt
 
 
 def rebuild_many(engine: Engine, projections: Sequence[Projection], batch_size: int = 5000) -> dict[str, int]:
-    """Empty the projections' tables and apply the whole log from position 0."""
+    """Apply the whole log to new tables, then put them in place of the projections' live ones.
+
+    The live tables keep answering, and catching up, while the new ones are
+    filled a batch per transaction, as a catch-up goes (each new table has
+    its key but not the indexes reads need: those are made once it is full,
+    in one pass). One transaction then applies the events logged since,
+    indexes the new tables and swaps them in, so a reader sees the old rows
+    or the new, never a part. A crash leaves the live tables as they were and
+    the next rebuild starts its new ones over; two rebuilds at once share the
+    new tables and their checkpoints, as two catch-ups share a projection.
+    """
+    dialect = engine.dialect.name
+    builders = [p.into(p.name + REBUILDING, [_new_table(t, dialect) for t in p.tables]) for p in projections]
+    with write_transaction(engine, durable=False) as conn:
+        for builder in builders:
+            for table in builder.tables:
+                # IF EXISTS in the statement: on PostgreSQL it holds if the
+                # table went while this waited for its lock (another rebuild's swap).
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {conn.dialect.identifier_preparer.format_table(table)}")
+                table.create(conn)
+            lock_checkpoint(conn, builder.name)
+            move_checkpoint(conn, builder.name, 0)
+    catch_up_many(engine, builders, batch_size)
     with write_transaction(engine, durable=False) as conn:
         for projection in projections:
-            lock_checkpoint(conn, projection.name)
-            for table in reversed(projection.tables):
-                if is_sqlite(conn):
-                    conn.execute(table.delete())  # SQLite truncates an unqualified DELETE itself
-                else:
-                    # TRUNCATE, not DELETE: no dead rows and bloated indexes left
-                    # for the rebuild to insert around (still transactional).
-                    conn.exec_driver_sql(f"TRUNCATE {conn.dialect.identifier_preparer.format_table(table)}")
-            move_checkpoint(conn, projection.name, 0)
-    return catch_up_many(engine, projections, batch_size)
+            lock_checkpoint(conn, projection.name)  # the live catch-ups wait from here to the swap
+        while True:
+            marks, read = _apply_next(conn, builders, batch_size, None)
+            if read < batch_size:
+                break
+        for projection, builder in zip(projections, builders):
+            for live, new in zip(projection.tables, builder.tables):
+                _swap_in(conn, live, new)
+            move_checkpoint(conn, projection.name, marks[builder.name])
+            conn.execute(checkpoints_table.delete().where(checkpoints_table.c.name == builder.name))
+    return {p.name: marks[b.name] for p, b in zip(projections, builders)}
+
+
+#: Where a rebuild's new tables are declared, one collection per dialect
+#: (their keys are named differently).
+_NEW_TABLES: dict[str, sa.MetaData] = {}
+
+
+@functools.cache
+def _new_table(live: sa.Table, dialect: str) -> sa.Table:
+    """The table a rebuild fills for ``live``: its columns and key, and the indexes ``apply`` uses."""
+    # A key's name is unique on PostgreSQL (it names the key's index), so the
+    # new table's is renamed at the swap; SQLite keeps it in the table's
+    # text only, which the swap's rename carries over as it is.
+    key = _key_name(live) + ("" if dialect == "sqlite" else REBUILDING)
+    new = sa.Table(
+        live.name + REBUILDING,
+        _NEW_TABLES.setdefault(dialect, sa.MetaData()),
+        *(sa.Column(c.name, c.type, nullable=c.nullable, autoincrement=c.autoincrement) for c in live.columns),
+        sa.PrimaryKeyConstraint(*(c.name for c in live.primary_key.columns), name=key),
+    )
+    for index in live.indexes:
+        if index.info.get("used_by_apply"):
+            sa.Index(f"{index.name}{REBUILDING}", *(new.c[c.name] for c in index.columns), unique=index.unique)
+    return new
+
+
+def _key_name(table: sa.Table) -> str:
+    return str(table.primary_key.name)  # named by nbexchange.db.metadata's convention, as the migrations name it
+
+
+def _swap_in(conn: Connection, live: sa.Table, new: sa.Table) -> None:
+    """Drop ``live`` and give ``new`` its name, its key's name and its indexes."""
+    quote = conn.dialect.identifier_preparer
+    conn.exec_driver_sql(f"DROP TABLE {quote.format_table(live)}")
+    for index in new.indexes:
+        index.drop(conn)  # remade below under the live name
+    conn.exec_driver_sql(f"ALTER TABLE {quote.format_table(new)} RENAME TO {quote.quote(live.name)}")
+    if not is_sqlite(conn):
+        conn.exec_driver_sql(
+            f"ALTER TABLE {quote.format_table(live)} RENAME CONSTRAINT "
+            f"{quote.quote(_key_name(live) + REBUILDING)} TO {quote.quote(_key_name(live))}"
+        )
+    for index in live.indexes:
+        index.create(conn)
 
 
 def rebuild(engine: Engine, projection: Projection, batch_size: int = 5000) -> int:

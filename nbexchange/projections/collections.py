@@ -51,27 +51,31 @@ submissions = sa.Table(
     sa.Index("ix_proj_submissions_assignment", "org_id", "course_id", "assignment_id", "student_id"),
 )
 
-_OUTCOME = (
-    submissions.update()
-    .where(submissions.c.position == sa.bindparam("source"))
-    .values(
-        archive_state=sa.bindparam("state"),
-        archive_reason=sa.bindparam("reason"),
-        notebooks=sa.func.coalesce(sa.bindparam("found", type_=sa.Text), submissions.c.notebooks),
-    )
-)
-_COLLECTED = (
-    submissions.update()
-    .where(submissions.c.position == sa.bindparam("source"))
-    .values(collected_count=submissions.c.collected_count + 1, last_collected_at=sa.bindparam("at"))
-)
-
-
 class CollectionsProjection:
     """Submissions, with who sent them, their archive's state and whether they were collected."""
 
-    name = "collections"
-    tables = (submissions,)
+    def __init__(self, name: str = "collections", tables: Sequence[sa.Table] = (submissions,)) -> None:
+        self.name = name
+        self.tables = tuple(tables)
+        (self._submissions,) = self.tables
+        source = self._submissions.c.position == sa.bindparam("source")
+        self._outcome = (
+            self._submissions.update()
+            .where(source)
+            .values(
+                archive_state=sa.bindparam("state"),
+                archive_reason=sa.bindparam("reason"),
+                notebooks=sa.func.coalesce(sa.bindparam("found", type_=sa.Text), self._submissions.c.notebooks),
+            )
+        )
+        self._collected = (
+            self._submissions.update()
+            .where(source)
+            .values(collected_count=self._submissions.c.collected_count + 1, last_collected_at=sa.bindparam("at"))
+        )
+
+    def into(self, name: str, tables: Sequence[sa.Table]) -> CollectionsProjection:
+        return CollectionsProjection(name, tables)
 
     def apply(self, rows: Rows, event: RecordedEvent) -> None:
         data = event.data
@@ -89,7 +93,7 @@ class CollectionsProjection:
                 "timestamp": stamp,
             }
             rows.insert(
-                submissions,
+                self._submissions,
                 {
                     "position": event.position,
                     "org_id": data.org_id,
@@ -118,7 +122,7 @@ class CollectionsProjection:
         elif isinstance(data, ArchiveUnpacked) and data.student_id is not None:
             found = orjson.dumps(list(data.notebooks)).decode() if data.notebooks else None
             rows.write(
-                _OUTCOME,
+                self._outcome,
                 {
                     "source": data.source_position,
                     "state": UNPACKED,
@@ -128,7 +132,7 @@ class CollectionsProjection:
             )
         elif isinstance(data, ArchiveRejected) and data.student_id is not None:
             rows.write(
-                _OUTCOME,
+                self._outcome,
                 {
                     "source": data.source_position,
                     "state": REJECTED,
@@ -137,7 +141,7 @@ class CollectionsProjection:
                 },
             )
         elif isinstance(data, Collected):
-            rows.write(_COLLECTED, {"source": data.submission_position, "at": event.recorded_at})
+            rows.write(self._collected, {"source": data.submission_position, "at": event.recorded_at})
 
 
 _HEX_DIGITS = frozenset("0123456789abcdef")

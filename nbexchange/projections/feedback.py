@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -10,7 +11,7 @@ from sqlalchemy.engine import Connection
 from nbexchange.db import POSITION, Moment, metadata
 from nbexchange.events.domain import FeedbackFetched, FeedbackReleased
 from nbexchange.events.store import RecordedEvent
-from nbexchange.projections.base import Rows
+from nbexchange.projections.base import USED_BY_APPLY, Rows
 
 feedback = sa.Table(
     "proj_feedback",
@@ -27,26 +28,33 @@ feedback = sa.Table(
     sa.Column("released_by", sa.String(255), nullable=False),
     sa.Column("released_at", Moment, nullable=False),
     sa.Column("fetched_at", Moment, nullable=True),
-    sa.Index("ix_proj_feedback_student", "org_id", "course_id", "assignment_id", "student_id"),
+    # ``apply`` finds the feedback a new release replaces through it.
+    sa.Index("ix_proj_feedback_student", "org_id", "course_id", "assignment_id", "student_id", info=USED_BY_APPLY),
 )
-
-
-_REPLACED = feedback.delete().where(
-    feedback.c.org_id == sa.bindparam("org"),
-    feedback.c.course_id == sa.bindparam("course"),
-    feedback.c.assignment_id == sa.bindparam("assignment"),
-    feedback.c.student_id == sa.bindparam("student"),
-    feedback.c.notebook_id == sa.bindparam("notebook"),
-    feedback.c.timestamp == sa.bindparam("stamp"),
-)
-_FETCHED = feedback.update().where(feedback.c.position == sa.bindparam("source")).values(fetched_at=sa.bindparam("at"))
 
 
 class FeedbackProjection:
     """The current feedback file for each (student, submission timestamp, notebook)."""
 
-    name = "feedback"
-    tables = (feedback,)
+    def __init__(self, name: str = "feedback", tables: Sequence[sa.Table] = (feedback,)) -> None:
+        self.name = name
+        self.tables = tuple(tables)
+        (self._feedback,) = self.tables
+        table = self._feedback
+        self._replaced = table.delete().where(
+            table.c.org_id == sa.bindparam("org"),
+            table.c.course_id == sa.bindparam("course"),
+            table.c.assignment_id == sa.bindparam("assignment"),
+            table.c.student_id == sa.bindparam("student"),
+            table.c.notebook_id == sa.bindparam("notebook"),
+            table.c.timestamp == sa.bindparam("stamp"),
+        )
+        self._fetched = (
+            table.update().where(table.c.position == sa.bindparam("source")).values(fetched_at=sa.bindparam("at"))
+        )
+
+    def into(self, name: str, tables: Sequence[sa.Table]) -> FeedbackProjection:
+        return FeedbackProjection(name, tables)
 
     def apply(self, rows: Rows, event: RecordedEvent) -> None:
         data = event.data
@@ -54,7 +62,7 @@ class FeedbackProjection:
             # Releasing feedback again for the same notebook of the same
             # submission replaces it; the log keeps both.
             rows.write(
-                _REPLACED,
+                self._replaced,
                 {
                     "org": data.org_id,
                     "course": data.course_id,
@@ -65,7 +73,7 @@ class FeedbackProjection:
                 },
             )
             rows.insert(
-                feedback,
+                self._feedback,
                 {
                     "position": event.position,
                     "org_id": data.org_id,
@@ -83,7 +91,7 @@ class FeedbackProjection:
             )
         elif isinstance(data, FeedbackFetched):
             for position in data.feedback_positions:
-                rows.write(_FETCHED, {"source": position, "at": event.recorded_at})
+                rows.write(self._fetched, {"source": position, "at": event.recorded_at})
 
 
 def student_feedback(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -44,14 +45,19 @@ _DETAILS = (
 class HistoryProjection:
     """One row per event, with the facts a person reads in a history."""
 
-    name = "history"
-    tables = (history,)
+    def __init__(self, name: str = "history", tables: Sequence[sa.Table] = (history,)) -> None:
+        self.name = name
+        self.tables = tuple(tables)
+        (self._history,) = self.tables
+
+    def into(self, name: str, tables: Sequence[sa.Table]) -> HistoryProjection:
+        return HistoryProjection(name, tables)
 
     def apply(self, rows: Rows, event: RecordedEvent) -> None:
         data = event.data
         student = data.student_id if isinstance(data, StudentEvent) else event.payload.get("student_id")
         rows.insert(
-            history,
+            self._history,
             {
                 "position": event.position,
                 "org_id": data.org_id,

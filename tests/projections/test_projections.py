@@ -5,11 +5,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from builders import T0, TEACHER, release, student, submit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbexchange.db import write_transaction
+from nbexchange.db import metadata, write_transaction
 from nbexchange.events.domain import (
     ArchiveRejected,
     ArchiveUnpacked,
@@ -23,9 +26,20 @@ from nbexchange.events.domain import (
 )
 from nbexchange.events.sql import events_table
 from nbexchange.events.store import AppendRequest
-from nbexchange.projections import PROJECTIONS, catch_up, catch_up_all, checkpoints, lag, rebuild, replay, snapshot
+from nbexchange.projections import (
+    PROJECTIONS,
+    catch_up,
+    catch_up_all,
+    checkpoints,
+    lag,
+    rebuild,
+    rebuild_all,
+    replay,
+    snapshot,
+)
+from nbexchange.projections import base
 from nbexchange.projections.assignments import course_releases, get_release, user_actions
-from nbexchange.projections.base import checkpoints_table
+from nbexchange.projections.base import REBUILDING, checkpoints_table
 from nbexchange.projections.collections import get_submission, list_submissions
 from nbexchange.projections.feedback import student_feedback
 from nbexchange.projections.history import course_history
@@ -141,6 +155,94 @@ def test_failed_batch_leaves_checkpoint_and_rows_untouched(store, engine):
         assert len(list_submissions(conn, 1, "phys101", "ps1")) == 1
 
 
+def _projection_schema(engine) -> dict[str, tuple]:
+    """Each projection table's columns, key (with its name) and indexes, as the database reports them."""
+    with engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        out = {}
+        for table in (t for p in PROJECTIONS for t in p.tables):
+            # In any order: a rebuilt table's follow the code, a migrated one's the migrations' history.
+            columns = sorted((c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table.name))
+            key = inspector.get_pk_constraint(table.name)
+            indexes = sorted(
+                (i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(table.name)
+            )
+            out[table.name] = (columns, (key["name"], tuple(key["constrained_columns"])), indexes)
+        return out
+
+
+def _leftovers(engine) -> tuple[list[str], list[str]]:
+    """A rebuild's new tables and checkpoints still in the database."""
+    with engine.connect() as conn:
+        tables = [t for t in sa.inspect(conn).get_table_names() if t.endswith(REBUILDING)]
+        names = [n for n in conn.execute(sa.select(checkpoints_table.c.name)).scalars() if n.endswith(REBUILDING)]
+    return tables, names
+
+
+def test_rebuild_swaps_in_whole_tables_with_the_migrated_schema(store, engine, monkeypatch):
+    """Until the swap, reads see the live rows; events logged meanwhile are in the rebuilt ones."""
+    _cycle(store)
+    catch_up_all(engine)
+    schema = _projection_schema(engine)
+    live = {p.name: snapshot(engine, p) for p in PROJECTIONS}
+    build = base.catch_up_many
+    seen = {}
+
+    def build_then_log_more(engine_, builders, batch_size):
+        marks = build(engine_, builders, batch_size)
+        # Between the build and the swap: the live rows are whole and unchanged.
+        seen["during"] = {p.name: snapshot(engine, p) for p in PROJECTIONS}
+        seen["late"] = store.append(submit("s3", minutes=9, sha="9" * 64)).event.position
+        return marks
+
+    monkeypatch.setattr(base, "catch_up_many", build_then_log_more)
+    marks = rebuild_all(engine)
+    assert seen["during"] == live
+    assert marks == {p.name: seen["late"] for p in PROJECTIONS} == checkpoints(engine)
+    with engine.connect() as conn:
+        late = [s for s in list_submissions(conn, 1, "phys101", "ps1") if s["student_id"] == "s3"]
+        assert [s["position"] for s in late] == [seen["late"]]
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    assert _projection_schema(engine) == schema
+    assert _leftovers(engine) == ([], [])
+    # And the same rows a catch-up from nothing gives.
+    rebuilt = {p.name: snapshot(engine, p) for p in PROJECTIONS}
+    _clear_projections(engine)
+    catch_up_all(engine)
+    assert {p.name: snapshot(engine, p) for p in PROJECTIONS} == rebuilt
+
+
+def test_a_rebuild_that_dies_leaves_the_live_rows_and_the_next_one_starts_over(store, engine, monkeypatch):
+    _cycle(store)
+    catch_up_all(engine)
+    live = {p.name: snapshot(engine, p) for p in PROJECTIONS}
+    marks = checkpoints(engine)
+    build = base.catch_up_many
+
+    def build_part_then_die(engine_, builders, batch_size):
+        build(engine_, builders, 2, until=4)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(base, "catch_up_many", build_part_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        rebuild_all(engine)
+    assert {p.name: snapshot(engine, p) for p in PROJECTIONS} == live
+    assert {n: checkpoints(engine)[n] for n in marks} == marks
+    assert _leftovers(engine)[0]  # the half-built tables stay until the next rebuild
+    monkeypatch.setattr(base, "catch_up_many", build)
+    rebuild_all(engine)
+    assert {p.name: snapshot(engine, p) for p in PROJECTIONS} == live
+    assert _leftovers(engine) == ([], [])
+
+
+def _clear_projections(engine) -> None:
+    with write_transaction(engine) as conn:
+        for p in PROJECTIONS:
+            for t in p.tables:
+                conn.execute(t.delete())
+        conn.execute(checkpoints_table.delete())
+
+
 # -- property-based: random valid event sequences ----------------------------
 
 COURSES = ["c1", "c2"]
@@ -215,11 +317,8 @@ def _append_ops(store, ops) -> None:
 
 
 def _reset(engine) -> None:
+    _clear_projections(engine)
     with write_transaction(engine) as conn:
-        for p in PROJECTIONS:
-            for t in p.tables:
-                conn.execute(t.delete())
-        conn.execute(checkpoints_table.delete())
         conn.execute(events_table.delete())
 
 
