@@ -126,6 +126,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         record.info["synchronous"] = "FULL"
         cur.execute("PRAGMA busy_timeout=60000")
         cur.execute("PRAGMA foreign_keys=ON")
+        # Some builds (Debian's) zero every freed page, which writes a rebuild's
+        # dropped tables out again in full (7 % of a rebuild here). FAST zeroes
+        # deleted content only where that costs no extra write; nothing the
+        # exchange deletes is secret anyway: it is all derived from the log.
+        cur.execute("PRAGMA secure_delete=FAST")
         cur.close()
 
     @sa_event.listens_for(engine, "begin")

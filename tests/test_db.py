@@ -122,6 +122,14 @@ def test_only_derived_rows_commit_without_waiting_for_the_disk(db_url):
     engine.dispose()
 
 
+def test_sqlite_zeroes_deleted_content_only_where_it_costs_no_write(tmp_path):
+    """``secure_delete=FAST`` whatever the build's default (Debian's zeroes every freed page)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'x.sqlite'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 2  # FAST
+    engine.dispose()
+
+
 def test_a_pooled_connection_the_server_dropped_is_replaced_unnoticed(db_url, monkeypatch):
     """PostgreSQL: a connection that sat idle is tested before use; one the server closed costs no request."""
     if not db_url.startswith("postgresql"):
