@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timezone
 
 #: nbgrader's own timestamp format, used on the wire and in ``timestamp.txt``
@@ -23,14 +24,19 @@ def as_utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+# A rebuild formats each event's times for several read models (and SQLite
+# stores them as this text): a datetime hashes in nanoseconds, its hash kept,
+# but formats in a microsecond. Equal moments have one UTC wall time,
+# whatever their offsets, and a naive time never equals an aware one.
+@functools.lru_cache(maxsize=1 << 14)
 def format_utc_wall(moment: datetime) -> str:
     """The moment's wall time in UTC: ``2026-01-31 23:59:59.123456`` (naive means UTC).
 
     nbgrader's format without its `` UTC``, and the text SQLite stores.
     """
-    # Made in C without strftime's format parsing: a rebuild makes several per
-    # event. The first 26 characters are the wall time (years have 4 digits),
-    # cut before the offset: cheaper than removing the time zone first.
+    # Made in C without strftime's format parsing. The first 26 characters are
+    # the wall time (years have 4 digits), cut before the offset: cheaper
+    # than removing the time zone first.
     return as_utc(moment).isoformat(" ", "microseconds")[:26]
 
 

@@ -58,13 +58,7 @@ class Moment(sa.types.TypeDecorator[datetime]):
 
 
 def _sqlite_text(value: datetime | None) -> str | None:
-    return None if value is None else _cached_utc_wall(value)
-
-
-# A rebuild writes each event's times into several read models, and a datetime
-# hashes in nanoseconds (its hash is kept) but formats in a microsecond. Equal
-# moments have one UTC wall time, whatever their offsets.
-_cached_utc_wall = functools.lru_cache(maxsize=1 << 14)(format_utc_wall)
+    return None if value is None else format_utc_wall(value)
 
 
 def _parse_sqlite_text(value: str | None) -> datetime | None:
