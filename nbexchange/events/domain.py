@@ -108,30 +108,37 @@ class DomainEvent:
     @classmethod
     def from_payload(cls: type[E], payload: Mapping[str, Any]) -> E:
         """Rebuild the event from a payload already upcast to ``SCHEMA``."""
-        kwargs: dict[str, Any] = {}
-        for name, is_time in _field_plan(cls):
-            if name not in payload:
-                continue  # a field with a default, added in a later schema
-            value = payload[name]
+        values: dict[str, Any] = {}
+        for name, is_time, default in _field_plan(cls):
+            value = payload.get(name, default)  # a default: a field added in a later schema
+            if value is dataclasses.MISSING:
+                raise TypeError(f"a {cls.TYPE!r} payload lacks {name!r}")
             if is_time and isinstance(value, str):
                 value = parse_timestamp(value)
             elif isinstance(value, list):
                 value = tuple(value)
-            kwargs[name] = value
-        return cls(**kwargs)
+            values[name] = value
+        # Made without the frozen dataclass's __init__, which sets each field
+        # through object.__setattr__: every replay and rebuild decodes every event.
+        event = object.__new__(cls)
+        event.__dict__.update(values)
+        return event
 
 
 E = TypeVar("E", bound=DomainEvent)
 
 
-_PLANS: dict[type[DomainEvent], tuple[tuple[str, bool], ...]] = {}
+_PLANS: dict[type[DomainEvent], tuple[tuple[str, bool, Any], ...]] = {}
 
 
-def _field_plan(cls: type[DomainEvent]) -> tuple[tuple[str, bool], ...]:
+def _field_plan(cls: type[DomainEvent]) -> tuple[tuple[str, bool, Any], ...]:
     # Decoding runs once per event on every replay: look the fields up once per class.
     plan = _PLANS.get(cls)
     if plan is None:
-        plan = _PLANS[cls] = tuple((f.name, f.type in ("datetime", "datetime | None")) for f in dataclasses.fields(cls))
+        fields = dataclasses.fields(cls)
+        if any(f.default_factory is not dataclasses.MISSING for f in fields):
+            raise TypeError(f"{cls.__name__}: an event's fields take plain defaults")
+        plan = _PLANS[cls] = tuple((f.name, f.type in ("datetime", "datetime | None"), f.default) for f in fields)
     return plan
 
 

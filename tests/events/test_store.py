@@ -15,6 +15,7 @@ from nbexchange.errors import ConflictError, NotFound
 from nbexchange.events.domain import (
     EVENT_TYPES,
     UPCASTERS,
+    ArchiveRejected,
     Collected,
     Released,
     Submitted,
@@ -293,6 +294,17 @@ def test_old_payload_is_upcast_when_read():
         },
         UPCASTERS,
     )
+
+
+def test_a_decoded_payload_is_the_event_and_fields_added_later_take_their_defaults():
+    event = ArchiveRejected(1, "c", "a", 7, "f" * 64, "link: x", student_id="s")
+    payload = event.to_payload()
+    decoded = decode("archive_rejected", event.SCHEMA, payload)
+    assert decoded == event and hash(decoded) == hash(event) and repr(decoded) == repr(event)
+    older = {k: v for k, v in payload.items() if k != "student_id"}
+    assert decode("archive_rejected", event.SCHEMA, older) == replace(event, student_id=None)
+    with pytest.raises(TypeError, match="'reason'"):
+        decode("archive_rejected", event.SCHEMA, {k: v for k, v in payload.items() if k != "reason"})
 
 
 def test_unique_constraints_hold_even_without_the_lock(store, engine):
