@@ -187,9 +187,11 @@ def _apply_next(
 ) -> tuple[dict[str, int], int]:
     """Take the projections' checkpoints and apply the next batch of events; returns them and the events read."""
     marks = {p.name: lock_checkpoint(conn, p.name) for p in projections}
-    events = read_events(conn, min(marks.values()), batch_size, until_position=until)
+    after = min(marks.values())
+    events = read_events(conn, after, batch_size, until_position=until)
     for projection in projections:
-        todo = [e for e in events if e.position > marks[projection.name]]
+        mark = marks[projection.name]
+        todo = events if mark == after else [e for e in events if e.position > mark]
         if todo:
             marks[projection.name] = apply_batch(conn, projection, todo)
     return marks, len(events)
