@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from nbexchange.clock import as_utc, utcnow
@@ -118,6 +119,23 @@ _VERSIONS = (
     .where(events_table.c.stream.in_(sa.bindparam("streams", expanding=True)))
     .group_by(events_table.c.stream)
 )
+# PostgreSQL: one index lookup per stream or key, whatever the statistics say.
+# With the list as parameters, the driver's prepared statement gets a generic
+# plan after five runs, and on a log not yet analysed that plan scanned the
+# whole table, testing each row against the list one by one: 0.5 s per group
+# commit of 500 streams at 45,000 events, growing with the log.
+_TEXTS = postgresql.ARRAY(sa.String)
+_WANTED_STREAMS = sa.func.unnest(sa.bindparam("streams", type_=_TEXTS)).table_valued("stream").render_derived()
+_VERSIONS_PG = sa.select(
+    _WANTED_STREAMS.c.stream,
+    sa.select(sa.func.max(events_table.c.version))
+    .where(events_table.c.stream == _WANTED_STREAMS.c.stream)
+    .scalar_subquery(),
+)
+_WANTED_KEYS = sa.func.unnest(sa.bindparam("keys", type_=_TEXTS)).table_valued("key").render_derived()
+# LIMIT keeps the planner from flattening the lookup into a join it may hash.
+_KEYED = sa.select(events_table).where(events_table.c.idempotency_key == _WANTED_KEYS.c.key).limit(1).lateral()
+_BY_KEYS_PG = sa.select(_KEYED).select_from(_WANTED_KEYS.join(_KEYED, sa.true()))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -204,10 +222,12 @@ class SQLEventStore:
                 conn.execute(_LOCK)
             row = conn.execute(_HEAD).first()
             head = (row[0], row[1], row[2]) if row else None
-            for chunk_start in range(0, len(streams), 500):
-                chunk = streams[chunk_start : chunk_start + 500]
-                for stream, version in conn.execute(_VERSIONS, {"streams": chunk}):
-                    versions[stream] = version
+            # SQLite takes at most 32,766 parameters a statement.
+            chunk = 500 if sqlite else len(streams)
+            for start in range(0, len(streams), chunk):
+                query = _VERSIONS if sqlite else _VERSIONS_PG
+                for stream, version in conn.execute(query, {"streams": streams[start : start + chunk]}):
+                    versions[stream] = version or 0
         position, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
         # recorded_at never runs backwards along the log, even if the clock does,
         # so replaying "as of a time" and "as of a position" agree.
@@ -218,7 +238,7 @@ class SQLEventStore:
         keys = [r.idempotency_key for r in requests if r.idempotency_key]
         known: dict[str, RecordedEvent] = {}
         if keys:
-            for row in conn.execute(_BY_KEYS, {"keys": keys}):
+            for row in conn.execute(_BY_KEYS if sqlite else _BY_KEYS_PG, {"keys": keys}):
                 known[row.idempotency_key] = _row_to_event(row)
 
         outcomes: list[Appended | ExchangeError] = []

@@ -22,6 +22,7 @@ from nbexchange.events.domain import (
     Upcasters,
     decode,
 )
+from nbexchange.events import sql
 from nbexchange.events.sql import SQLEventStore, events_table
 from nbexchange.events.store import GENESIS, AppendRequest, canonical_json
 
@@ -305,6 +306,31 @@ def test_a_decoded_payload_is_the_event_and_fields_added_later_take_their_defaul
     assert decode("archive_rejected", event.SCHEMA, older) == replace(event, student_id=None)
     with pytest.raises(TypeError, match="'reason'"):
         decode("archive_rejected", event.SCHEMA, {k: v for k, v in payload.items() if k != "reason"})
+
+
+def test_postgresql_finds_a_batch_s_streams_and_keys_by_index_in_a_generic_plan(store, engine):
+    """A group commit's lookups stay index lookups once the driver has prepared them, stats or none.
+
+    With the streams as a list of parameters, the generic plan PostgreSQL
+    switches to after five runs scanned the whole log, testing each row
+    against the list: 0.5 s per commit of 500 streams at 45,000 events.
+    """
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's planner looks an IN list up by index")
+    store.append_batch([submit(f"s{i}", key=f"k{i}") for i in range(2000)])  # not analysed yet
+    streams = [submit(f"s{i}").stream for i in range(0, 2000, 7)]
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        for statement, params in ((sql._VERSIONS_PG, {"streams": streams}), (sql._BY_KEYS_PG, {"keys": ["k1", "k5"]})):
+            compiled = statement.compile(dialect=engine.dialect)
+            cursor = conn.connection.driver_connection.cursor()
+            cursor.execute(f"EXPLAIN {compiled}", {**compiled.params, **params}, prepare=True)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+            assert "Index" in plan and "Seq Scan on events" not in plan, plan
+        assert dict(conn.execute(sql._VERSIONS_PG, {"streams": [streams[0], "nobody"]}).all()) == {
+            streams[0]: 1,
+            "nobody": None,
+        }
 
 
 def test_unique_constraints_hold_even_without_the_lock(store, engine):
