@@ -96,9 +96,9 @@ class Projection(Protocol):
         ...
 
 
-#: ``Index.info`` of an index that ``apply`` looks rows up by: a rebuild's new
-#: table has it while it is filled. The others are made once it is full.
-USED_BY_APPLY = {"used_by_apply": True}
+#: The ``Index.info`` key marking an index that ``apply`` looks rows up by: a
+#: rebuild's new table has it while it is filled. The others are made once it is full.
+USED_BY_APPLY = "used_by_apply"
 
 #: The suffix of a rebuild's new tables and checkpoints until they replace the live ones.
 REBUILDING = "__rebuilding"
@@ -211,8 +211,10 @@ def rebuild_many(engine: Engine, projections: Sequence[Projection], batch_size: 
     in one pass). One transaction then applies the events logged since,
     indexes the new tables and swaps them in, so a reader sees the old rows
     or the new, never a part. A crash leaves the live tables as they were and
-    the next rebuild starts its new ones over; two rebuilds at once share the
-    new tables and their checkpoints, as two catch-ups share a projection.
+    the next rebuild starts its new ones over. Run one at a time: of two at
+    once, the later start empties the new tables (the other carries on from
+    their checkpoint), and the later swap fails on finding them gone;
+    neither can swap in a part.
     """
     dialect = engine.dialect.name
     builders = [p.into(p.name + REBUILDING, [_new_table(t, dialect) for t in p.tables]) for p in projections]
@@ -260,7 +262,7 @@ def _new_table(live: sa.Table, dialect: str) -> sa.Table:
         sa.PrimaryKeyConstraint(*(c.name for c in live.primary_key.columns), name=key),
     )
     for index in live.indexes:
-        if index.info.get("used_by_apply"):
+        if index.info.get(USED_BY_APPLY):
             sa.Index(f"{index.name}{REBUILDING}", *(new.c[c.name] for c in index.columns), unique=index.unique)
     return new
 

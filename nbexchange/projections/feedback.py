@@ -29,7 +29,14 @@ feedback = sa.Table(
     sa.Column("released_at", Moment, nullable=False),
     sa.Column("fetched_at", Moment, nullable=True),
     # ``apply`` finds the feedback a new release replaces through it.
-    sa.Index("ix_proj_feedback_student", "org_id", "course_id", "assignment_id", "student_id", info=USED_BY_APPLY),
+    sa.Index(
+        "ix_proj_feedback_student",
+        "org_id",
+        "course_id",
+        "assignment_id",
+        "student_id",
+        info={USED_BY_APPLY: True},
+    ),
 )
 
 

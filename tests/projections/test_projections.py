@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -232,6 +233,22 @@ def test_a_rebuild_that_dies_leaves_the_live_rows_and_the_next_one_starts_over(s
     monkeypatch.setattr(base, "catch_up_many", build)
     rebuild_all(engine)
     assert {p.name: snapshot(engine, p) for p in PROJECTIONS} == live
+    assert _leftovers(engine) == ([], [])
+
+
+def test_two_rebuilds_at_once_never_swap_in_a_part(store, engine):
+    """Run one at a time, but if two overlap, the live rows end whole: at least one swaps in, the other may fail."""
+    _cycle(store)
+    store.append_batch([submit(f"x{i}", minutes=i) for i in range(5)])
+    catch_up_all(engine)
+    expected = {p.name: snapshot(engine, p) for p in PROJECTIONS}
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(base.rebuild_many, engine, PROJECTIONS, 1) for _ in range(2)]
+    # A lost race fails (its tables gone, a concurrent CREATE, PostgreSQL's deadlock detector).
+    outcomes = [run.exception() or run.result() for run in runs]
+    assert any(isinstance(o, dict) for o in outcomes), outcomes
+    assert {p.name: snapshot(engine, p) for p in PROJECTIONS} == expected
+    assert {n: checkpoints(engine)[n] for n in expected} == dict.fromkeys(expected, store.head())
     assert _leftovers(engine) == ([], [])
 
 
