@@ -360,10 +360,20 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         print(json.dumps(view, indent=2))
 
     def cmd_rebuild(self) -> None:
+        from nbexchange.db import current_revision, head_revision
         from nbexchange.projections import rebuild_all
         from nbexchange.tuning import tune_gc
 
         engine, _ = self._open()
+        # A rebuild makes its tables as this code declares them; on an older
+        # schema (upgrade_db off) that would leave the tables ahead of the
+        # revision alembic records, and the next upgrade would fail on them.
+        at, head = current_revision(engine), head_revision()
+        if at != head:
+            self.log.critical(
+                "The database is at revision %s, this code at %s: run `nbexchange upgrade-db` first.", at, head
+            )
+            self.exit(1)
         tune_gc()
         self.log.info("Rebuilt: %s", rebuild_all(engine))
 

@@ -335,6 +335,18 @@ def _alembic(engine: Engine, command_name: str, revision: str) -> None:
         getattr(command, command_name)(config, revision)
 
 
+def head_revision() -> str:
+    """The revision the newest migration makes: the schema this code declares."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None  # the migrations have one head
+    return head
+
+
 def current_revision(engine: Engine) -> str | None:
     """The alembic revision the database stands at, or ``None`` for an empty one."""
     from alembic.runtime.migration import MigrationContext

@@ -22,8 +22,11 @@ from httpclient import until
 from service import TEST_BROKER_URL, Service, drop_db, free_port, fresh_db_url, start_service, wait_until_up
 
 from nbexchange.app import COMMANDS, NbExchange
+from nbexchange.db import current_revision, make_engine, upgrade
 from nbexchange.events.store import GENESIS, chain_hash
 from nbexchange.identity import JupyterHubPlugin, UsersFilePlugin
+from nbexchange.projections import PROJECTIONS, snapshot
+from nbexchange.projections.base import REBUILDING
 from nbexchange.storage import ArchiveStore
 
 #: The environment variables the settings read; cleared so the machine's own never leak in.
@@ -428,6 +431,29 @@ def test_replay_is_repeatable_and_stops_at_the_position(audited):
     # Each organisation is replayed on its own.
     theirs = json.loads(audited.run("replay", "--course=phys101", "--org=2").stdout)
     assert [a["assignment_id"] for a in theirs["courses"][0]["assignments"]] == ["ps-other"]
+
+
+def test_rebuild_gives_the_read_models_the_service_built(audited):
+    engine = make_engine(audited.service.db_url)
+    try:
+        before = {p.name: snapshot(engine, p) for p in PROJECTIONS}
+        result = audited.run("rebuild")
+        assert result.returncode == 0, result.stderr
+        assert {p.name: snapshot(engine, p) for p in PROJECTIONS} == before
+    finally:
+        engine.dispose()
+
+
+def test_rebuild_refuses_a_database_behind_the_code(tmp_path):
+    """With upgrade_db off, a rebuild would make tables ahead of the revision alembic records."""
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    engine = make_engine(url)
+    upgrade(engine, "0004")
+    result = nbexchange("rebuild", f"--NbExchange.db_url={url}", "--NbExchange.upgrade_db=False")
+    assert result.returncode == 1 and "run `nbexchange upgrade-db` first" in result.stderr, result.stderr
+    assert current_revision(engine) == "0004"
+    assert not [t for t in sa.inspect(engine).get_table_names() if t.endswith(REBUILDING)]
+    engine.dispose()
 
 
 @pytest.fixture
