@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -19,6 +19,9 @@ from sqlalchemy.pool import StaticPool
 
 from nbexchange.clock import as_utc, format_utc_wall, parse_utc_wall
 from nbexchange.errors import Unavailable
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -326,23 +329,26 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 def _alembic(engine: Engine, command_name: str, revision: str) -> None:
     from alembic import command
-    from alembic.config import Config
 
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config = _alembic_config()
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         getattr(command, command_name)(config, revision)
 
 
-def head_revision() -> str:
-    """The revision the newest migration makes: the schema this code declares."""
+def _alembic_config() -> Config:
     from alembic.config import Config
-    from alembic.script import ScriptDirectory
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    head = ScriptDirectory.from_config(config).get_current_head()
+    return config
+
+
+def head_revision() -> str:
+    """The revision the newest migration makes: the schema this code declares."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
     assert head is not None  # the migrations have one head
     return head
 

@@ -222,10 +222,9 @@ class SQLEventStore:
                 conn.execute(_LOCK)
             row = conn.execute(_HEAD).first()
             head = (row[0], row[1], row[2]) if row else None
-            # SQLite takes at most 32,766 parameters a statement.
-            chunk = 500 if sqlite else len(streams)
+            # SQLite takes at most 32,766 parameters a statement; PostgreSQL one array.
+            query, chunk = (_VERSIONS, 500) if sqlite else (_VERSIONS_PG, len(streams))
             for start in range(0, len(streams), chunk):
-                query = _VERSIONS if sqlite else _VERSIONS_PG
                 for stream, version in conn.execute(query, {"streams": streams[start : start + chunk]}):
                     versions[stream] = version or 0
         position, prev_hash = (head[0], head[1]) if head else (0, GENESIS)

@@ -281,7 +281,7 @@ def _swap_in(conn: Connection, live: sa.Table, new: sa.Table) -> None:
     if not is_sqlite(conn):
         conn.exec_driver_sql(
             f"ALTER TABLE {quote.format_table(live)} RENAME CONSTRAINT "
-            f"{quote.quote(_key_name(live) + REBUILDING)} TO {quote.quote(_key_name(live))}"
+            f"{quote.quote(_key_name(new))} TO {quote.quote(_key_name(live))}"
         )
     for index in live.indexes:
         index.create(conn)
