@@ -193,12 +193,20 @@ def test_rebuild_swaps_in_whole_tables_with_the_migrated_schema(store, engine, m
         marks = build(engine_, builders, batch_size)
         # Between the build and the swap: the live rows are whole and unchanged.
         seen["during"] = {p.name: snapshot(engine, p) for p in PROJECTIONS}
+        with engine.connect() as conn:
+            seen["indexes"] = {
+                t.name: [i["name"] for i in sa.inspect(conn).get_indexes(t.name)] for b in builders for t in b.tables
+            }
         seen["late"] = store.append(submit("s3", minutes=9, sha="9" * 64)).event.position
         return marks
 
     monkeypatch.setattr(base, "catch_up_many", build_then_log_more)
     marks = rebuild_all(engine)
     assert seen["during"] == live
+    # Filled with only the index apply looks rows up by; the rest are made in the swap.
+    assert {name: found for name, found in seen["indexes"].items() if found} == {
+        "proj_feedback" + REBUILDING: ["ix_proj_feedback_student" + REBUILDING]
+    }
     assert marks == {p.name: seen["late"] for p in PROJECTIONS} == checkpoints(engine)
     with engine.connect() as conn:
         late = [s for s in list_submissions(conn, 1, "phys101", "ps1") if s["student_id"] == "s3"]
