@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hostile import cases, render
 from service import TEST_BROKER_URL, Service, drop_db, fresh_db_url, start_service
 
 from nbexchange.db import make_engine, upgrade
@@ -70,3 +71,17 @@ def exchange_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
     for service, token in started:
         service.stop()
         drop_db(token)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--security-doc",
+        default=None,
+        help="Write the page of hostile inputs (docs/security.md) from the collected tests' hostile markers.",
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    target = session.config.getoption("--security-doc")
+    if target:
+        Path(target).write_text(render(cases(session.items)), encoding="utf-8")

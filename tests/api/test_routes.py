@@ -43,6 +43,11 @@ def test_unknown_route_and_method_are_json(svc):
     refused(requests.put(url(svc, "assignments"), headers=svc.headers("ada"), timeout=10), 405, "PUT")
 
 
+@pytest.mark.hostile(
+    "Ids",
+    "a course id that is empty, holds '/', is '..', has 256 characters or a control character",
+    "400, the note names the rule",
+)
 @pytest.mark.parametrize(
     "value, words",
     [("", "required"), ("a/b", "'/'"), ("..", ".."), ("x" * 256, "255"), ("bad\x01id", "control")],
