@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -22,6 +23,9 @@ BASE_URL = "/services/nbexchange/"
 
 TEST_DB_URL = os.environ.get("NBEX_TEST_DB_URL", "")
 TEST_BROKER_URL = os.environ.get("NBEX_TEST_BROKER_URL", "")
+
+#: Ten years: the fixed timestamps of the suite's submissions are all accepted.
+SKEW_FOR_FIXED_STAMPS = 10 * 365 * 24 * 3600
 
 
 def fresh_db_url(tmp_path: Path) -> tuple[str, object]:
@@ -97,10 +101,15 @@ class Service:
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
 
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_"))}
+
+
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_"))}
     out = open(log, "ab")  # noqa: SIM115 - handed to the child for its lifetime
-    return subprocess.Popen([sys.executable, "-m", "nbexchange", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "nbexchange", *args], stdout=out, stderr=subprocess.STDOUT, env=_child_env()
+    )
 
 
 def write_users(path: Path, users: dict[str, dict[str, str]], orgs: dict[str, int] | None = None) -> dict[str, str]:
@@ -145,6 +154,10 @@ def start_service(
         f"--NbExchange.queue_name=nbx-test-{uuid.uuid4().hex[:8]}",
         "--NbExchange.sweep_interval=2",
         "--NbExchange.sweep_grace=1",
+        # The suite's submissions carry fixed timestamps (tests/httpclient.py's
+        # STAMP) so that lists compare exactly: the clock-skew rule is tested by
+        # services started with it set (tests/api/test_decisions.py).
+        f"--NbExchange.max_clock_skew={SKEW_FOR_FIXED_STAMPS}",
     ]
     # A setting in ``extra`` replaces the default above (traitlets refuses a setting given twice).
     overridden = {flag.split("=", 1)[0] for flag in extra or []}
@@ -166,6 +179,20 @@ def start_service(
             service.start_worker()
     wait_until_up(service)
     return service
+
+
+def collect(service: Service, grace: float = 0) -> dict[str, Any]:
+    """Run ``nbexchange collect`` on the service's database and store (grace 0: nothing is young); its report."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nbexchange", "collect", f"--grace={grace}", *service.flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_child_env(),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
 
 
 def wait_until_up(service: Service, timeout: float = 60) -> None:

@@ -30,6 +30,8 @@ T = TypeVar("T")
 #: Control characters and path separators never belong in an id.
 _BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\]")
 MAX_ID = 255
+#: Seconds a read waits for the workers to reach its ``min_position`` before catching up itself.
+CATCH_UP_AFTER = 0.5
 
 
 class BaseHandler(web.RequestHandler):
@@ -152,10 +154,17 @@ class BaseHandler(web.RequestHandler):
     # -- reading consistently ----------------------------------------------
 
     async def read_position(self) -> int:
-        """Wait until projections reach ``min_position`` (if given); the position reads reflect."""
+        """Wait until projections reach ``min_position`` (if given); the position reads reflect.
+
+        The workers bring the read models along; if they have not within
+        ``CATCH_UP_AFTER`` seconds (none running, or busy), this process
+        catches them up itself.
+        """
         wanted = self.int_param("min_position", 0)
-        deadline = time.monotonic() + self.exchange.consistency_timeout
+        started = time.monotonic()
+        deadline = started + self.exchange.consistency_timeout
         delay = 0.01
+        caught_up = False
         while True:
             current = await self.run(self.exchange.reached, wanted)
             if current is not None:
@@ -164,13 +173,12 @@ class BaseHandler(web.RequestHandler):
                 raise Unavailable(
                     f"The exchange has not yet caught up to position {wanted}; retry shortly.", retry_after=2
                 )
+            if not caught_up and time.monotonic() - started > CATCH_UP_AFTER:
+                caught_up = True
+                await self.run(self.exchange.catch_up_to, wanted)
+                continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
-
-    async def wait_for_position(self) -> None:
-        """Wait until projections reach ``min_position``, if the request gives one; nothing is read otherwise."""
-        if self.int_param("min_position", 0) > 0:
-            await self.read_position()
 
     # -- answering ---------------------------------------------------------
 

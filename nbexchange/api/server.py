@@ -38,7 +38,7 @@ def make_app(
     return web.Application(
         handlers,
         default_handler_class=NotFoundHandler,
-        exchange=Exchange(runtime, settings.consistency_timeout),
+        exchange=Exchange(runtime, settings.consistency_timeout, settings.max_clock_skew),
         runtime=runtime,
         archives=runtime.archives,
         user_plugin=user_plugin,

@@ -172,6 +172,8 @@ class UploadHandler(BaseHandler):
         if not content_type.startswith("multipart/form-data"):
             raise UnsupportedMedia(f"Send the file as multipart/form-data in the field {self.file_field!r}.")
         boundary = multipart_boundary(content_type)
+        # The whole authorization, before the first byte of the body is read.
+        await self.authorize_upload()
         # Let tornado read a body as large as we accept; we enforce the real limit ourselves.
         self.request.connection.set_max_body_size(limit + _ENVELOPE)  # type: ignore[union-attr]
         self._received = 0
@@ -182,6 +184,10 @@ class UploadHandler(BaseHandler):
         self._file = _FilePart(self._upload)
         self._lists = {name: _ListPart() for name in self.list_fields}
         self._parser = FormStream(boundary, {self.file_field: self._file, **self._lists})
+
+    async def authorize_upload(self) -> None:
+        """Parse the upload's parameters and decide whether the caller may make it (each route its own)."""
+        raise NotImplementedError
 
     def data_received(self, chunk: bytes) -> None:
         if self._upload is None or self._failure is not None:
