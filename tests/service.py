@@ -24,6 +24,9 @@ BASE_URL = "/services/nbexchange/"
 TEST_DB_URL = os.environ.get("NBEX_TEST_DB_URL", "")
 TEST_BROKER_URL = os.environ.get("NBEX_TEST_BROKER_URL", "")
 
+#: A real Redis for tests of the production topology, whichever pass runs them (.ci/run starts one).
+REDIS_URL = TEST_BROKER_URL or "redis://127.0.0.1:6379/0"
+
 #: Ten years: the fixed timestamps of the suite's submissions are all accepted.
 SKEW_FOR_FIXED_STAMPS = 10 * 365 * 24 * 3600
 
