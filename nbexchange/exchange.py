@@ -133,7 +133,7 @@ class Exchange:
         stream = assignment_stream(org_id, course_id, assignment_id)
         version, release = 0, None
         released: list[str] = []
-        for event in self.rt.store.read(stream=stream):
+        for event in self.rt.store.read_stream(stream):
             version = event.version
             data = event.data
             if isinstance(data, Released):
@@ -422,7 +422,7 @@ class Exchange:
         """The student's submission that feedback is for, read from their stream: decided before the upload."""
         self.instructor(user, course_id, "release feedback")
         stream = student_stream(user.org_id, course_id, assignment_id, student_id)
-        for event in self.rt.store.read(stream=stream):
+        for event in self.rt.store.read_stream(stream):
             data = event.data
             if isinstance(data, Submitted) and data.timestamp == timestamp:
                 return event

@@ -373,6 +373,14 @@ class SQLEventStore:
             ).scalar_one()
         return int(value)
 
+    def read_stream(self, stream: str) -> list[RecordedEvent]:
+        """Every event of one stream, in order: what a write on that stream is decided on."""
+        # By (stream, version): the unique index serves it whole, whatever plan a
+        # prepared statement settles on (ordering by position could walk the log).
+        query = sa.select(events_table).where(events_table.c.stream == stream).order_by(events_table.c.version)
+        with translate_errors(), self.engine.connect() as conn:
+            return [_row_to_event(row) for row in conn.execute(query)]
+
     def by_idempotency_key(self, key: str) -> RecordedEvent | None:
         """The event appended with ``key``, if any."""
         with translate_errors(), self.engine.connect() as conn:

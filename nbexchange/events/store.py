@@ -276,6 +276,10 @@ class EventStore(Protocol):
         """The version of the last event in ``stream`` (0 if it has none)."""
         ...
 
+    def read_stream(self, stream: str) -> list[RecordedEvent]:
+        """Every event of one stream, in order."""
+        ...
+
     def by_idempotency_key(self, key: str) -> RecordedEvent | None:
         """The event appended with ``key``, if any."""
         ...
