@@ -270,3 +270,24 @@ def test_a_client_timestamp_is_accepted_only_within_the_skew(skew_60: Service, o
 def test_timestamps_far_from_now_are_refused(skew_60: Service, stamp: str) -> None:
     ok(release(skew_60, "ada", "ps-far"), 201)
     refused(submit(skew_60, "s1", "ps-far", stamp=stamp), 400, "clock")
+
+
+def test_the_workers_collect_what_a_purge_disowned(exchange_service: Callable[..., Service]) -> None:
+    """The sweep runs the collector: a purged archive goes after the grace; one a submission shares stays."""
+    often = ["--NbExchange.collect_interval=0.5", "--NbExchange.blob_grace=1", "--NbExchange.sweep_interval=0.5"]
+    svc = exchange_service(USERS, extra=often)
+    alone, shared = make_archive({"nb1.ipynb": b"alone"}), make_archive({"nb1.ipynb": b"shared"})
+    ok(release(svc, "ada", "ps-alone", archive=alone), 201)
+    ok(release(svc, "ada", "ps-shared", archive=shared), 201)
+    ok(submit(svc, "s1", "ps-shared", archive=shared), 201)
+    ok(unrelease(svc, "ps-alone", purge=True))
+    ok(unrelease(svc, "ps-shared", purge=True))
+    archives = svc.storage / "store" / "archives"
+
+    def stored(data: bytes) -> bool:
+        sha = hashlib.sha256(data).hexdigest()
+        return (archives / sha[:2] / sha).is_file()
+
+    until(lambda: not stored(alone), timeout=30, message=svc.log_text)
+    assert stored(shared)
+    assert verify(svc)["ok"]
