@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Float, Int, Type, Unicode, default, validate
+from traitlets import Bool, Float, Int, TraitError, Type, Unicode, default, validate
 from traitlets.config import Application
 
 from nbexchange.identity import JupyterHubPlugin, UserPlugin, UsersFilePlugin, create_demo_users_file
@@ -23,12 +23,38 @@ COMMANDS = {
     "serve": "Run the HTTP API (the default). With no broker_url, also runs the workers in-process.",
     "worker": "Run a Celery worker process on broker_url: unpack and check archives, build projections.",
     "upgrade-db": "Create or upgrade the database schema, then exit.",
-    "verify": "Recompute the log's hash chain and every stored archive's sha256; exit 1 on any fault.",
+    "verify": "Recompute the log's hash chain and every stored archive's sha256; exit 1 on any fault. With "
+    "--expect-head or --anchors, also check the log still holds heads recorded elsewhere.",
     "export": "Write the whole log as JSON lines (hashes included) to stdout or --output.",
     "replay": "Print the exchange as it stood at --until-position or --until-time (JSON).",
-    "rebuild": "Rebuild every projection from position 0.",
+    "rebuild": "Rebuild every projection from position 0 (refuses a database with no log).",
     "collect": "Remove stored blobs no event owns and crashes' leftovers, older than blob_grace (or --grace).",
 }
+
+
+#: The options each command reads (besides every setting); ``nbexchange COMMAND --help`` lists them.
+COMMAND_OPTIONS = {
+    "serve": ("ip", "port", "config", "log-level"),
+    "worker": ("config", "log-level"),
+    "upgrade-db": ("config", "log-level"),
+    "verify": ("until-position", "expect-head", "anchors", "projections", "config", "log-level"),
+    "export": ("output", "config", "log-level"),
+    "replay": ("until-position", "until-time", "course", "assignment", "org", "config", "log-level"),
+    "rebuild": ("config", "log-level"),
+    "collect": ("grace", "config", "log-level"),
+}
+
+#: The commands that only read: they open the database read-only and never write the store.
+AUDIT_COMMANDS = ("verify", "export", "replay")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nbexchange")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _url_prefix(value: str) -> str:
@@ -40,6 +66,7 @@ class NbExchange(Application):  # type: ignore[misc]
     """The nbexchange service: one settings object for API processes and workers."""
 
     name = "nbexchange"
+    version = _version()
     # Listed so that ``--help-all`` and ``--JupyterHubPlugin.x=…`` know the hub plugin's settings.
     classes = [JupyterHubPlugin]
     description = "A JupyterHub service that replaces nbgrader's filesystem exchange.\n\nCommands:\n" + "\n".join(
@@ -65,6 +92,15 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "assignment": "NbExchange.assignment_id",
         "org": "NbExchange.org_id",
         "grace": "NbExchange.blob_grace",
+        "expect-head": "NbExchange.expect_head",
+        "anchors": "NbExchange.anchors",
+    }
+    flags = {
+        **Application.flags,
+        "projections": (
+            {"NbExchange": {"verify_projections": True}},
+            "verify: also compare the live read models with ones rebuilt from the log.",
+        ),
     }
 
     # -- where it listens --------------------------------------------------
@@ -196,8 +232,52 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     # -- the audit commands --------------------------------------------------
 
     output = Unicode("", config=True, help="export: file to write (default stdout).")
-    until_position = Int(0, config=True, help="replay: the last position to include (0: the head).")
+    until_position = Int(0, config=True, help="replay, verify: the last position to include (0: the head).")
     until_time = Unicode("", config=True, help="replay: the last moment to include (nbgrader or ISO format).")
+    expect_head = Unicode(
+        "",
+        config=True,
+        help="verify: POSITION:HASH, a head recorded elsewhere; fail unless the log's event at POSITION has HASH.",
+    )
+    anchors = Unicode(
+        "",
+        config=True,
+        help="verify: a file of recorded heads (JSON lines with position and hash, as the service's anchor_file "
+        "holds); fail unless the log holds every one.",
+    )
+    verify_projections = Bool(
+        False, config=True, help="verify: compare the live read models with ones rebuilt from the log."
+    )
+
+    @validate("until_position")
+    def _not_negative(self, proposal: dict[str, Any]) -> int:
+        if proposal["value"] < 0:
+            raise TraitError(
+                f"--until-position must be a position (1, 2, …) or 0 for the head, not {proposal['value']}"
+            )
+        return int(proposal["value"])
+
+    @validate("until_time")
+    def _a_moment(self, proposal: dict[str, Any]) -> str:
+        from nbexchange.clock import parse_timestamp
+
+        if proposal["value"]:
+            try:
+                parse_timestamp(proposal["value"])
+            except ValueError:
+                raise TraitError(
+                    f"--until-time {proposal['value']!r} is not a time "
+                    "(nbgrader's '2026-01-31 23:59:59 UTC' or ISO 8601)"
+                ) from None
+        return str(proposal["value"])
+
+    @validate("expect_head")
+    def _a_head(self, proposal: dict[str, Any]) -> str:
+        if proposal["value"] and not re.fullmatch(r"[1-9][0-9]*:[0-9a-f]{64}", proposal["value"]):
+            raise TraitError(
+                f"--expect-head must be POSITION:HASH (a position and 64 hex digits), not {proposal['value']!r}"
+            )
+        return str(proposal["value"])
     course_id = Unicode("", config=True, help="replay: the course to show.")
     assignment_id = Unicode("", config=True, help="replay: the assignment to show (default: all).")
     org_id = Int(1, config=True, help="replay: the organisation (org_id) whose courses to show.")
@@ -209,8 +289,21 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     # -- running -------------------------------------------------------------
 
     def initialize(self, argv: list[str] | None = None) -> None:
-        """Parse the command line, then load the config file (the command line wins)."""
-        super().initialize(argv)
+        """Parse the command line, then load the config file (the command line wins).
+
+        A command line that makes no sense exits 2 with a one-line error.
+        """
+        args = sys.argv[1:] if argv is None else list(argv)
+        command = next((a for a in args if not a.startswith("-")), None)
+        if command in COMMANDS and ("--help" in args or "-h" in args):
+            self.print_command_help(command)
+            self.exit(0)
+        try:
+            super().initialize(argv)  # traitlets reports a bad option and exits 1
+        except SystemExit as e:
+            if e.code == 1:
+                self.exit(2)
+            raise
         if self.config_file:
             path = Path(self.config_file)
             if not path.is_file():
@@ -228,6 +321,22 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         if self.command not in COMMANDS:
             self.log.critical("Unknown command %r; commands: %s", self.command, ", ".join(COMMANDS))
             self.exit(2)
+        if len(self.extra_args) > 1:
+            self.log.critical("Unexpected arguments after %r: %s", self.command, " ".join(self.extra_args[1:]))
+            self.exit(2)
+
+    def print_command_help(self, command: str) -> None:
+        """What ``command`` does and the options it reads."""
+        print(f"nbexchange {command}: {COMMANDS[command]}\n\nOptions:")
+        for name in COMMAND_OPTIONS[command]:
+            if name in self.flags:
+                print(f"  --{name}\n      {self.flags[name][1]}")
+                continue
+            owner, trait_name = self.aliases[name].split(".")
+            cls = type(self) if owner == "NbExchange" else Application
+            trait = cls.class_traits()[trait_name]
+            print(f"  --{name}=<{type(trait).__name__}>  (default {getattr(self, trait_name)!r})\n      {trait.help}")
+        print("\nEvery setting (database, store, …): nbexchange --help-all")
 
     @default("raise_config_file_errors")
     def _default_raise_config_file_errors(self) -> bool:
@@ -318,22 +427,34 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
             runtime.close()
         sys.exit(worker.exitcode or 0)
 
-    def _open(self, audit: bool = False) -> Any:
-        """The database and its log; an audit never creates or migrates the database it reads."""
+    def _open(self, audit: bool = False, existing: bool = False) -> Any:
+        """The database and its log.
+
+        An audit (``audit``) opens it read-only, never creating or migrating
+        it; ``existing`` refuses a database without a log instead of creating one.
+        """
         import sqlalchemy as sa
 
+        from nbexchange.audit import open_read_only
         from nbexchange.db import make_engine, upgrade
         from nbexchange.events.sql import SQLEventStore
 
         url = sa.make_url(self.db_url)
-        if audit and url.get_backend_name() == "sqlite" and not Path(url.database or ":memory:").is_file():
+        if not self._db_url_set():
+            # An auditor who forgot the setting must not take the default's answer for the exchange's.
+            self.log.info("No db_url set: using %s", url.render_as_string(hide_password=True))
+        must_exist = audit or existing
+        if must_exist and url.get_backend_name() == "sqlite" and not Path(url.database or ":memory:").is_file():
             self._no_log(url)  # connecting would create an empty file
-        engine = make_engine(self.db_url)
+        engine = open_read_only(self.db_url) if audit else make_engine(self.db_url)
+        if must_exist and not sa.inspect(engine).has_table("events"):
+            self._no_log(url)
         if not audit and self.upgrade_db:
             upgrade(engine)
-        elif audit and not sa.inspect(engine).has_table("events"):
-            self._no_log(url)
         return engine, SQLEventStore(engine)
+
+    def _db_url_set(self) -> bool:
+        return "db_url" in self.config.get("NbExchange", {}) or bool(os.environ.get("NBEX_DB_URL"))
 
     def _no_log(self, url: Any) -> None:
         # Else a mistyped db_url would be "verified" as an empty, intact log.
@@ -364,6 +485,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
                 count = export(store, out)
             self.log.info("Wrote %d events to %s", count, self.output)
         else:
+            sys.stdout.reconfigure(encoding="utf-8")  # type: ignore[union-attr]  # UTF-8 whatever the locale
             export(store, sys.stdout)
 
     def cmd_replay(self) -> None:
@@ -396,7 +518,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         from nbexchange.projections import rebuild_all
         from nbexchange.tuning import tune_gc
 
-        engine, _ = self._open()
+        engine, _ = self._open(existing=True)
         # A rebuild makes its tables as this code declares them; on an older
         # schema (upgrade_db off) that would leave the tables ahead of the
         # revision alembic records, and the next upgrade would fail on them.

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import sqlite3
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from nbexchange.clock import format_timestamp, parse_timestamp
 from nbexchange.events.domain import Unreleased
 from nbexchange.events.sql import SQLEventStore
+from nbexchange.events.store import canonical_json
 from nbexchange.projections import PROJECTIONS, replay
 from nbexchange.projections.assignments import course_releases
 from nbexchange.projections.blobs import RELEASED, owned_blob
@@ -20,6 +23,40 @@ from nbexchange.storage import ArchiveStore
 
 #: Payload fields that name a stored archive (or feedback file) by its sha256.
 _STORED = ("archive_sha256", "feedback_sha256")
+
+#: The SQLite file header's "write version" byte: 2 in WAL mode.
+_WAL_HEADER_OFFSET, _WAL = 18, 2
+
+
+def open_read_only(url: str) -> Engine:
+    """An engine that can only read the database at ``url``, and changes nothing beside it.
+
+    PostgreSQL: every transaction is ``READ ONLY``. SQLite: the file is opened
+    with ``mode=ro`` and no PRAGMA is set (setting the journal mode is a
+    write, refused on a read-only copy). A WAL database whose ``-wal`` file is
+    absent is closed (the service keeps that file while it runs), and a
+    read-only connection would create ``-wal`` and ``-shm`` files beside it,
+    which a read-only folder refuses: it is opened ``immutable`` instead,
+    touching nothing. The caller checks the file exists (connecting does not create it).
+    """
+    sa_url = sa.make_url(url)
+    if sa_url.get_backend_name() != "sqlite":
+        return sa.create_engine(sa_url, connect_args={"options": "-c default_transaction_read_only=on"})
+    path = Path(sa_url.database or "")
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    if _sqlite_wal_mode(path) and not path.with_name(path.name + "-wal").exists():
+        uri += "&immutable=1"
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    return sa.create_engine("sqlite://", creator=connect)
+
+
+def _sqlite_wal_mode(path: Path) -> bool:
+    with path.open("rb") as db:
+        header = db.read(_WAL_HEADER_OFFSET + 1)
+    return len(header) > _WAL_HEADER_OFFSET and header[_WAL_HEADER_OFFSET] == _WAL
 
 
 def verify(store: SQLEventStore, storage: Path) -> dict[str, Any]:
@@ -77,10 +114,14 @@ def verify(store: SQLEventStore, storage: Path) -> dict[str, Any]:
 
 
 def export(store: SQLEventStore, out: TextIO) -> int:
-    """Write every event, hashes included, one JSON object per line; returns the count."""
+    """Write every event, hashes included, one canonical JSON object per line; returns the count.
+
+    Canonical as the chain hashes it (sorted keys, no spaces, non-ASCII kept
+    as UTF-8), so a verifier may hash what it reads without re-encoding.
+    """
     count = 0
     for event in store.read():
-        out.write(json.dumps(event.to_json(), sort_keys=True) + "\n")
+        out.write(canonical_json(event.to_json()) + "\n")
         count += 1
     return count
 
