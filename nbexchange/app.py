@@ -469,10 +469,21 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         self.log.info("Database at revision %s", current_revision(engine))
 
     def cmd_verify(self) -> None:
-        from nbexchange.audit import verify
+        from nbexchange.audit import Head, read_anchors, verify, verify_projections
 
+        heads = [Head.parse(self.expect_head)] if self.expect_head else []
+        if self.anchors:
+            try:
+                heads += read_anchors(Path(self.anchors))
+            except (OSError, ValueError) as e:
+                self.log.critical("Cannot read the anchors: %s", e)
+                self.exit(2)
         engine, store = self._open(audit=True)
-        report = verify(store, Path(self.base_storage_location))
+        until = self.until_position or None
+        report = verify(store, Path(self.base_storage_location), until_position=until, heads=heads)
+        if self.verify_projections:
+            report["projections"] = verify_projections(engine)
+            report["ok"] = report["ok"] and report["projections"]["ok"]
         print(json.dumps(report, indent=2))
         sys.exit(0 if report["ok"] else 1)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -10,11 +14,11 @@ from urllib.parse import quote
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from nbexchange.clock import format_timestamp, parse_timestamp
+from nbexchange.clock import format_iso, format_timestamp, parse_timestamp
 from nbexchange.events.domain import Unreleased
 from nbexchange.events.sql import SQLEventStore
-from nbexchange.events.store import canonical_json
-from nbexchange.projections import PROJECTIONS, replay
+from nbexchange.events.store import RecordedEvent, canonical_json, verify_chain
+from nbexchange.projections import PROJECTIONS, Projection, checkpoints, replay, snapshot
 from nbexchange.projections.assignments import course_releases
 from nbexchange.projections.blobs import RELEASED, owned_blob
 from nbexchange.projections.collections import list_submissions
@@ -59,8 +63,53 @@ def _sqlite_wal_mode(path: Path) -> bool:
     return len(header) > _WAL_HEADER_OFFSET and header[_WAL_HEADER_OFFSET] == _WAL
 
 
-def verify(store: SQLEventStore, storage: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Head:
+    """A head of the log recorded outside it: the hash of the event at ``position``."""
+
+    position: int
+    hash: str
+    source: str = "--expect-head"
+
+    @classmethod
+    def parse(cls, text: str) -> Head:
+        """``POSITION:HASH``, as ``verify`` prints and ``--expect-head`` takes."""
+        position, _, digest = text.partition(":")
+        return cls(int(position), digest)
+
+
+def read_anchors(path: Path) -> list[Head]:
+    """The heads recorded in an anchor file: one JSON object per line with ``position`` and ``hash``.
+
+    A line that is not such an object is an error (``ValueError``): an
+    anchor file an auditor relies on must not be half read.
+    """
+    heads = []
+    with path.open(encoding="utf-8") as anchors:
+        for number, line in enumerate(anchors, start=1):
+            if not line.strip():
+                continue
+            try:
+                anchor = json.loads(line)
+                heads.append(Head(int(anchor["position"]), str(anchor["hash"]), f"{path.name} line {number}"))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path} line {number} is not an anchor (JSON with position and hash): {e}") from e
+    return heads
+
+
+def verify(
+    store: SQLEventStore,
+    storage: Path,
+    *,
+    until_position: int | None = None,
+    heads: Sequence[Head] = (),
+) -> dict[str, Any]:
     """Recompute every hash of the chain, and the sha256 of every archive an event names.
+
+    Also checks that ``recorded_at`` never runs backwards, and that the
+    event at each of ``heads`` (recorded outside the log) still carries its
+    hash: a log rewritten with recomputed hashes, or cut short, is consistent
+    with itself but not with a head kept elsewhere.
 
     A missing archive is a fault unless no event owns it any more: the
     releases that owned it were purged (``unreleased`` with ``purge``) and
@@ -68,31 +117,39 @@ def verify(store: SQLEventStore, storage: Path) -> dict[str, Any]:
     event names are listed (``unnamed``): a refused upload's, or a crash's,
     which the blob collector removes after its grace. Nothing is written.
     """
-    chain = store.verify()
     archives = ArchiveStore(storage, create=False)
     named: dict[str, int] = {}
     owners: dict[str, set[int]] = {}
     releases: dict[tuple[int, str, str], list[tuple[int, str]]] = {}
-    faults = [{"position": f.position, "reason": f.reason} for f in chain.faults]
-    for event in store.read():
-        for field in _STORED:
-            sha = event.payload.get(field)
-            if isinstance(sha, str) and event.type not in ("archive_unpacked", "archive_rejected"):
-                named.setdefault(sha, event.position)
-        try:
-            data, owned = event.data, owned_blob(event)
-        except (KeyError, TypeError, ValueError) as e:
-            faults.append({"position": event.position, "reason": f"the payload does not decode: {e}"})
-            continue
-        assignment = (data.org_id, data.course_id, data.assignment_id)
-        if owned is not None:
-            sha, kind = owned
-            owners.setdefault(sha, set()).add(event.position)
-            if kind == RELEASED:
-                releases.setdefault(assignment, []).append((event.position, sha))
-        elif isinstance(data, Unreleased) and data.purge:
-            for position, sha in releases.pop(assignment, []):
-                owners[sha].discard(position)
+    faults: list[dict[str, Any]] = []
+    expected = {head.position: head for head in heads}
+    found: dict[int, str] = {}
+    previous: RecordedEvent | None = None
+
+    def audited() -> Iterator[RecordedEvent]:
+        # One pass over the log: the chain's check and these share each page read.
+        nonlocal previous
+        for event in store.read(until_position=until_position):
+            if previous is not None and event.recorded_at < previous.recorded_at:
+                reason = "recorded_at is earlier than the previous event's"
+                faults.append({"position": event.position, "reason": reason})
+            if event.position in expected:
+                found[event.position] = event.hash
+            _note_archives(event, named, owners, releases, faults)
+            previous = event
+            yield event
+
+    chain = verify_chain(audited())
+    faults[:0] = [{"position": f.position, "reason": f.reason} for f in chain.faults]
+    for position, head in sorted(expected.items()):
+        if position not in found:
+            faults.append(
+                {"position": position, "reason": f"the log no longer reaches this position, recorded in {head.source}"}
+            )
+        elif found[position] != head.hash:
+            faults.append(
+                {"position": position, "reason": f"hash differs from the head recorded in {head.source} (rewritten)"}
+            )
     checked = 0
     for sha, position in sorted(named.items(), key=lambda kv: kv[1]):
         if not archives.exists(sha):
@@ -103,14 +160,92 @@ def verify(store: SQLEventStore, storage: Path) -> dict[str, Any]:
         checked += 1
         if not archives.verify(sha):
             faults.append({"position": position, "reason": f"archive {sha} does not match its sha256 (changed)"})
+    faults.sort(key=lambda fault: fault["position"])
     return {
         "ok": not faults,
         "events": chain.checked,
+        "head": {
+            "position": previous.position if previous else 0,
+            "hash": chain.head_hash,
+            "recorded_at": format_iso(previous.recorded_at) if previous else None,
+        },
         "head_hash": chain.head_hash,
+        "heads_checked": len(expected),
         "archives": checked,
         "unnamed": sorted(sha for sha, _ in archives.blobs() if sha not in named),
         "faults": faults,
     }
+
+
+def _note_archives(
+    event: RecordedEvent,
+    named: dict[str, int],
+    owners: dict[str, set[int]],
+    releases: dict[tuple[int, str, str], list[tuple[int, str]]],
+    faults: list[dict[str, Any]],
+) -> None:
+    """Record which archives ``event`` names and owns, and which a purge disowned."""
+    for field in _STORED:
+        sha = event.payload.get(field)
+        if isinstance(sha, str) and event.type not in ("archive_unpacked", "archive_rejected"):
+            named.setdefault(sha, event.position)
+    try:
+        data, owned = event.data, owned_blob(event)
+    except (KeyError, TypeError, ValueError) as e:
+        faults.append({"position": event.position, "reason": f"the payload does not decode: {e}"})
+        return
+    assignment = (data.org_id, data.course_id, data.assignment_id)
+    if owned is not None:
+        sha, kind = owned
+        owners.setdefault(sha, set()).add(event.position)
+        if kind == RELEASED:
+            releases.setdefault(assignment, []).append((event.position, sha))
+    elif isinstance(data, Unreleased) and data.purge:
+        for position, sha in releases.pop(assignment, []):
+            owners[sha].discard(position)
+
+
+def verify_projections(engine: Engine, *, limit: int = 20) -> dict[str, Any]:
+    """Compare the live read models with ones rebuilt from the log, in a private database.
+
+    Each projection is rebuilt up to its own checkpoint (a live one may lag
+    the head). Returns, per table, rows only the live database has and rows
+    only the rebuild has (at most ``limit`` of each, and their counts).
+    """
+    marks = checkpoints(engine)
+    differences: list[dict[str, Any]] = []
+    by_mark: dict[int, list[Projection]] = {}
+    for projection in PROJECTIONS:
+        by_mark.setdefault(marks.get(projection.name, 0), []).append(projection)
+    for mark, projections in sorted(by_mark.items()):
+        rebuilt = replay(engine, projections, until_position=mark)
+        try:
+            for projection in projections:
+                live, fresh = snapshot(engine, projection), snapshot(rebuilt, projection)
+                for table, rows in live.items():
+                    # By repr: a row may hold a JSON column's dict, which does not hash.
+                    live_keys, fresh_keys = {repr(r) for r in rows}, {repr(r) for r in fresh[table]}
+                    only_live = [r for r in rows if repr(r) not in fresh_keys]
+                    only_rebuilt = [r for r in fresh[table] if repr(r) not in live_keys]
+                    if only_live or only_rebuilt:
+                        differences.append(
+                            {
+                                "projection": projection.name,
+                                "table": table,
+                                "checkpoint": mark,
+                                "only_live": len(only_live),
+                                "only_rebuilt": len(only_rebuilt),
+                                "live_rows": [_row(r) for r in only_live[:limit]],
+                                "rebuilt_rows": [_row(r) for r in only_rebuilt[:limit]],
+                            }
+                        )
+        finally:
+            rebuilt.dispose()
+    return {"ok": not differences, "differences": differences}
+
+
+def _row(row: tuple[Any, ...]) -> list[Any]:
+    return [format_iso(v) if isinstance(v, datetime) else v for v in row]
 
 
 def export(store: SQLEventStore, out: TextIO) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,7 +19,8 @@ from test_app import nbexchange
 from nbexchange.db import make_engine, upgrade
 from nbexchange.events.domain import Collected, Submitted
 from nbexchange.events.sql import SQLEventStore
-from nbexchange.events.store import AppendRequest, canonical_json
+from nbexchange.events.store import GENESIS, AppendRequest, canonical_json, chain_hash
+from nbexchange.projections import catch_up_all
 from nbexchange.storage import ArchiveStore
 
 DUE = datetime(2026, 1, 31, 23, 59, tzinfo=timezone.utc)
@@ -55,6 +58,7 @@ def make_log(root: Path) -> Backup:
                           archive_size=work.size)
         position = store.append(AppendRequest(event, student(name))).event.position
     store.append(AppendRequest(Collected(1, "phys101", "ps1", "zoë", position, work.sha256), TEACHER))
+    catch_up_all(engine)
     engine.dispose()
     return backup
 
@@ -217,3 +221,139 @@ def test_export_lines_are_the_canonical_json_the_chain_hashes(original):
     assert any("zoë" in line for line in lines) and not any("\\u00eb" in line for line in lines)
     for line in lines:
         assert canonical_json(json.loads(line)) == line
+
+
+# -- verification anchored outside the database ------------------------------------------------------
+
+
+def verified(backup: Backup, *args: str) -> tuple[int, dict[str, Any]]:
+    result = backup.run("verify", *args)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def rewrite(backup: Backup, position: int, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change the event at ``position`` as a forger would: every later hash recomputed so the chain holds."""
+    engine = sa.create_engine(f"sqlite:///{backup.db}")
+    events = list(SQLEventStore(engine).read())
+    prev = events[position - 2].hash if position > 1 else GENESIS
+    with engine.begin() as conn:
+        for event in events[position - 1 :]:
+            fields = event.hashed_fields()
+            if event.position == position:
+                change(fields)
+            digest = chain_hash(prev, fields)
+            conn.execute(
+                sa.text(
+                    "UPDATE events SET payload = :payload, recorded_at = :recorded_at, prev_hash = :prev, hash = :hash"
+                    " WHERE position = :position"
+                ),
+                {
+                    "payload": json.dumps(fields["payload"]),
+                    "recorded_at": fields["recorded_at"].replace("T", " ").replace("+00:00", ""),
+                    "prev": prev,
+                    "hash": digest,
+                    "position": event.position,
+                },
+            )
+            prev = digest
+    engine.dispose()
+
+
+def truncate(backup: Backup, keep: int) -> None:
+    engine = sa.create_engine(f"sqlite:///{backup.db}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM events WHERE position > :keep"), {"keep": keep})
+    engine.dispose()
+
+
+def test_verify_reports_the_head_it_checked(original):
+    status, report = verified(original)
+    assert status == 0, report
+    assert report["head"]["position"] == report["events"] == 4
+    assert report["head"]["hash"] == report["head_hash"] and report["head"]["recorded_at"]
+    head = f"{report['head']['position']}:{report['head']['hash']}"
+    assert verified(original, f"--expect-head={head}") == (0, {**report, "heads_checked": 1})
+
+
+def test_truncated_log_verifies_alone_but_not_against_its_recorded_head(backup):
+    _, before = verified(backup)
+    truncate(backup, 2)
+    status, report = verified(backup)
+    assert status == 0 and report["events"] == 2  # consistent with itself: why a head is kept elsewhere
+    status, report = verified(backup, f"--expect-head=4:{before['head_hash']}")
+    assert status == 1
+    assert report["faults"] == [
+        {"position": 4, "reason": "the log no longer reaches this position, recorded in --expect-head"}
+    ]
+
+
+def test_rewritten_log_with_recomputed_hashes_is_caught_by_an_anchor(backup, tmp_path):
+    _, before = verified(backup)
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text(json.dumps(before["head"]) + "\n")
+
+    def backdate(fields: dict[str, Any]) -> None:
+        fields["payload"]["timestamp"] = "2026-01-30T09:00:00.000000+00:00"  # "I submitted a day early"
+
+    rewrite(backup, 2, backdate)
+    status, report = verified(backup)
+    assert status == 0  # the chain holds: every later hash was recomputed
+    status, report = verified(backup, f"--anchors={anchors}")
+    assert status == 1 and report["heads_checked"] == 1
+    assert report["faults"] == [
+        {"position": 4, "reason": "hash differs from the head recorded in anchors.jsonl line 1 (rewritten)"}
+    ]
+
+
+def test_verify_up_to_a_position_checks_an_older_anchor_of_a_log_that_grew(backup, tmp_path):
+    _, at_2 = verified(backup, "--until-position=2")
+    assert at_2["events"] == 2 and at_2["head"]["position"] == 2
+    _, whole = verified(backup)
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text(json.dumps(at_2["head"]) + "\n\n" + json.dumps(whole["head"]) + "\n")
+    status, report = verified(backup, f"--anchors={anchors}")
+    assert status == 0 and report["heads_checked"] == 2, report
+
+
+@pytest.mark.hostile(
+    "audit",
+    "an anchor file with a line that is not an anchor, or that does not exist",
+    "verify exits 2 naming the line; it never checks half an anchor file",
+)
+@pytest.mark.parametrize("content", ['{"position": 4}\n', "4:abc\n", None])
+def test_an_unreadable_anchor_file_is_an_error_not_a_pass(original, tmp_path, content):
+    anchors = tmp_path / "anchors.jsonl"
+    if content is not None:
+        anchors.write_text(content)
+    result = original.run("verify", f"--anchors={anchors}")
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert "Cannot read the anchors" in line
+
+
+def test_verify_finds_recorded_at_running_backwards(backup):
+    def earlier(fields: dict[str, Any]) -> None:
+        fields["recorded_at"] = "2020-01-01T00:00:00.000000+00:00"
+
+    rewrite(backup, 3, earlier)
+    status, report = verified(backup)
+    assert status == 1
+    assert report["faults"] == [{"position": 3, "reason": "recorded_at is earlier than the previous event's"}]
+
+
+def test_verify_projections_finds_a_changed_read_model_row(backup):
+    status, report = verified(backup, "--projections")
+    assert status == 0 and report["projections"] == {"ok": True, "differences": []}
+    engine = sa.create_engine(f"sqlite:///{backup.db}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE proj_submissions SET student_id = 's9' WHERE student_id = 's1'"))
+    engine.dispose()
+    assert verified(backup)[0] == 0  # the log is intact
+    status, report = verified(backup, "--projections")
+    assert status == 1 and report["ok"] is False
+    differences = report["projections"]["differences"]
+    tables = {(d["projection"], d["table"], d["only_live"], d["only_rebuilt"]) for d in differences}
+    assert ("collections", "proj_submissions", 1, 1) in tables
+    (diff,) = [d for d in differences if d["table"] == "proj_submissions"]
+    assert "s9" in diff["live_rows"][0] and "s1" in diff["rebuilt_rows"][0]
