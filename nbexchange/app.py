@@ -227,7 +227,22 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "time is recorded beside it.",
     )
     executor_threads = Int(64, config=True, help="Threads for blocking work (database, fsync) in an API process.")
-    metrics_require_auth = Bool(False, config=True, help="Whether /metrics needs an authenticated user.")
+    metrics_require_auth = Bool(
+        False, config=True, help="Whether /metrics and /head (which publish the log's head) need an authenticated user."
+    )
+
+    # -- anchors: the log's head kept outside the exchange ------------------
+
+    anchor_interval = Float(
+        0.0,
+        config=True,
+        help="Seconds between appends of the log's head (position, hash, time) to anchor_file and/or anchor_url, "
+        "when it moved; 0: never. `nbexchange verify --anchors=FILE` checks the log against them.",
+    )
+    anchor_file = Unicode(
+        "", config=True, help="File the service appends anchors to, one JSON line each (keep it append-only)."
+    )
+    anchor_url = Unicode("", config=True, help="URL each anchor is POSTed to as JSON (a write-once store you trust).")
 
     # -- the audit commands --------------------------------------------------
 
