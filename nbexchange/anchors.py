@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from nbexchange.clock import format_iso, utcnow
 from nbexchange.events.sql import SQLEventStore
+from nbexchange.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -46,40 +46,31 @@ class HeadCollector(Collector):
             yield info
 
 
-class Anchorer:
+class Anchorer(Periodic):
     """Every ``interval`` seconds, appends a new head to a file and/or POSTs it to a URL.
 
     Each anchor is one JSON line ``{"position", "hash", "recorded_at",
     "anchored_at"}``, the format ``verify --anchors`` reads. A head already
     anchored is not sent again. The file is only ever appended to (make it
     append-only, ``chattr +a``, or keep it where the exchange's operators
-    cannot edit it); a failure is logged and retried at the next interval.
+    cannot edit it); a failure is logged and tried again at the next interval.
     """
 
     def __init__(self, store: SQLEventStore, interval: float, path: str = "", url: str = "") -> None:
-        self.store, self.interval, self.path, self.url = store, interval, path, url
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nbexchange-anchor", daemon=True)
+        super().__init__("nbexchange-anchor", interval)
+        self.store, self.path, self.url = store, path, url
         self._last = 0
 
-    def start(self) -> None:
-        """Start anchoring in a background thread."""
-        self._thread.start()
+    def tick(self) -> None:
+        self.anchor()
 
     def stop(self) -> None:
-        """Anchor the head one last time, then stop."""
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            stopping = self._stop.wait(self.interval)
-            try:
-                self.anchor()
-            except Exception:  # the database or the anchor's place is away: try again next time
-                log.exception("Could not anchor the log's head")
-            if stopping:
-                return
+        """Stop, then anchor the head one last time (the last events before a shutdown)."""
+        super().stop()
+        try:
+            self.anchor()
+        except Exception:
+            log.exception("Could not anchor the log's head at shutdown")
 
     def anchor(self) -> dict[str, Any] | None:
         """Anchor the current head if it moved since the last anchor; returns it, or None."""

@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 
 from nbexchange.events.store import RecordedEvent
+from nbexchange.periodic import Periodic
 from nbexchange.workers import tasks
 from nbexchange.workers.tasks import WorkerContext
 
@@ -236,7 +237,7 @@ class Projector:
                 return
 
 
-class Sweeper:
+class Sweeper(Periodic):
     """A timer thread: sweep and catch up on start, then every ``interval`` seconds.
 
     It calls the task functions directly, not through the broker, so that a
@@ -244,27 +245,11 @@ class Sweeper:
     """
 
     def __init__(self, ctx: WorkerContext, interval: float) -> None:
+        super().__init__("nbexchange-sweeper", interval)
         self.ctx = ctx
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nbexchange-sweeper", daemon=True)
 
-    def start(self) -> None:
-        """Start sweeping in the background."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop after the current sweep."""
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                tasks.sweep(self.ctx)
-            except Exception:
-                log.exception("Sweep failed; trying again in %s s", self.interval)
-            self._stop.wait(self.interval)
+    def tick(self) -> None:
+        tasks.sweep(self.ctx)
 
 
 class EmbeddedWorker:
