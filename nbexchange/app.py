@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Float, Int, TraitError, Type, Unicode, default, validate
+from traitlets import Bool, Enum, Float, Int, TraitError, Type, Unicode, default, validate
 from traitlets.config import Application
 
 from nbexchange.identity import JupyterHubPlugin, UserPlugin, UsersFilePlugin, create_demo_users_file
@@ -27,6 +27,10 @@ COMMANDS = {
     "--expect-head or --anchors, also check the log still holds heads recorded elsewhere.",
     "export": "Write the whole log as JSON lines (hashes included) to stdout or --output.",
     "replay": "Print the exchange as it stood at --until-position or --until-time (JSON).",
+    "report": "One assignment's record per student (on time, late, missing; resubmissions, collections, feedback, "
+    "clock skew) as a table, CSV or an HTML page with a plot: --course, --assignment.",
+    "extract": "Write one submission's archive (--submission POSITION) to --output and print its sha256, appending "
+    "nothing.",
     "rebuild": "Rebuild every projection from position 0 (refuses a database with no log).",
     "collect": "Remove stored blobs no event owns and crashes' leftovers, older than blob_grace (or --grace).",
 }
@@ -40,12 +44,16 @@ COMMAND_OPTIONS = {
     "verify": ("until-position", "expect-head", "anchors", "projections", "config", "log-level"),
     "export": ("output", "config", "log-level"),
     "replay": ("until-position", "until-time", "course", "assignment", "org", "config", "log-level"),
+    "report": (
+        "course", "assignment", "org", "deadline", "as-of", "format", "output", "max-clock-skew", "config", "log-level"
+    ),
+    "extract": ("submission", "output", "config", "log-level"),
     "rebuild": ("config", "log-level"),
     "collect": ("grace", "config", "log-level"),
 }
 
 #: The commands that only read: they open the database read-only and never write the store.
-AUDIT_COMMANDS = ("verify", "export", "replay")
+AUDIT_COMMANDS = ("verify", "export", "replay", "report", "extract")
 
 
 def _version() -> str:
@@ -55,6 +63,12 @@ def _version() -> str:
         return version("nbexchange")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown"
+
+
+def _utf8_stdout() -> Any:
+    """stdout, writing UTF-8 whatever the locale (the log's text is UTF-8)."""
+    sys.stdout.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
+    return sys.stdout
 
 
 def _url_prefix(value: str) -> str:
@@ -94,6 +108,11 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "grace": "NbExchange.blob_grace",
         "expect-head": "NbExchange.expect_head",
         "anchors": "NbExchange.anchors",
+        "deadline": "NbExchange.deadline",
+        "as-of": "NbExchange.as_of",
+        "format": "NbExchange.report_format",
+        "max-clock-skew": "NbExchange.max_clock_skew",
+        "submission": "NbExchange.submission",
     }
     flags = {
         **Application.flags,
@@ -246,7 +265,9 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
 
     # -- the audit commands --------------------------------------------------
 
-    output = Unicode("", config=True, help="export: file to write (default stdout).")
+    output = Unicode(
+        "", config=True, help="export, report: file to write (default stdout); extract: the file to write."
+    )
     until_position = Int(0, config=True, help="replay, verify: the last position to include (0: the head).")
     until_time = Unicode("", config=True, help="replay: the last moment to include (nbgrader or ISO format).")
     expect_head = Unicode(
@@ -264,15 +285,14 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         False, config=True, help="verify: compare the live read models with ones rebuilt from the log."
     )
 
-    @validate("until_position")
+    @validate("until_position", "submission")
     def _not_negative(self, proposal: dict[str, Any]) -> int:
         if proposal["value"] < 0:
-            raise TraitError(
-                f"--until-position must be a position (1, 2, …) or 0 for the head, not {proposal['value']}"
-            )
+            option = proposal["trait"].name.replace("_", "-")
+            raise TraitError(f"--{option} must be a position (1, 2, …), not {proposal['value']}")
         return int(proposal["value"])
 
-    @validate("until_time")
+    @validate("until_time", "deadline", "as_of")
     def _a_moment(self, proposal: dict[str, Any]) -> str:
         from nbexchange.clock import parse_timestamp
 
@@ -280,8 +300,9 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
             try:
                 parse_timestamp(proposal["value"])
             except ValueError:
+                option = {"until_time": "until-time", "as_of": "as-of"}.get(proposal["trait"].name, "deadline")
                 raise TraitError(
-                    f"--until-time {proposal['value']!r} is not a time "
+                    f"--{option} {proposal['value']!r} is not a time "
                     "(nbgrader's '2026-01-31 23:59:59 UTC' or ISO 8601)"
                 ) from None
         return str(proposal["value"])
@@ -293,9 +314,17 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
                 f"--expect-head must be POSITION:HASH (a position and 64 hex digits), not {proposal['value']!r}"
             )
         return str(proposal["value"])
-    course_id = Unicode("", config=True, help="replay: the course to show.")
-    assignment_id = Unicode("", config=True, help="replay: the assignment to show (default: all).")
-    org_id = Int(1, config=True, help="replay: the organisation (org_id) whose courses to show.")
+    course_id = Unicode("", config=True, help="replay, report: the course to show.")
+    assignment_id = Unicode("", config=True, help="replay: the assignment to show (default: all); report: the one.")
+    org_id = Int(1, config=True, help="replay, report: the organisation (org_id) whose courses to show.")
+    deadline = Unicode(
+        "",
+        config=True,
+        help="report: judge lateness against this due date instead of the log's (students' extensions still apply).",
+    )
+    as_of = Unicode("", config=True, help="report: the log as it stood at this moment (default: now).")
+    report_format = Enum(["table", "csv", "html"], "table", config=True, help="report: table, csv or html.")
+    submission = Int(0, config=True, help="extract: the log position of the submission whose archive to write.")
 
     config_file = Unicode(
         "", config=True, help="Config file to load (default nbexchange_config.py in ./ or /etc/nbexchange/)."
@@ -511,8 +540,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
                 count = export(store, out)
             self.log.info("Wrote %d events to %s", count, self.output)
         else:
-            sys.stdout.reconfigure(encoding="utf-8")  # type: ignore[union-attr]  # UTF-8 whatever the locale
-            export(store, sys.stdout)
+            export(store, _utf8_stdout())
 
     def cmd_replay(self) -> None:
         from nbexchange.audit import replay_view
@@ -527,6 +555,58 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
             org_id=self.org_id,
         )
         print(json.dumps(view, indent=2))
+
+    def cmd_report(self) -> None:
+        from nbexchange.clock import parse_timestamp
+        from nbexchange.errors import NotFound
+        from nbexchange.report import RENDERERS, build_report
+
+        if not (self.course_id and self.assignment_id):
+            self.log.critical("report needs --course and --assignment")
+            self.exit(2)
+        _, store = self._open(audit=True)
+        try:
+            report = build_report(
+                store,
+                self.course_id,
+                self.assignment_id,
+                org_id=self.org_id,
+                deadline=parse_timestamp(self.deadline) if self.deadline else None,
+                as_of=parse_timestamp(self.as_of) if self.as_of else None,
+                max_clock_skew=self.max_clock_skew,
+            )
+        except NotFound as e:
+            self.log.critical("%s", e.note)
+            self.exit(1)
+        try:
+            text = RENDERERS[self.report_format](report)
+        except ImportError as e:
+            self.log.critical("The HTML report plots with matplotlib: pip install 'nbexchange[report]' (%s)", e)
+            self.exit(1)
+        self._write_out(text)
+
+    def cmd_extract(self) -> None:
+        from nbexchange.audit import extract
+        from nbexchange.errors import ExchangeError
+
+        if not (self.submission and self.output):
+            self.log.critical("extract needs --submission POSITION and --output FILE")
+            self.exit(2)
+        _, store = self._open(audit=True)
+        try:
+            sha = extract(store, Path(self.base_storage_location), self.submission, Path(self.output))
+        except ExchangeError as e:
+            self.log.critical("%s", e.note)
+            self.exit(1)
+        print(json.dumps({"position": self.submission, "archive_sha256": sha, "output": self.output}))
+
+    def _write_out(self, text: str) -> None:
+        """``text`` to ``--output`` or stdout."""
+        if self.output:
+            Path(self.output).write_text(text, encoding="utf-8")
+            self.log.info("Wrote %s", self.output)
+        else:
+            _utf8_stdout().write(text)
 
     def cmd_collect(self) -> None:
         from nbexchange.runtime import Runtime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from nbexchange.clock import format_iso, format_timestamp, parse_timestamp
-from nbexchange.events.domain import Unreleased
+from nbexchange.errors import ExchangeError, Invalid
+from nbexchange.events.domain import Submitted, Unreleased
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import RecordedEvent, canonical_json, verify_chain
 from nbexchange.projections import PROJECTIONS, Projection, checkpoints, replay, snapshot
@@ -246,6 +248,32 @@ def verify_projections(engine: Engine, *, limit: int = 20) -> dict[str, Any]:
 
 def _row(row: tuple[Any, ...]) -> list[Any]:
     return [format_iso(v) if isinstance(v, datetime) else v for v in row]
+
+
+def extract(store: SQLEventStore, storage: Path, position: int, output: Path) -> str:
+    """Write the archive of the submission at ``position`` to ``output`` and ``output.sha256``; returns its sha256.
+
+    Appends nothing (unlike a collection) and writes nothing in the store.
+    Refuses an existing ``output`` (evidence is not overwritten), and removes
+    what it wrote if the stored bytes no longer match their sha256.
+    """
+    event = store.get(position)
+    if event.type != Submitted.TYPE:
+        raise Invalid(f"The event at position {position} is {event.type!r}, not a submission.")
+    sha = str(event.payload["archive_sha256"])
+    digest = hashlib.sha256()
+    try:
+        with ArchiveStore(storage, create=False).open(sha) as stored, output.open("xb") as out:
+            while chunk := stored.read(1024 * 1024):
+                digest.update(chunk)
+                out.write(chunk)
+    except FileExistsError:
+        raise Invalid(f"{output} exists already; choose another --output.") from None
+    if digest.hexdigest() != sha:
+        output.unlink()
+        raise ExchangeError(f"The stored archive {sha} does not match its sha256 (changed); nothing written.")
+    output.with_name(output.name + ".sha256").write_text(f"{sha}  {output.name}\n", encoding="utf-8")
+    return sha
 
 
 def export(store: SQLEventStore, out: TextIO) -> int:

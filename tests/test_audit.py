@@ -101,7 +101,7 @@ def chattr_works(tmp: Path) -> bool:
     return True
 
 
-AUDITS = [("verify",), ("export",), ("replay", "--course=phys101")]
+AUDITS = [("verify",), ("export",), ("replay", "--course=phys101"), ("report", "--course=phys101", "--assignment=ps1")]
 
 
 # -- safe on a backup ----------------------------------------------------------------------
@@ -357,3 +357,53 @@ def test_verify_projections_finds_a_changed_read_model_row(backup):
     assert ("collections", "proj_submissions", 1, 1) in tables
     (diff,) = [d for d in differences if d["table"] == "proj_submissions"]
     assert "s9" in diff["live_rows"][0] and "s1" in diff["rebuilt_rows"][0]
+
+
+# -- getting the bytes ---------------------------------------------------------------------------
+
+
+def test_extract_writes_a_submissions_archive_and_its_sha256_appending_nothing(backup, tmp_path):
+    before = tree(backup.root)
+    out = tmp_path / "zoe.tar.gz"
+    result = backup.run("extract", "--submission=3", f"--output={out}")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    sha = answer["archive_sha256"]
+    assert answer["position"] == 3 and out.read_bytes() == ArchiveStore(backup.root).open(sha).read()
+    assert (tmp_path / "zoe.tar.gz.sha256").read_text() == f"{sha}  zoe.tar.gz\n"
+    assert tree(backup.root) == before  # no collected event, nothing in the store
+
+
+@pytest.mark.parametrize(
+    ("position", "note"),
+    [(1, "is 'released', not a submission"), (4, "is 'collected', not a submission"), (99, "no event at position 99")],
+)
+def test_extract_refuses_what_is_not_a_submission(original, tmp_path, position, note):
+    out = tmp_path / "out.tar.gz"
+    result = original.run("extract", f"--submission={position}", f"--output={out}")
+    assert result.returncode == 1 and note in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_extract_never_overwrites_and_never_writes_changed_bytes(backup, tmp_path):
+    out = tmp_path / "out.tar.gz"
+    out.write_bytes(b"evidence")
+    result = backup.run("extract", "--submission=2", f"--output={out}")
+    assert result.returncode == 1 and "exists already" in result.stderr
+    assert out.read_bytes() == b"evidence"
+
+    engine = make_engine(f"sqlite:///{backup.db}")
+    sha = SQLEventStore(engine).get(2).payload["archive_sha256"]
+    engine.dispose()
+    path = ArchiveStore(backup.root).path(sha)
+    path.write_bytes(path.read_bytes() + b"\0")
+    changed = tmp_path / "changed.tar.gz"
+    result = backup.run("extract", "--submission=2", f"--output={changed}")
+    assert result.returncode == 1 and "does not match its sha256" in result.stderr
+    assert not changed.exists()
+
+
+@pytest.mark.parametrize("args", [("--submission=2",), ("--output=x.tar.gz",), ("--submission=-2", "--output=x")])
+def test_extract_asked_for_wrongly_exits_2(original, args):
+    result = original.run("extract", *args)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -13,6 +13,7 @@ from nbexchange.api import (
     head,
     health,
     history,
+    report,
     submission,
 )
 
@@ -27,4 +28,5 @@ default_handlers: list[tuple[str, Any]] = [
     *history.default_handlers,
     *health.default_handlers,
     *head.default_handlers,
+    *report.default_handlers,
 ]
