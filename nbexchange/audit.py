@@ -47,7 +47,11 @@ def open_read_only(url: str) -> Engine:
     """
     sa_url = sa.make_url(url)
     if sa_url.get_backend_name() != "sqlite":
-        return sa.create_engine(sa_url, connect_args={"options": "-c default_transaction_read_only=on"})
+        # Added to the URL's own ``options`` (a search_path, say), which connect_args would replace.
+        given = sa_url.query.get("options", "")
+        options = " ".join(given) if isinstance(given, tuple) else given
+        read_only = sa_url.update_query_dict({"options": f"{options} -c default_transaction_read_only=on".strip()})
+        return sa.create_engine(read_only)
     path = Path(sa_url.database or "")
     uri = f"file:{quote(str(path.resolve()))}?mode=ro"
     if _sqlite_wal_mode(path) and not path.with_name(path.name + "-wal").exists():

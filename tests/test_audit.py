@@ -407,3 +407,19 @@ def test_extract_never_overwrites_and_never_writes_changed_bytes(backup, tmp_pat
 def test_extract_asked_for_wrongly_exits_2(original, args):
     result = original.run("extract", *args)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_audit_engine_cannot_write_on_either_backend(engine, db_url):
+    """SQLite ``mode=ro``, PostgreSQL read-only transactions: a write is refused by the database itself."""
+    from nbexchange.audit import open_read_only
+
+    SQLEventStore(engine).append(release())
+    reader = open_read_only(db_url)
+    try:
+        assert SQLEventStore(reader).head() == 1
+        with pytest.raises(sa.exc.DBAPIError, match="(?i)read-?only"):
+            with reader.begin() as conn:
+                conn.execute(sa.text("DELETE FROM events"))
+    finally:
+        reader.dispose()
+    assert SQLEventStore(engine).head() == 1
