@@ -87,7 +87,10 @@ def seed(root: Path, events: int) -> None:
 
 def run(root: Path, *args: str) -> tuple[float, float, int]:
     """Seconds and peak RSS (MB) of one ``nbexchange`` command; its exit status."""
-    flags = [f"--NbExchange.db_url=sqlite:///{root / 'nbexchange.sqlite'}", f"--NbExchange.base_storage_location={root}"]
+    flags = [
+        f"--NbExchange.db_url=sqlite:///{root / 'nbexchange.sqlite'}",
+        f"--NbExchange.base_storage_location={root}",
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     result = subprocess.run(
