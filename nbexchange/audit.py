@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from nbexchange.clock import format_iso, format_timestamp, parse_timestamp
 from nbexchange.errors import ExchangeError, Invalid
-from nbexchange.events.domain import Submitted, Unreleased
+from nbexchange.events.domain import Submitted, Unreleased, assignment_stream, check_stream, student_stream
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import RecordedEvent, canonical_json, verify_chain
 from nbexchange.projections import PROJECTIONS, Projection, checkpoints, replay, snapshot
@@ -293,6 +293,39 @@ def export(store: SQLEventStore, out: TextIO) -> int:
     return count
 
 
+def _course_pages(
+    store: SQLEventStore,
+    org_id: int,
+    course_id: str,
+    assignment_id: str | None,
+    until_position: int | None,
+    until_time: datetime | None,
+    page: int = 5000,
+) -> Iterator[list[RecordedEvent]]:
+    """The events of one course's (or assignment's) streams, in log order, cut at the moment, page by page."""
+    if assignment_id:
+        streams = [assignment_stream(org_id, course_id, assignment_id)]
+        checks = check_stream(org_id, course_id, assignment_id, 0)[: -len("0")]
+        prefixes = [student_stream(org_id, course_id, assignment_id, ""), checks]
+    else:
+        streams = []
+        prefixes = [f"{kind}/{org_id}/{course_id}/" for kind in ("assignment", "student", "check")]
+    after = 0
+    while True:
+        events = store.read_streams(streams, prefixes, after=after, limit=page)
+        kept = [
+            e
+            for e in events
+            if (until_position is None or e.position <= until_position)
+            and (until_time is None or e.recorded_at <= until_time)
+        ]
+        if kept:
+            yield kept
+        if len(kept) < len(events) or len(events) < page:
+            return  # the moment is passed (positions and recorded_at only grow) or the log ends
+        after = events[-1].position
+
+
 def replay_view(
     engine: Engine,
     *,
@@ -308,7 +341,11 @@ def replay_view(
     gives the same answer.
     """
     moment = parse_timestamp(until_time) if until_time else None
-    then = replay(engine, PROJECTIONS, until_position=until_position, until_time=moment)
+    pages = None
+    if course_id:
+        # Only the course's (or the assignment's) streams: memory and time follow its size, not the log's.
+        pages = _course_pages(SQLEventStore(engine), org_id, course_id, assignment_id, until_position, moment)
+    then = replay(engine, PROJECTIONS, until_position=until_position, until_time=moment, pages=pages)
     with then.connect() as conn:
         courses = [course_id] if course_id else sorted({r.course_id for r in conn.execute(history.select())})
         view: dict[str, Any] = {

@@ -19,6 +19,7 @@ from test_app import nbexchange
 from nbexchange.db import make_engine, upgrade
 from nbexchange.events.domain import Collected, Submitted
 from nbexchange.events.sql import SQLEventStore
+from nbexchange.clock import format_iso
 from nbexchange.events.store import GENESIS, AppendRequest, canonical_json, chain_hash
 from nbexchange.projections import catch_up_all
 from nbexchange.storage import ArchiveStore
@@ -423,3 +424,26 @@ def test_the_audit_engine_cannot_write_on_either_backend(engine, db_url):
     finally:
         reader.dispose()
     assert SQLEventStore(engine).head() == 1
+
+
+def test_a_course_replay_reads_only_its_streams_and_agrees_with_the_whole_log(engine):
+    """Replaying one course (or assignment) reads its streams alone: the same answer as the whole log's."""
+    from builders import submit
+
+    from nbexchange.audit import replay_view
+
+    store = SQLEventStore(engine)
+    for course, assignment in (("phys101", "ps1"), ("phys101", "ps2"), ("chem202", "ps1")):
+        store.append(release(course=course, assignment=assignment, sha="a" * 64))
+        for minute, name in enumerate(("s1", "s2")):
+            store.append(submit(name, course=course, assignment=assignment, minutes=minute))
+    middle = 7
+    for until in (None, middle):
+        whole = replay_view(engine, until_position=until)
+        courses = {entry["course_id"]: entry for entry in whole["courses"]}
+        assert replay_view(engine, until_position=until, course_id="phys101")["courses"] == [courses["phys101"]]
+        (ps1,) = replay_view(engine, until_position=until, course_id="phys101", assignment_id="ps1")["courses"]
+        assert ps1["assignments"] == [a for a in courses["phys101"]["assignments"] if a["assignment_id"] == "ps1"]
+    moment = format_iso(store.get(middle).recorded_at)
+    by_time = replay_view(engine, until_time=moment, course_id="phys101")
+    assert by_time["courses"] == replay_view(engine, until_position=middle, course_id="phys101")["courses"]
