@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -145,7 +146,7 @@ def verify(
             previous = event
             yield event
 
-    chain = verify_chain(audited())
+    chain = verify_chain(audited(), hash_matches)
     faults[:0] = [{"position": f.position, "reason": f.reason} for f in chain.faults]
     for position, head in sorted(expected.items()):
         if position not in found:
@@ -288,9 +289,36 @@ def export(store: SQLEventStore, out: TextIO) -> int:
     """
     count = 0
     for event in store.read():
-        out.write(canonical_json(event.to_json()) + "\n")
+        if _fast_fields(event) is not None:
+            # orjson wrote these fields canonically (their hash proves it); the two
+            # hashes added are hex strings, which every encoder writes alike.
+            out.write(orjson.dumps(event.to_json(), option=orjson.OPT_SORT_KEYS).decode("utf-8") + "\n")
+        else:
+            out.write(canonical_json(event.to_json()) + "\n")
         count += 1
     return count
+
+
+def hash_matches(event: RecordedEvent) -> bool:
+    """Whether the event's hash is the one its fields and ``prev_hash`` make: ``computed_hash() == hash``, faster.
+
+    orjson encodes the fields first, several times faster than the standard
+    library; its bytes hashing to the recorded hash proves they are the
+    canonical encoding (barring a SHA-256 collision). Any other outcome is
+    decided by the canonical encoder itself, so the answer is always that of
+    ``computed_hash``.
+    """
+    return _fast_fields(event) is not None or event.computed_hash() == event.hash
+
+
+def _fast_fields(event: RecordedEvent) -> str | None:
+    """The canonical encoding of the event's hashed fields if orjson's encoding hashes to ``hash``, else None."""
+    try:
+        text = orjson.dumps(event.hashed_fields(), option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # beyond orjson (an integer over 64 bits): the canonical encoder decides
+        return None
+    digest = hashlib.sha256(event.prev_hash.encode("ascii") + b"\n" + text).hexdigest()
+    return text.decode("utf-8") if digest == event.hash else None
 
 
 def _course_pages(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from builders import TEACHER, make_archive, release, student
 from test_app import nbexchange
 
@@ -20,7 +23,7 @@ from nbexchange.db import make_engine, upgrade
 from nbexchange.events.domain import Collected, Submitted
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.clock import format_iso
-from nbexchange.events.store import GENESIS, AppendRequest, canonical_json, chain_hash
+from nbexchange.events.store import GENESIS, AppendRequest, RecordedEvent, canonical_json, chain_hash
 from nbexchange.projections import catch_up_all
 from nbexchange.storage import ArchiveStore
 
@@ -447,3 +450,24 @@ def test_a_course_replay_reads_only_its_streams_and_agrees_with_the_whole_log(en
     moment = format_iso(store.get(middle).recorded_at)
     by_time = replay_view(engine, until_time=moment, course_id="phys101")
     assert by_time["courses"] == replay_view(engine, until_position=middle, course_id="phys101")["courses"]
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4), tamper=st.booleans())
+def test_the_fast_hash_check_always_agrees_with_the_canonical_one(payload, tamper):
+    """orjson first, the canonical encoder whenever orjson's bytes do not give the hash: never another answer."""
+    from nbexchange.audit import _fast_fields, hash_matches
+
+    event = RecordedEvent(1, "s", 1, "t", 1, TEACHER, DUE, None, payload, GENESIS, "")
+    event = dataclasses.replace(event, hash=event.computed_hash() if not tamper else "0" * 64)
+    assert hash_matches(event) == (event.computed_hash() == event.hash)
+    fast = _fast_fields(event)
+    assert fast is None or fast == canonical_json(event.hashed_fields())
