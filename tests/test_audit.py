@@ -471,3 +471,42 @@ def test_the_fast_hash_check_always_agrees_with_the_canonical_one(payload, tampe
     assert hash_matches(event) == (event.computed_hash() == event.hash)
     fast = _fast_fields(event)
     assert fast is None or fast == canonical_json(event.hashed_fields())
+
+
+def test_the_anchorer_appends_and_posts_each_new_head_once(engine, tmp_path):
+    """A new head goes to the file (appended) and the URL (POSTed JSON); an unmoved head is not sent again."""
+    import http.server
+    import threading
+
+    from nbexchange.anchors import Anchorer
+
+    received: list[dict[str, Any]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the standard library's name)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(201)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    path = tmp_path / "anchors.jsonl"
+    path.write_text('{"position": 0, "hash": "kept as it was"}\n')
+    store = SQLEventStore(engine)
+    anchorer = Anchorer(store, 3600, str(path), f"http://127.0.0.1:{server.server_port}/anchors")
+    try:
+        assert anchorer.anchor() is None  # an empty log has no head to anchor
+        first = store.append(release()).event
+        assert anchorer.anchor()["hash"] == first.hash
+        assert anchorer.anchor() is None
+        second = store.append(release(assignment="ps2")).event
+        anchorer.anchor()
+    finally:
+        server.shutdown()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"position": 0, "hash": "kept as it was"}  # appended to, never rewritten
+    assert [(a["position"], a["hash"]) for a in lines[1:]] == [(1, first.hash), (2, second.hash)]
+    assert received == lines[1:]
