@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -91,20 +90,22 @@ def run(root: Path, *args: str) -> tuple[float, float, int]:
         f"--NbExchange.db_url=sqlite:///{root / 'nbexchange.sqlite'}",
         f"--NbExchange.base_storage_location={root}",
     ]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "nbexchange", *args, *flags, "--log-level=WARN"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with open(os.devnull, "w") as sink:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "nbexchange", *args, *flags, "--log-level=WARN"],
+            stdout=sink,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # wait4: this child's own peak resident memory, not the largest of any child so far.
+        _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if result.returncode not in (0,):
-        print(f"  {args[0]} exited {result.returncode}: {result.stderr.strip()[-300:]}")
-    # ru_maxrss of children is the largest of any child so far: only a new maximum is this child's own.
-    return seconds, (peak / 1024 if peak > before else float("nan")), result.returncode
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        assert child.stderr is not None
+        print(f"  {args[0]} exited {code}: {child.stderr.read().strip()[-300:]}")
+    return seconds, usage.ru_maxrss / 1024, code
 
 
 def main() -> None:
