@@ -129,7 +129,8 @@ def verify(
     owners: dict[str, set[int]] = {}
     releases: dict[tuple[int, str, str], list[tuple[int, str]]] = {}
     faults: list[dict[str, Any]] = []
-    expected = {head.position: head for head in heads}
+    # A head past --until-position is outside what was asked to be checked.
+    expected = {head.position: head for head in heads if until_position is None or head.position <= until_position}
     found: dict[int, str] = {}
     previous: RecordedEvent | None = None
 

@@ -318,6 +318,9 @@ def test_verify_up_to_a_position_checks_an_older_anchor_of_a_log_that_grew(backu
     anchors.write_text(json.dumps(at_2["head"]) + "\n\n" + json.dumps(whole["head"]) + "\n")
     status, report = verified(backup, f"--anchors={anchors}")
     assert status == 0 and report["heads_checked"] == 2, report
+    # Cut at 2, only the anchor within the cut is checked.
+    status, report = verified(backup, f"--anchors={anchors}", "--until-position=2")
+    assert status == 0 and report["heads_checked"] == 1, report
 
 
 @pytest.mark.hostile(
