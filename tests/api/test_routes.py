@@ -209,7 +209,8 @@ def test_release_fetch_submit_collect_feedback(svc):
     mine = ok(get(svc, "assignments", "s1", course_id=COURSE, min_position=fb["position"]))["value"]
     graded = [i for i in mine if i["status"] == "submitted" and i["timestamp"] == latest["timestamp"]][0]
     nb1 = [n for n in graded["notebooks"] if n["notebook_id"] == "nb1"][0]
-    assert nb1["has_exchange_feedback"] is True and nb1["feedback_timestamp"]
+    # Feedback is filed under the submission it is on: its timestamp, not the time it was released.
+    assert nb1["has_exchange_feedback"] is True and nb1["feedback_timestamp"] == latest["timestamp"]
     earlier = [i for i in mine if i["status"] == "submitted" and i["timestamp"] != latest["timestamp"]][0]
     assert not any(n["has_exchange_feedback"] for n in earlier["notebooks"])
     assert "feedback_fetched" in [i["status"] for i in mine]
