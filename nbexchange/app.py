@@ -164,6 +164,12 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     max_upload_size = Int(
         5 * 1024**3, config=True, help="Largest upload accepted, in bytes; larger ones get 413 before being read."
     )
+    max_feedback_size = Int(
+        50 * 1024**2,
+        config=True,
+        help="Largest feedback file accepted, in bytes; larger ones get 413 before being read. Feedback is sent "
+        "back base64-encoded in JSON, a third larger.",
+    )
     archive_max_members = Int(10_000, config=True, help="Most files and folders an archive may hold.")
     archive_max_total_size = Int(5 * 1024**3, config=True, help="Most bytes an archive may unpack to.")
     archive_max_ratio = Float(200.0, config=True, help="Highest unpacked-to-compressed size ratio (zip bombs).")
