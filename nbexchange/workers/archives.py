@@ -250,9 +250,10 @@ class _Inflater(io.RawIOBase):
                         return 0
                 if not self._input:
                     self._input = self._source.read(INFLATE_PIECE)
-                    if not self._input:
-                        raise EOFError("the gzip stream is cut short")
+                # At the end of the file zlib may still hold output it had no room for; only then is it cut short.
                 out = self._zlib.decompress(self._input, len(view))
+                if not out and not self._input and not self._zlib.eof:
+                    raise EOFError("the gzip stream is cut short")
                 left = self._zlib.unconsumed_tail or self._zlib.unused_data
                 self.consumed += len(self._input) - len(left)
                 self._input = left

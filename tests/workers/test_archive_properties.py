@@ -12,11 +12,14 @@ fixed budget of a few seconds; a long run is::
 
 from __future__ import annotations
 
+import gzip
 import io
+import itertools
 import os
 import stat
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from nbexchange.errors import UnsafeArchive, UnsupportedMedia
+from nbexchange.workers import archives
 from nbexchange.workers.archives import ArchiveLimits, unpack_archive
 
 settings.register_profile("archives-ci", max_examples=300, deadline=None)
@@ -196,3 +200,31 @@ def test_unpacks_exactly_the_safe_files_or_refuses_leaving_nothing(
             parts = name.split("/")
             assert ".." not in parts and all(0 < len(p.encode()) <= 255 for p in parts)
         assert sorted(p.name for p in (root / "out").iterdir()) == ["tree"]
+
+
+@settings(PROFILE)
+@given(
+    members=st.lists(st.binary(max_size=4096) | st.integers(0, 200_000).map(bytes), min_size=1, max_size=3),
+    level=st.integers(0, 9),
+    reads=st.lists(st.integers(1, 70_000), min_size=1, max_size=8),
+)
+def test_the_inflater_reads_what_gzip_wrote_and_counts_every_compressed_byte(
+    members: list[bytes], level: int, reads: list[int]
+) -> None:
+    compressed = b"".join(gzip.compress(data, compresslevel=level) for data in members)
+    inflater = archives._Inflater(io.BytesIO(compressed))
+    out = bytearray()
+    for size in itertools.cycle(reads):
+        piece = inflater.read(size)
+        if not piece:
+            break
+        assert len(piece) <= size
+        out += piece
+        # Never more unpacked than the compressed bytes used could hold (deflate's limit is 1032:1).
+        assert len(out) <= 1032 * inflater.consumed + 1032
+    assert bytes(out) == b"".join(members)
+    assert inflater.consumed == len(compressed)
+    with pytest.raises((EOFError, zlib.error)):
+        cut = archives._Inflater(io.BytesIO(compressed[:-1]))
+        while cut.read(65536):
+            pass
