@@ -104,19 +104,36 @@ class Service:
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
 
-def _child_env() -> dict[str, str]:
+def clean_env() -> dict[str, str]:
+    """This process's environment without the JupyterHub and nbexchange settings a test did not choose."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_"))}
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     out = open(log, "ab")  # noqa: SIM115 - handed to the child for its lifetime
     return subprocess.Popen(
-        [sys.executable, "-m", "nbexchange", *args], stdout=out, stderr=subprocess.STDOUT, env=_child_env()
+        [sys.executable, "-m", "nbexchange", *args], stdout=out, stderr=subprocess.STDOUT, env=clean_env()
     )
 
 
-def write_users(path: Path, users: dict[str, dict[str, str]], orgs: dict[str, int] | None = None) -> dict[str, str]:
-    """A users file for ``{name: {course: role}}``; returns ``{name: token}``."""
+def run_nbexchange(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m nbexchange`` to its end with a clean environment (plus ``env``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "nbexchange", *args],
+        cwd=cwd,
+        env={**clean_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_users(
+    path: Path, users: dict[str, dict[str, str]], orgs: dict[str, int] | None = None, mode: int = 0o600
+) -> dict[str, str]:
+    """A users file for ``{name: {course: role}}``, private unless ``mode`` says otherwise; returns ``{name: token}``."""
     tokens = {name: secrets.token_hex(16) for name in users}
     entries: list[dict[str, Any]] = [
         {
@@ -130,8 +147,11 @@ def write_users(path: Path, users: dict[str, dict[str, str]], orgs: dict[str, in
         }
         for name, courses in users.items()
     ]
-    path.write_text(yaml.safe_dump({"users": entries}))
-    path.chmod(0o600)  # it holds tokens
+    # Created private: it holds tokens, and is never readable by others even for a moment.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(yaml.safe_dump({"users": entries}))
+    path.chmod(mode)
     return tokens
 
 
@@ -145,10 +165,11 @@ def start_service(
     workers: int = 1,
     api_processes: int = 1,
     extra: list[str] | None = None,
+    users_mode: int = 0o600,
 ) -> Service:
     """Start the API (and, with a broker, ``workers`` worker processes) and wait until it answers."""
     root.mkdir(parents=True, exist_ok=True)
-    tokens = write_users(root / "users.yaml", users, orgs)
+    tokens = write_users(root / "users.yaml", users, orgs, users_mode)
     port = free_port()
     flags = [
         f"--NbExchange.base_storage_location={root / 'store'}",
@@ -191,7 +212,7 @@ def collect(service: Service, grace: float = 0) -> dict[str, Any]:
         capture_output=True,
         text=True,
         timeout=120,
-        env=_child_env(),
+        env=clean_env(),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from tornado import web
 
 from nbexchange.clock import parse_timestamp
-from nbexchange.errors import ExchangeError, Invalid, Unauthorized, Unavailable
+from nbexchange.errors import ExchangeError, Forbidden, Invalid, Unauthorized, Unavailable
 from nbexchange.exchange import Download, Exchange
 from nbexchange.identity.base import User, UserPlugin
 from nbexchange.metrics import REQUEST_LATENCY
@@ -77,7 +77,7 @@ class BaseHandler(web.RequestHandler):
             return
         user = await self.user_plugin.authenticate(self.request)
         if user is None:
-            raise Unauthorized()
+            raise self.user_plugin.unauthenticated(self.request)
         self.current_user = user
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -218,6 +218,10 @@ class BaseHandler(web.RequestHandler):
             status_code, note = exc.status_code, exc.note
             if isinstance(exc, Unavailable):
                 self.set_header("Retry-After", str(exc.retry_after))
+            elif isinstance(exc, Unauthorized):
+                self.set_header("WWW-Authenticate", "token")
+            elif isinstance(exc, Forbidden):
+                note = self.user_plugin.explain_forbidden(note)
         elif isinstance(exc, web.HTTPError):
             note = exc.log_message or self._reason
             if status_code == 405:

@@ -44,6 +44,7 @@ def make_app(
         user_plugin=user_plugin,
         executor=executor,
         max_upload_size=settings.max_upload_size,
+        max_feedback_size=settings.max_feedback_size,
         metrics_require_auth=settings.metrics_require_auth,
         log_function=_log_request,
     )

@@ -155,6 +155,8 @@ class UploadHandler(BaseHandler):
     gzip_required = True
     #: Repeated text fields to collect, by name.
     list_fields: tuple[str, ...] = ()
+    #: The application setting that bounds this route's upload, in bytes.
+    limit_setting = "max_upload_size"
 
     _upload: Upload | None = None
     _failure: Exception | None = None
@@ -164,7 +166,7 @@ class UploadHandler(BaseHandler):
         await super().prepare()
         if self.request.method != "POST":
             return
-        limit: int = self.settings["max_upload_size"]
+        limit: int = self.settings[self.limit_setting]
         declared = self.request.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > limit + _ENVELOPE:
             raise TooLarge(f"The upload is {int(declared)} bytes; this exchange accepts at most {limit} bytes.")

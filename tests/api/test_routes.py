@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import socket
 import time
 import uuid
 
 import pytest
 import requests
 from builders import make_archive, make_symlink_archive
-from httpclient import COURSE, get, ok, refused, release, submit, until
+from httpclient import COURSE, get, headers_only, ok, refused, release, submit, until
 from service import collect
 
 
@@ -111,18 +110,8 @@ def test_uploads_must_be_multipart_gzip_with_a_file(svc):
 
 def test_oversized_upload_is_refused_before_its_body_is_read(svc):
     """Send only the headers of a 100 GB upload: the 413 arrives without a byte of body."""
-    host, port = "127.0.0.1", int(svc.url.split(":")[2].split("/")[0])
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.sendall(
-            (
-                f"POST {svc.url.split(str(port))[1]}submission?course_id={COURSE}&assignment_id=ps1"
-                f"&timestamp=2026-01-01%2000:00:00%20UTC HTTP/1.1\r\nHost: {host}\r\n"
-                f"Authorization: token {svc.tokens['s1']}\r\n"
-                "Content-Type: multipart/form-data; boundary=xyz\r\n"
-                f"Content-Length: {100 * 1024**3}\r\n\r\n"
-            ).encode()
-        )
-        reply = s.recv(65536).decode()
+    query = f"submission?course_id={COURSE}&assignment_id=ps1&timestamp=2026-01-01%2000:00:00%20UTC"
+    reply = headers_only(svc, "s1", query, 100 * 1024**3)
     assert reply.startswith("HTTP/1.1 413"), reply
     assert '"success": false' in reply and "at most" in reply
 
