@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -26,7 +24,8 @@ import service as service_module
 import sqlalchemy as sa
 from builders import make_archive, student
 from httpclient import COURSE, course_events, get, ok, release, submit, until
-from service import TEST_BROKER_URL, TEST_DB_URL, Service, free_port
+from servers import RedisServer, redis_answers
+from service import TEST_BROKER_URL, TEST_DB_URL, Service
 
 from nbexchange.clock import format_timestamp
 from nbexchange.events.domain import INSTRUCTOR, Actor, Released, Submitted
@@ -63,16 +62,6 @@ def _postgres_problem() -> str | None:
     return None
 
 
-def _redis_answers(host: str, port: int) -> bool:
-    """Whether a Redis server answers PING at ``host:port``."""
-    try:
-        with socket.create_connection((host, port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def _require_production_pass() -> None:
     """Skip unless this is the PostgreSQL+Redis pass and PostgreSQL answers."""
     if not TEST_BROKER_URL:
@@ -85,7 +74,7 @@ def _require_production_pass() -> None:
 def _require_shared_redis() -> str:
     """The shared broker's URL; skip if it does not answer."""
     parts = urlsplit(TEST_BROKER_URL)
-    if not _redis_answers(parts.hostname or "127.0.0.1", parts.port or 6379):
+    if not redis_answers(parts.hostname or "127.0.0.1", parts.port or 6379):
         pytest.skip(f"Redis does not answer at {TEST_BROKER_URL}")
     return TEST_BROKER_URL
 
@@ -102,50 +91,6 @@ def production(monkeypatch: pytest.MonkeyPatch, exchange_service: Callable[..., 
         return exchange_service(USERS, broker_url=broker_url, extra=["--NbExchange.consistency_timeout=2"], **kwargs)
 
     return start
-
-
-class RedisServer:
-    """A ``redis-server`` of the test's own, on a free port, that can be killed and started again."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        """Start it (nothing persisted: a restart begins empty) and wait until it answers."""
-        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - handed to the child for its lifetime
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            + ["--daemonize", "no", "--dir", str(self.folder)],
-            cwd=self.folder,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        until(lambda: _redis_answers("127.0.0.1", self.port), 10, f"redis-server on port {self.port} did not answer")
-
-    def kill(self) -> None:
-        """SIGKILL it: every queued message is lost."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private Redis (never the shared one on 6379, which other tests and sessions use)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 # -- submitting many, and checking the outcome -------------------------------------
