@@ -24,7 +24,7 @@ import service as service_module
 import sqlalchemy as sa
 from builders import make_archive, student
 from httpclient import COURSE, course_events, get, ok, release, submit, until
-from servers import RedisServer, redis_answers
+from servers import PostgresServer, RedisServer, redis_answers
 from service import TEST_BROKER_URL, TEST_DB_URL, Service
 
 from nbexchange.clock import format_timestamp
@@ -308,7 +308,59 @@ def test_restarted_redis_costs_latency_not_work(production: Callable[..., Servic
     assert all(p.poll() is None for p in svc.procs), f"a process died with the broker:\n{svc.log_text()[-4000:]}"
 
 
-# -- 4. embedded mode: the task functions called directly ----------------------------------
+# -- 4. PostgreSQL restarted: the checks it failed are retried, not left to the sweep ---------
+
+
+def _log_of(svc: Service, proc: subprocess.Popen[bytes]) -> str:
+    """What one of the service's processes logged."""
+    return svc.logs[svc.procs.index(proc)].read_text(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_checks_failed_by_a_database_outage_are_retried_soon_after_it_ends(
+    own_postgres: PostgresServer,
+    own_redis: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    exchange_service: Callable[..., Service],
+) -> None:
+    # (The servers come first: they must outlive the service and its schema.)
+    # fresh_db_url makes the service's schema in this module global's database: the test's own cluster.
+    monkeypatch.setattr(service_module, "TEST_DB_URL", own_postgres.url)
+    # The sweep runs at the worker's start, then every 10 minutes: it cannot be what checks these archives.
+    extra = ["--NbExchange.sweep_interval=600", "--NbExchange.log_level=INFO"]
+    svc = exchange_service(USERS, broker_url=own_redis.url, workers=1, extra=extra)
+    (worker,) = [p for p in svc.procs if "worker" in p.args]  # type: ignore[operator]
+    release_position = release_and_wait(svc, "ps-db")
+    until(lambda: any(e["type"] in OUTCOMES for e in course_events(svc, "ada", assignment_id="ps-db")), 30)
+
+    # Frozen, the worker takes no check before the database is gone; the messages wait for it.
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        accepted = submit_all(svc, "ps-db", make_jobs(8), threads=4)
+        own_postgres.stop()
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    try:
+        # Each check fails on the outage and goes back to the queue, again and again while it lasts.
+        until(
+            lambda: _log_of(svc, worker).count("retry: Retry in") >= 3,
+            30,
+            lambda: f"the failed checks were not retried\n{_log_of(svc, worker)[-4000:]}",
+        )
+    finally:
+        own_postgres.start()
+    back = time.monotonic()
+    items = settle(svc, "ps-db", accepted, timeout=60)
+    took = time.monotonic() - back
+    # Retried within CHECK_RETRY_MAX (5 s) of each other, with room for a slow machine; the sweep is 600 s away.
+    assert took < 20, f"the checks finished {took:.1f} s after the database came back"
+    assert_listed_once(items, accepted)
+    assert_checked_once(svc, "ps-db", accepted, release_position)
+    assert worker.poll() is None, f"the worker died with the database:\n{_log_of(svc, worker)[-4000:]}"
+
+
+# -- 5. embedded mode: the task functions called directly ----------------------------------
 
 T0 = datetime(2026, 1, 31, 23, 0, tzinfo=timezone.utc)
 TEACHER = Actor(name="ada", role=INSTRUCTOR)
