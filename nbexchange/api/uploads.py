@@ -195,6 +195,7 @@ class UploadHandler(BaseHandler):
         if self._upload is None or self._failure is not None:
             return
         self._received += len(chunk)
+        self.runtime.upload_received()
         try:
             if self._received > self._limit + _ENVELOPE:
                 raise TooLarge(f"The upload is larger than {self._limit} bytes, the most this exchange accepts.")
