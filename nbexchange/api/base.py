@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from tornado import web
 
 from nbexchange.clock import parse_timestamp
-from nbexchange.errors import ExchangeError, Invalid, Unauthorized, Unavailable
+from nbexchange.errors import ExchangeError, Invalid, TooLarge, Unauthorized, Unavailable
 from nbexchange.exchange import Download, Exchange
 from nbexchange.identity.base import User, UserPlugin
 from nbexchange.metrics import REQUEST_LATENCY
@@ -32,12 +32,23 @@ _BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\]")
 MAX_ID = 255
 
 
+def error_json(note: str) -> str:
+    """The body of every refusal: ``{"success": false, "note": ...}``."""
+    return json.dumps({"success": False, "note": note})
+
+
+# Streaming on every route, not only uploads: tornado then calls ``prepare``
+# (the size check and authentication) before it reads any of the body, where
+# a buffered handler would hold the whole body in memory first.
+@web.stream_request_body
 class BaseHandler(web.RequestHandler):
     """Every route's base: authenticates, parses, runs blocking work in threads, answers JSON."""
 
     #: Health routes set this to False.
     auth_required = True
     route_name = ""
+    #: The one method of this route that takes a large (streamed) body; uploads set it.
+    upload_method: str | None = None
 
     @property
     def exchange(self) -> Exchange:
@@ -69,14 +80,35 @@ class BaseHandler(web.RequestHandler):
         """API clients send tokens, not forms: no XSRF check."""
 
     async def prepare(self) -> None:
-        """Authenticate the caller; 401 for no or invalid credentials."""
+        """Bound the body, then authenticate the caller; 413 for a body too large, 401 for no or invalid credentials."""
         self._started = time.perf_counter()
+        self.limit_body()
         if not self.auth_required:
             return
         user = await self.user_plugin.authenticate(self.request)
         if user is None:
             raise Unauthorized()
         self.current_user = user
+
+    def limit_body(self) -> None:
+        """Refuse (413) a declared body over ``max_body_size``, unless this is the route's upload method.
+
+        Only the declared length is looked at here, before a byte of the body is
+        read; a chunked body is counted as it arrives by the connection, whose
+        limit is ``max_body_size`` (uploads raise it for their own request).
+        """
+        connection = self.request.connection
+        if self.request.method == self.upload_method:
+            connection.set_body_timeout(self.settings["upload_timeout"])  # type: ignore[union-attr]
+            return
+        limit: int = self.settings["max_body_size"]
+        declared = self.request.headers.get("Content-Length", "0")
+        # tornado has already refused a Content-Length that is not digits.
+        if declared.isdigit() and int(declared) > limit:
+            raise TooLarge(f"This request may carry a body of at most {limit} bytes; only uploads may be larger.")
+
+    def data_received(self, chunk: bytes) -> None:
+        """A small body that no route reads (within ``max_body_size``): dropped."""
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work (database, disk) in the executor."""
@@ -224,7 +256,7 @@ class BaseHandler(web.RequestHandler):
         self.clear_header("X-Nbexchange-Position")
         self.set_status(status_code)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"success": False, "note": note}))
+        self.finish(error_json(note))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Expected refusals are one line; anything else gets its traceback."""
@@ -249,4 +281,5 @@ class NotFoundHandler(BaseHandler):
     auth_required = False
 
     def prepare(self) -> None:  # type: ignore[override]
+        self.limit_body()
         raise web.HTTPError(404, "There is no such route; see the API documentation.")

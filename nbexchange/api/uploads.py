@@ -149,6 +149,7 @@ class UploadHandler(BaseHandler):
     encoding) is refused as soon as it does.
     """
 
+    upload_method = "POST"
     #: The multipart field that carries the file.
     file_field = "assignment"
     #: Whether the file must be a gzip'd tar (feedback is HTML).
