@@ -50,8 +50,13 @@ def refusal(status: int, note: str) -> bytes:
 def _answer_and_close(stream: iostream.IOStream, status: int, note: str) -> None:
     log.info("Malformed HTTP request from %s -> %d: %s", _peer(stream), status, note)
     written = stream.write(refusal(status, note))
-    # Closed once the answer is out (or could not be sent): never left open.
-    written.add_done_callback(lambda f: (f.exception(), stream.close()))
+
+    def close(sent: Any) -> None:
+        # Closed once the answer is out, or could not be sent (the client left): never left open.
+        sent.exception()
+        stream.close()
+
+    written.add_done_callback(close)
 
 
 def _peer(stream: iostream.IOStream) -> str:
