@@ -21,7 +21,7 @@ from nbexchange.metrics import StateCollector
 from nbexchange.projections import NAMES, lag
 from nbexchange.runtime import Runtime
 from nbexchange.tuning import tune_gc
-from nbexchange.workers.app import EmbeddedWorker, Sweeper
+from nbexchange.workers.app import EmbeddedWorker, Sweeper, shown_url
 
 if TYPE_CHECKING:
     from nbexchange.app import NbExchange
@@ -101,7 +101,7 @@ def serve(settings: NbExchange) -> None:
         # the accept path (measured +48 % accepted/s in bench/deadline.py).
         server = HTTPServer(app, xheaders=True, max_buffer_size=64 * 1024 * 1024, chunk_size=1024 * 1024)
         server.add_sockets(bind_sockets(settings.port, settings.ip, reuse_port=settings.reuse_port))
-        mode = "embedded (in-process broker and worker)" if settings.embedded else f"broker {settings.broker_url}"
+        mode = "embedded (in-process broker and worker)" if settings.embedded else f"broker {shown_url(settings.broker_url)}"
         log.info("nbexchange listening on http://%s:%d%s, %s", settings.ip, settings.port, settings.base_url, mode)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
