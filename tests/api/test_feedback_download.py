@@ -95,6 +95,7 @@ def content_digests(chunks: Iterator[bytes]) -> list[str]:
 def large(svc: Service) -> tuple[bytes, int]:
     """A released, submitted assignment with a large feedback and a small one; the bytes and the last position."""
     at = ok(release(svc, "ada", "ps1", make_archive({"nb1.ipynb": b"{}", "nb2.ipynb": b"{}"})), 201)["position"]
+    ok(get(svc, "assignments", "s1", course_id=COURSE, min_position=at))  # the release is readable
     at = ok(submit(svc, "s1", "ps1", make_archive({"nb1.ipynb": b"mine"}), stamp=STAMP), 201)["position"]
     html = os.urandom(SIZE)
     ok(post_feedback(svc, html, at), 201)
@@ -117,7 +118,8 @@ def test_feedback_decodes_to_the_uploaded_bytes_in_the_documented_shape(svc, lar
     assert base64.b64decode(body["feedback"][1]["content"], validate=True) == b"<html>short</html>"
     # The fetch is recorded, as before: feedback_fetched of both files.
     events = ok(get(svc, "events", "ada", course_id=COURSE, assignment_id="ps1", after=at))["value"]
-    assert [e["type"] for e in events] == ["feedback_fetched"]
+    # (The archive checks of the release and the submission may land in between, whenever the worker is done.)
+    assert [e["type"] for e in events if e["type"].startswith("feedback")] == ["feedback_fetched"]
 
 
 @pytest.mark.hostile(
