@@ -71,27 +71,37 @@ class FeedbackHandler(UploadHandler):
             self.write('"}')
         self.finish("]}")
 
+    async def authorize_upload(self) -> None:
+        """An Instructor of the course; the student's submission at ``timestamp`` exists in the log."""
+        self.course_id, self.assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
+        self.notebook_id, self.student_id = self.id_param("notebook"), self.id_param("student")
+        self.timestamp = self.timestamp_param()
+        self.checksum = self.id_param("checksum")
+        self.key = self.idempotency_key()
+        self.decided = await self.run(
+            self.exchange.may_release_feedback,
+            self.user,
+            self.course_id,
+            self.assignment_id,
+            self.student_id,
+            self.timestamp,
+        )
+
     async def post(self) -> None:
         """Release feedback on one notebook of the submission made at ``timestamp``."""
-        course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
-        notebook_id, student_id = self.id_param("notebook"), self.id_param("student")
-        timestamp = self.timestamp_param()
-        checksum = self.id_param("checksum")
-        key = self.idempotency_key()
-        self.exchange.instructor(self.user, course_id, "release feedback")
-        await self.wait_for_position()
         stored = await self.stored_upload()
         written = await self.run(
             self.exchange.release_feedback,
             self.user,
-            course_id,
-            assignment_id,
-            notebook_id,
-            student_id,
-            timestamp,
-            checksum,
+            self.course_id,
+            self.assignment_id,
+            self.notebook_id,
+            self.student_id,
+            self.timestamp,
+            self.checksum,
             stored,
-            key,
+            self.key,
+            self.decided,
         )
         self.answer(
             {"note": "Feedback released", "position": written.event.position}, status=200 if written.duplicate else 201

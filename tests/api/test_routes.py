@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 import uuid
 
@@ -10,6 +11,7 @@ import pytest
 import requests
 from builders import make_archive, make_symlink_archive
 from httpclient import COURSE, get, headers_only, ok, refused, release, submit, until
+from service import collect
 
 
 def url(svc, route: str) -> str:
@@ -157,9 +159,12 @@ def test_release_fetch_submit_collect_feedback(svc):
     collected = get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path=latest["path"])
     assert collected.status_code == 200 and collected.content == make_archive({"nb1.ipynb": b"s1"})
     refused(get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path="f" * 64), 404, "no submission")
-    lookalikes = ("0x" + latest["path"][2:], latest["path"].upper(), latest["path"][:15], "  " + latest["path"][2:])
+    lookalikes = ("0x" + latest["path"][2:], latest["path"].upper(), latest["path"][:15], "0 " + latest["path"][2:])
     for wrong in ("g" * 64, *lookalikes):  # not a number: must not reach int(..., 16)
         refused(get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path=wrong), 404, "no submission")
+    # Leading whitespace is refused by the id rule before any lookup.
+    spaced = "  " + latest["path"][2:]
+    refused(get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path=spaced), 400, "whitespace")
 
     def feedback(who, student, stamp, html=b"<html>well done</html>"):
         return requests.post(
@@ -196,7 +201,8 @@ def test_release_fetch_submit_collect_feedback(svc):
     mine = ok(get(svc, "assignments", "s1", course_id=COURSE, min_position=fb["position"]))["value"]
     graded = [i for i in mine if i["status"] == "submitted" and i["timestamp"] == latest["timestamp"]][0]
     nb1 = [n for n in graded["notebooks"] if n["notebook_id"] == "nb1"][0]
-    assert nb1["has_exchange_feedback"] is True and nb1["feedback_timestamp"]
+    # Feedback is filed under the submission it is on: its timestamp, not the time it was released.
+    assert nb1["has_exchange_feedback"] is True and nb1["feedback_timestamp"] == latest["timestamp"]
     earlier = [i for i in mine if i["status"] == "submitted" and i["timestamp"] != latest["timestamp"]][0]
     assert not any(n["has_exchange_feedback"] for n in earlier["notebooks"])
     assert "feedback_fetched" in [i["status"] for i in mine]
@@ -247,7 +253,7 @@ def test_idempotency_key_returns_the_first_answer(svc):
         headers={**svc.headers("s1"), "Idempotency-Key": key},
         timeout=10,
     )
-    refused(other, 409, "Idempotency-Key")
+    refused(other, 422, "Idempotency-Key")
     # Keys are per user: another student's identical key is their own.
     ok(submit(svc, "s2", "ps-idem", key=key), 201)
 
@@ -278,7 +284,10 @@ def test_unrelease_and_purge(svc):
     assert "unreleased" in [e["type"] for e in events], [e["type"] for e in events]
     unreleased = [e for e in events if e["type"] == "unreleased"][0]
     purged = unreleased["payload"]["purged_archives"]
-    assert purged and not list((svc.storage / "store" / "archives").glob(f"*/{purged[0]}"))
+    # The purge makes the archive collectable; the collector removes it (here at once: no grace).
+    assert purged and list((svc.storage / "store" / "archives").glob(f"*/{purged[0]}"))
+    assert purged[0] in collect(svc)["blobs"]
+    assert not list((svc.storage / "store" / "archives").glob(f"*/{purged[0]}"))
 
 
 def test_other_organisation_sees_nothing(svc):
@@ -319,9 +328,10 @@ def test_reads_wait_for_min_position_then_give_up(svc):
     refused(late, 503, "caught up")
     assert late.headers["Retry-After"] == "2"
     assert time.monotonic() - started >= 1.5  # it waited for the consistency timeout first
-    # Reads that append (a fetch) wait the same way when given a position, and only then.
-    refused(get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps1", min_position=head + 10_000), 503)
-    refused(get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps1", min_position="soon"), 400)
+    # Writes (a fetch appends) decide on the log itself, never waiting for the read models.
+    ok(release(svc, "ada", "ps-wait"), 201)
+    fetched = get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps-wait", min_position=head + 10_000)
+    assert fetched.status_code == 200, fetched.text
 
 
 def test_purge_keeps_bytes_a_submission_shares(svc):
@@ -341,7 +351,10 @@ def test_purge_keeps_bytes_a_submission_shares(svc):
     )
     ok(gone)
     events = ok(get(svc, "events", "ada", course_id=COURSE, assignment_id="ps-shared"))["value"]
-    assert [e["payload"]["purged_archives"] for e in events if e["type"] == "unreleased"] == [[]]
+    # The purge disowns the release's archive; the submission still owns the same bytes.
+    sha = hashlib.sha256(same).hexdigest()
+    assert [e["payload"]["purged_archives"] for e in events if e["type"] == "unreleased"] == [[sha]]
+    assert sha not in collect(svc)["blobs"]
     collected = get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps-shared", path=items[0]["path"])
     assert collected.status_code == 200 and collected.content == same
 
@@ -367,3 +380,21 @@ def test_retried_release_and_unrelease_get_their_first_answer(svc):
     gone = ok(withdraw(gone_key))
     assert ok(withdraw(gone_key))["position"] == gone["position"]
     refused(withdraw(str(uuid.uuid4()), after=gone["position"]), 404, "not released")
+
+
+@pytest.mark.parametrize("route", ["assignments", "collections", "history", "events"])
+def test_refusals_on_list_routes_carry_an_empty_value(svc, route):
+    """Clients of the earlier service index ``value`` in any answer of a list route."""
+    params = {"course_id": COURSE, "assignment_id": "ps1"}
+    answers = [
+        requests.get(url(svc, route), params=params, timeout=10),  # 401
+        get(svc, route, "stranger", **params),  # 403
+        get(svc, route, "ada", **{**params, "course_id": "a/b"}),  # 400
+        # 503 once a read's wait for its position gives up; events take no position: 400.
+        get(svc, route, "ada", **params, **({"after": "-1"} if route == "events" else {"min_position": 10**12})),
+    ]
+    for answer in answers:
+        assert answer.status_code >= 400, answer.text
+        assert refused(answer, answer.status_code)["value"] == []
+    # Other routes' refusals have no value to index.
+    assert "value" not in refused(get(svc, "assignment", "stranger", **params), 403)
