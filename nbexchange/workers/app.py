@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
+from kombu.utils.url import maybe_sanitize_url
 
 from nbexchange.errors import Unavailable
 from nbexchange.events.store import RecordedEvent
@@ -38,6 +39,14 @@ SWEEP = "nbexchange.sweep"
 
 #: The queue the exchange's tasks travel on, unless ``queue_name`` says otherwise.
 QUEUE = "nbexchange"
+
+
+def shown_url(url: str) -> str:
+    """A broker URL as it may be logged: the password of each URL (of a ``;`` failover list too) masked."""
+    try:
+        return ";".join(maybe_sanitize_url(part) for part in url.split(";"))
+    except ValueError:  # kombu cannot parse it: show nothing of it rather than a secret
+        return "(a broker URL that cannot be parsed, not shown)"
 
 
 def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Celery:
