@@ -31,7 +31,7 @@ class AssignmentHandler(UploadHandler):
 
     async def post(self) -> None:
         """Release the uploaded archive to the course; appends ``released``."""
-        notebooks = [self.check_id("notebooks", notebook) for notebook in self.form_list("notebooks")]
+        notebooks = self.form_list("notebooks")
         due_date = self.due_date()
         stored = await self.stored_upload()
         written = await self.run(
@@ -49,14 +49,15 @@ class AssignmentHandler(UploadHandler):
 
     def due_date(self) -> datetime | None:
         """The release's ``duedate`` (query or form; nbgrader's format or ISO 8601), if sent."""
-        sent = self.form_list("duedate")
         if self.param("duedate", required=False) is not None:
             return self.timestamp_param("duedate")
+        # The form's raw text: ``form_list`` holds ids to the id rule, which a time breaks.
+        sent = self._lists["duedate"].values
         if not sent or not sent[0]:
             return None
         try:
-            return parse_timestamp(sent[0])
-        except ValueError:
+            return parse_timestamp(sent[0].decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included
             raise Invalid("The field 'duedate' is not a timestamp like '2026-01-31 23:59:59 UTC'.") from None
 
     async def delete(self) -> None:
