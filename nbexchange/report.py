@@ -124,7 +124,8 @@ def build_report(
     for event in _assignment_events(store, org_id, course_id, assignment_id, until):
         data = event.data
         if isinstance(data, (Released, Unreleased, DueDateSet)):
-            if isinstance(data, Released) and data.due_date is not None or isinstance(data, DueDateSet):
+            # A release without a due date keeps the one before; a change sets (or removes) it.
+            if (isinstance(data, Released) and data.due_date is not None) or isinstance(data, DueDateSet):
                 due_date = data.due_date
             history.append(
                 {
