@@ -1,5 +1,8 @@
 """Idempotency keys keep their request's fingerprint; the blobs read model names what the log still owns.
 
+On PostgreSQL, an index of streams in byte order serves the events route's
+exact prefix match.
+
 ``events.request_hash`` is filled for new events only (outside the hash
 chain: no stored hash changes). ``proj_blob_refs`` starts empty at
 checkpoint 0: the next catch-up fills it from the log, as for any new read
@@ -19,6 +22,8 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
+
+_C_INDEX = "ix_events_stream_bytes"
 
 #: The read model's checkpoint: it starts (again) from position 0 with its table.
 _CHECKPOINT = sa.text("DELETE FROM projection_checkpoints WHERE name = 'blobs'")
@@ -43,9 +48,17 @@ def upgrade() -> None:
     op.create_index(
         "ix_proj_blob_refs_assignment", "proj_blob_refs", ["org_id", "course_id", "assignment_id", "kind"]
     )
+    if op.get_bind().dialect.name == "postgresql":
+        # The events route's exact prefix match compares streams in the bytes'
+        # order (COLLATE "C"); the unique index is in the database's collation.
+        # An expression index: alembic's autogenerate neither reflects nor
+        # declares it, so it lives here alone (SQLite's BINARY needs none).
+        op.execute(f'CREATE INDEX {_C_INDEX} ON events ((stream COLLATE "C"), position)')
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(f"DROP INDEX IF EXISTS {_C_INDEX}")
     op.drop_table("proj_blob_refs")
     op.execute(_CHECKPOINT)
     with op.batch_alter_table("events") as batch_op:
