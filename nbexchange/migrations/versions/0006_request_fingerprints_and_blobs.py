@@ -1,7 +1,8 @@
 """Idempotency keys keep their request's fingerprint; the blobs read model names what the log still owns.
 
-On PostgreSQL, an index of streams in byte order serves the events route's
-exact prefix match.
+On PostgreSQL, streams take the "C" collation (byte order, as SQLite's
+BINARY): the events route's exact prefix match is then a range of the unique
+``(stream, version)`` index.
 
 ``events.request_hash`` is filled for new events only (outside the hash
 chain: no stored hash changes). ``proj_blob_refs`` starts empty at
@@ -23,7 +24,7 @@ branch_labels = None
 depends_on = None
 
 
-_C_INDEX = "ix_events_stream_bytes"
+_BYTE_ORDER = sa.String(1024, collation="C")
 
 #: The read model's checkpoint: it starts (again) from position 0 with its table.
 _CHECKPOINT = sa.text("DELETE FROM projection_checkpoints WHERE name = 'blobs'")
@@ -49,16 +50,15 @@ def upgrade() -> None:
         "ix_proj_blob_refs_assignment", "proj_blob_refs", ["org_id", "course_id", "assignment_id", "kind"]
     )
     if op.get_bind().dialect.name == "postgresql":
-        # The events route's exact prefix match compares streams in the bytes'
-        # order (COLLATE "C"); the unique index is in the database's collation.
-        # An expression index: alembic's autogenerate neither reflects nor
-        # declares it, so it lives here alone (SQLite's BINARY needs none).
-        op.execute(f'CREATE INDEX {_C_INDEX} ON events ((stream COLLATE "C"), position)')
+        # Streams in byte order (SQLite's BINARY is already): the events
+        # route's exact prefix match is then a range of the unique index.
+        # Equality is unchanged; the table and its indexes are rewritten once.
+        op.alter_column("events", "stream", type_=_BYTE_ORDER, existing_type=sa.String(1024), existing_nullable=False)
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute(f"DROP INDEX IF EXISTS {_C_INDEX}")
+        op.alter_column("events", "stream", type_=sa.String(1024), existing_type=_BYTE_ORDER, existing_nullable=False)
     op.drop_table("proj_blob_refs")
     op.execute(_CHECKPOINT)
     with op.batch_alter_table("events") as batch_op:
