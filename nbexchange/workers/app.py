@@ -195,10 +195,14 @@ class Dispatcher:
                 for start in range(0, len(positions), CHECKS_PER_MESSAGE):
                     self._send(CHECK_ARCHIVES, (positions[start : start + CHECKS_PER_MESSAGE],))
             except Exception as e:
-                # One traceback per outage is enough; the sweep does the work meanwhile.
-                log.warning(
-                    "Could not reach the broker (%s); the sweep will pick these events up", e, exc_info=not self._down
-                )
+                # Once per outage, not per commit batch (a busy exchange commits
+                # several a second); the sweep does the work meanwhile.
+                if not self._down:
+                    log.warning(
+                        "Could not reach the broker (%s); until it answers, the sweep picks up what is committed",
+                        e,
+                        exc_info=True,
+                    )
                 self._down = True
             else:
                 if self._down:

@@ -360,7 +360,50 @@ def test_checks_failed_by_a_database_outage_are_retried_soon_after_it_ends(
     assert worker.poll() is None, f"the worker died with the database:\n{_log_of(svc, worker)[-4000:]}"
 
 
-# -- 5. embedded mode: the task functions called directly ----------------------------------
+# -- 5. Redis down: the API says so once, and once when it is back -------------------------
+
+
+def _problems(text: str) -> list[str]:
+    """The log lines at WARNING or above (the format's ``[W``, ``[E``, ``[C``), tracebacks left out."""
+    return [line for line in text.splitlines() if line.startswith(("[W ", "[E ", "[C "))]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_broker_outage_is_logged_once_and_its_end_once(
+    own_redis: RedisServer, exchange_service: Callable[..., Service]
+) -> None:
+    svc = exchange_service(USERS, broker_url=own_redis.url, workers=1)
+    (api,) = [p for p in svc.procs if "worker" not in p.args]  # type: ignore[operator]
+    release_and_wait(svc, "ps-broker")
+    accepted = submit_all(svc, "ps-broker", make_jobs(4), threads=1)
+    before = len(_problems(_log_of(svc, api)))
+
+    own_redis.kill()
+    # Many commit batches while the broker is away: spread over several seconds, then a burst.
+    jobs = make_jobs(40, start=4)
+    for job in jobs[:10]:
+        accepted |= submit_all(svc, "ps-broker", [job], threads=1)
+        time.sleep(0.5)
+    accepted |= submit_all(svc, "ps-broker", jobs[10:30], threads=8)
+    own_redis.start()
+    # The outage's end shows at the first message sent after it: a few more commits.
+    accepted |= submit_all(svc, "ps-broker", jobs[30:], threads=1)
+
+    def logged() -> list[str]:
+        return _problems(_log_of(svc, api))[before:]
+
+    until(lambda: any("answers again" in line for line in logged()), 15, lambda: "\n".join(logged()))
+    lines = logged()
+    down = [line for line in lines if "Could not reach the broker" in line]
+    back = [line for line in lines if "The broker answers again" in line]
+    assert len(down) == 1 and len(back) == 1, "\n".join(lines)
+    assert lines == [*down, *back], "other warnings during the outage:\n" + "\n".join(lines)
+    # What the broker did not carry, the sweep checked: nothing was lost.
+    assert_listed_once(settle(svc, "ps-broker", accepted, timeout=60), accepted)
+
+
+# -- 6. embedded mode: the task functions called directly ----------------------------------
 
 T0 = datetime(2026, 1, 31, 23, 0, tzinfo=timezone.utc)
 TEACHER = Actor(name="ada", role=INSTRUCTOR)
