@@ -184,6 +184,27 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         help="Largest feedback file accepted, in bytes; larger ones get 413 before being read. Feedback is sent "
         "back base64-encoded in JSON, a third larger.",
     )
+    max_body_size = Int(
+        16 * 1024,
+        config=True,
+        help="Largest body of any other request (every route and method but an upload), in bytes; larger ones "
+        "get 413 before being read.",
+    )
+    max_header_size = Int(
+        64 * 1024, config=True, help="Largest request line and headers, in bytes; larger ones get 431."
+    )
+    idle_connection_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds a connection may take to send a request's whole header (or stay idle between requests) "
+        "before it is closed.",
+    )
+    body_timeout = Float(
+        60.0, config=True, help="Seconds a request that is not an upload may take to send its body before it is closed."
+    )
+    upload_timeout = Float(
+        3600.0, config=True, help="Seconds an upload may take to send its whole body before the connection is closed."
+    )
     archive_max_members = Int(10_000, config=True, help="Most files and folders an archive may hold.")
     archive_max_total_size = Int(5 * 1024**3, config=True, help="Most bytes an archive may unpack to.")
     archive_max_ratio = Float(200.0, config=True, help="Highest unpacked-to-compressed size ratio (zip bombs).")

@@ -7,7 +7,7 @@ from typing import Protocol
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from nbexchange.api.base import BaseHandler
+from nbexchange.api.base import BaseHandler, check_id
 from nbexchange.errors import Invalid, TooLarge, UnsupportedMedia
 from nbexchange.storage import StoredArchive, Upload
 from nbexchange.workers.archives import GZIP_MAGIC
@@ -149,11 +149,12 @@ class UploadHandler(BaseHandler):
     encoding) is refused as soon as it does.
     """
 
+    upload_method = "POST"
     #: The multipart field that carries the file.
     file_field = "assignment"
     #: Whether the file must be a gzip'd tar (feedback is HTML).
     gzip_required = True
-    #: Repeated text fields to collect, by name.
+    #: Repeated id fields to collect, by name.
     list_fields: tuple[str, ...] = ()
     #: The application setting that bounds this route's upload, in bytes.
     limit_setting = "max_upload_size"
@@ -214,8 +215,12 @@ class UploadHandler(BaseHandler):
             self._upload.abort()
 
     def form_list(self, name: str) -> list[str]:
-        """The values of a repeated text field, in order."""
-        return [v.decode("utf-8", "replace") for v in self._lists[name].values]
+        """The values of a repeated id field (``notebooks``), in order, each in NFC; ``Invalid`` for one
+        that is not UTF-8 or breaks the id rule (:func:`check_id`)."""
+        try:
+            return [check_id(name, value.decode("utf-8")) for value in self._lists[name].values]
+        except UnicodeDecodeError:
+            raise Invalid(f"A value of the form field {name!r} is not valid UTF-8.") from None
 
     async def stored_upload(self) -> StoredArchive:
         """Durably store the received file (fsync, in a thread) and return it."""

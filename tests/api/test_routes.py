@@ -159,9 +159,12 @@ def test_release_fetch_submit_collect_feedback(svc):
     collected = get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path=latest["path"])
     assert collected.status_code == 200 and collected.content == make_archive({"nb1.ipynb": b"s1"})
     refused(get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path="f" * 64), 404, "no submission")
-    lookalikes = ("0x" + latest["path"][2:], latest["path"].upper(), latest["path"][:15], "  " + latest["path"][2:])
+    lookalikes = ("0x" + latest["path"][2:], latest["path"].upper(), latest["path"][:15], "0 " + latest["path"][2:])
     for wrong in ("g" * 64, *lookalikes):  # not a number: must not reach int(..., 16)
         refused(get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path=wrong), 404, "no submission")
+    # Leading whitespace is refused by the id rule before any lookup.
+    spaced = "  " + latest["path"][2:]
+    refused(get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path=spaced), 400, "whitespace")
 
     def feedback(who, student, stamp, html=b"<html>well done</html>"):
         return requests.post(
