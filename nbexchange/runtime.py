@@ -46,6 +46,9 @@ class Runtime:
             max_ratio=settings.archive_max_ratio,
         )
         self.sweep_grace = settings.sweep_grace
+        self.blob_grace = settings.blob_grace
+        self.collect_interval = settings.collect_interval
+        self._next_collection = time.monotonic()
         self.broker_url = settings.broker_url
         self.celery = make_celery(self, settings.broker_url, settings.queue_name)
         # When bytes of an upload last arrived at this process, kept by the
@@ -100,6 +103,14 @@ class Runtime:
         uploads, the held checks would otherwise all go out at once.
         """
         return time.monotonic() - self._upload_bytes_at < UPLOAD_GAP
+
+    def collection_due(self) -> bool:
+        """Whether the blob collector's interval has passed since it last ran here (and start its next one)."""
+        now = time.monotonic()
+        if self.collect_interval <= 0 or now < self._next_collection:
+            return False
+        self._next_collection = now + self.collect_interval
+        return True
 
     def queue_depth(self) -> int | None:
         """Messages waiting for a worker, or ``None`` if the broker cannot say."""

@@ -25,8 +25,6 @@ class CollectionHandler(BaseHandler):
         """Download one submission by its ``path`` token; appends ``collected``."""
         course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
         path = self.id_param("path")
-        self.exchange.instructor(self.user, course_id, "collect submissions")
-        await self.wait_for_position()
         download = await self.run(
             self.exchange.collect, self.user, course_id, assignment_id, path, self.idempotency_key()
         )

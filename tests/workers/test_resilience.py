@@ -421,9 +421,15 @@ class Context:
     sweep_grace: float
     #: What the broker would say; ``None``: it cannot say (the sweep then checks).
     waiting: int | None = None
+    blob_grace: float = 3600.0
+    #: Whether a sweep also runs the blob collector.
+    collecting: bool = False
 
     def queue_depth(self) -> int | None:
         return self.waiting
+
+    def collection_due(self) -> bool:
+        return self.collecting
 
 
 @pytest.fixture
