@@ -156,6 +156,11 @@ def test_a_check_waits_while_this_process_receives_an_upload(deferring):
         slow.close()
 
 
+@pytest.mark.hostile(
+    "Stalled uploads",
+    "an upload's headers and part of its body, then nothing, its connection left open (within upload_timeout)",
+    "other students' archive checks are not held for it: done in seconds, not after check_defer_max",
+)
 def test_a_stalled_upload_does_not_hold_other_checks_back(deferring):
     """An upload whose bytes stopped (headers and part of a body sent, the connection left open) is not receiving."""
     stalled = _start_slow_upload(deferring, "s2")
