@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import requests
 import service as service_module
 import sqlalchemy as sa
 from httpclient import COURSE, get, ok, release, submit, until
-from servers import RedisServer
-from service import TEST_DB_URL, Service
+from servers import PostgresServer, RedisServer
+from service import TEST_DB_URL, Service, start_service
 
 USERS = {"ada": {COURSE: "Instructor"}, "s1": {COURSE: "Student"}}
 #: The PostgreSQL the suite runs on, or the shared one when this is the SQLite pass.
@@ -74,4 +76,35 @@ def test_two_apis_and_two_workers_started_at_once_on_an_empty_database_all_come_
         _serves(svc, round_)
         exited = [(proc.args, proc.returncode) for proc in svc.procs if proc.poll() is not None]
         assert not exited, f"round {round_}: {exited}\n{svc.log_text()[-4000:]}"
+        svc.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_processes_started_before_their_database_come_up_when_it_does(
+    own_postgres: PostgresServer, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """As ``docker compose up`` without its migrate step may: the processes wait for the database, then migrate."""
+    own_postgres.stop()
+    # The database comes up a few seconds after the processes were started.
+    later = threading.Timer(3, own_postgres.start)
+    later.start()
+    try:
+        svc = start_service(
+            tmp_path / "exchange",
+            USERS,
+            db_url=own_postgres.url,
+            broker_url=own_redis.url,
+            api_processes=2,
+            workers=2,
+            cold_start=True,
+        )
+    finally:
+        later.join()
+    try:
+        _serves(svc, 0)
+        assert all(proc.poll() is None for proc in svc.procs), svc.log_text()[-4000:]
+        waited = [log.read_text() for log in svc.logs]
+        assert all("The database does not answer" in text and "The database answers" in text for text in waited)
+    finally:
         svc.stop()
