@@ -96,6 +96,33 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
     return app
 
 
+class OutageLog:
+    """Logs an outage once when it begins (with its traceback) and once when it ends, however often it is met.
+
+    Each of the dispatcher, the projector and the sweeper meets an outage at
+    every try (several a second for the first two): a line per try would
+    bury the one that matters.
+    """
+
+    def __init__(self, began: str, ended: str, level: int = logging.WARNING) -> None:
+        self.began = began
+        self.ended = ended
+        self.level = level
+        self.down = False
+
+    def failed(self, error: BaseException) -> None:
+        """A try failed; logged if it is the outage's first."""
+        if not self.down:
+            log.log(self.level, self.began, error, exc_info=error)
+        self.down = True
+
+    def worked(self) -> None:
+        """A try worked; logged if it ends an outage."""
+        if self.down:
+            log.warning(self.ended)
+        self.down = False
+
+
 class Dispatcher:
     """Sends wake-ups for committed events, from its own thread.
 
@@ -130,7 +157,10 @@ class Dispatcher:
         self.hold_max = hold_max
         self.catch_up = catch_up
         self.catch_up_interval = catch_up_interval
-        self._down = False
+        self._outage = OutageLog(
+            "Could not reach the broker (%s); until it answers, the sweep picks up what is committed",
+            "The broker answers again",
+        )
         self._queue: queue.Queue[Sequence[RecordedEvent] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="nbexchange-dispatcher", daemon=True)
         self._thread.start()
@@ -195,19 +225,10 @@ class Dispatcher:
                 for start in range(0, len(positions), CHECKS_PER_MESSAGE):
                     self._send(CHECK_ARCHIVES, (positions[start : start + CHECKS_PER_MESSAGE],))
             except Exception as e:
-                # Once per outage, not per commit batch (a busy exchange commits
-                # several a second); the sweep does the work meanwhile.
-                if not self._down:
-                    log.warning(
-                        "Could not reach the broker (%s); until it answers, the sweep picks up what is committed",
-                        e,
-                        exc_info=True,
-                    )
-                self._down = True
+                # Once per outage, not per commit batch; the sweep does the work meanwhile.
+                self._outage.failed(e)
             else:
-                if self._down:
-                    log.warning("The broker answers again")
-                self._down = False
+                self._outage.worked()
 
 
 class Projector:
@@ -238,21 +259,20 @@ class Projector:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        failing = False
+        outage = OutageLog(
+            "Catch-up failed (%s); it is tried again at each wake-up until it works",
+            "Catch-up works again",
+            logging.ERROR,
+        )
         while True:
             self._wake.wait(self.poll)
             self._wake.clear()
             try:
                 tasks.catch_up(self.ctx)
-            except Exception:
-                # Once per outage: following the log, it tries ten times a second.
-                if not failing:
-                    log.exception("Catch-up failed; it is tried again at each wake-up until it works")
-                failing = True
+            except Exception as e:
+                outage.failed(e)
             else:
-                if failing:
-                    log.warning("Catch-up works again")
-                failing = False
+                outage.worked()
             if self._stopping:
                 return
 
@@ -280,11 +300,18 @@ class Sweeper:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        outage = OutageLog(
+            f"Sweep failed (%s); it is tried again every {self.interval} s until it works",
+            "The sweep works again",
+            logging.ERROR,
+        )
         while not self._stop.is_set():
             try:
                 tasks.sweep(self.ctx)
-            except Exception:
-                log.exception("Sweep failed; trying again in %s s", self.interval)
+            except Exception as e:
+                outage.failed(e)
+            else:
+                outage.worked()
             self._stop.wait(self.interval)
 
 
