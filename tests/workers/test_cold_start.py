@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -86,25 +86,30 @@ def test_processes_started_before_their_database_come_up_when_it_does(
 ) -> None:
     """As ``docker compose up`` without its migrate step may: the processes wait for the database, then migrate."""
     own_postgres.stop()
-    # The database comes up a few seconds after the processes were started.
-    later = threading.Timer(3, own_postgres.start)
-    later.start()
+    root = tmp_path / "exchange"
+    flags = {"db_url": own_postgres.url, "broker_url": own_redis.url, "api_processes": 2, "workers": 2}
+    pool = ThreadPoolExecutor(1)
+    starting = pool.submit(start_service, root, USERS, **flags, cold_start=True)
+
+    def all_waiting() -> bool:
+        if starting.done():
+            starting.result()  # raises with the logs if a process exited
+        logs = [log.read_text(errors="replace") for log in root.glob("*.log")]
+        return len(logs) == 4 and all("The database does not answer" in text for text in logs)
+
+    # The database comes up once every process is waiting for it.
+    waiting: Exception | None = None
     try:
-        svc = start_service(
-            tmp_path / "exchange",
-            USERS,
-            db_url=own_postgres.url,
-            broker_url=own_redis.url,
-            api_processes=2,
-            workers=2,
-            cold_start=True,
-        )
-    finally:
-        later.join()
+        until(all_waiting, 60, lambda: "\n".join(log.read_text() for log in root.glob("*.log"))[-4000:])
+    except Exception as e:  # reported once the processes are stopped
+        waiting = e
+    own_postgres.start()
+    pool.shutdown(wait=True)
+    svc = starting.result()  # raises with the logs if a process exited
     try:
+        assert waiting is None, waiting
         _serves(svc, 0)
         assert all(proc.poll() is None for proc in svc.procs), svc.log_text()[-4000:]
-        waited = [log.read_text() for log in svc.logs]
-        assert all("The database does not answer" in text and "The database answers" in text for text in waited)
+        assert all("The database answers" in log.read_text() for log in svc.logs), svc.log_text()[-4000:]
     finally:
         svc.stop()
