@@ -66,21 +66,27 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
         task_default_queue=queue,
     )
 
-    # A check the database could not serve (down, restarting, failing over)
-    # goes back to the queue and is tried again, sooner at first, then every
-    # few seconds until the database answers (the delays are random up to
-    # 1, 2, 4, then CHECK_RETRY_MAX seconds, so a backlog does not come back
-    # all at once), however long the outage lasts. Acknowledged as failed, it
-    # would wait for the sweep. Every check is idempotent: the positions
-    # already done are found done.
-    @app.task(  # type: ignore[untyped-decorator]
-        name=CHECK_ARCHIVES,
-        autoretry_for=(Unavailable,),
-        retry_backoff=1,
-        retry_backoff_max=CHECK_RETRY_MAX,
-        retry_jitter=True,
-        max_retries=None,
-    )
+    # With a broker, a check the database could not serve (down, restarting,
+    # failing over) goes back to the queue and is tried again, sooner at
+    # first, then every few seconds until the database answers (the delays
+    # are random up to 1, 2, 4, then CHECK_RETRY_MAX seconds, so a backlog
+    # does not come back all at once), however long the outage lasts.
+    # Acknowledged as failed, it would wait for the sweep. Every check is
+    # idempotent: the positions already done are found done. Embedded, a
+    # failed check is still left to the sweep (every sweep_interval): kombu's
+    # in-process transport never delivered the message a task republishes to
+    # retry itself (seen with kombu 5.7), which would be lost silently.
+    retry_on_outage: dict[str, Any] = {}
+    if broker_url:
+        retry_on_outage = {
+            "autoretry_for": (Unavailable,),
+            "retry_backoff": 1,
+            "retry_backoff_max": CHECK_RETRY_MAX,
+            "retry_jitter": True,
+            "max_retries": None,
+        }
+
+    @app.task(name=CHECK_ARCHIVES, **retry_on_outage)  # type: ignore[untyped-decorator]
     def check_archives(positions: list[int]) -> None:
         for position in positions:
             tasks.check_archive(ctx, position)
