@@ -68,9 +68,15 @@ def check_id(name: str, value: str) -> str:
     return value
 
 
-def error_json(note: str) -> str:
-    """The body of every refusal: ``{"success": false, "note": ...}``."""
-    return json.dumps({"success": False, "note": note})
+def error_json(note: str, lists: bool = False) -> str:
+    """The body of every refusal: ``{"success": false, "note": ...}``, and ``"value": []`` on a list route.
+
+    Clients of the earlier service index ``value`` in any answer of a list route.
+    """
+    body: dict[str, Any] = {"success": False, "note": note}
+    if lists:
+        body["value"] = []
+    return json.dumps(body)
 
 
 def content_disposition(filename: str) -> str:
@@ -90,6 +96,8 @@ class BaseHandler(web.RequestHandler):
     #: Health routes set this to False.
     auth_required = True
     route_name = ""
+    #: Whether the route answers a list in ``value`` (its refusals then carry ``"value": []``).
+    lists = False
     #: The one method of this route that takes a large (streamed) body; uploads set it.
     upload_method: str | None = None
 
@@ -300,7 +308,7 @@ class BaseHandler(web.RequestHandler):
         self.clear_header("X-Nbexchange-Position")
         self.set_status(status_code)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(error_json(note))
+        self.finish(error_json(note, lists=self.lists))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Expected refusals are one line; anything else gets its traceback."""

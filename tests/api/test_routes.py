@@ -380,3 +380,21 @@ def test_retried_release_and_unrelease_get_their_first_answer(svc):
     gone = ok(withdraw(gone_key))
     assert ok(withdraw(gone_key))["position"] == gone["position"]
     refused(withdraw(str(uuid.uuid4()), after=gone["position"]), 404, "not released")
+
+
+@pytest.mark.parametrize("route", ["assignments", "collections", "history", "events"])
+def test_refusals_on_list_routes_carry_an_empty_value(svc, route):
+    """Clients of the earlier service index ``value`` in any answer of a list route."""
+    params = {"course_id": COURSE, "assignment_id": "ps1"}
+    answers = [
+        requests.get(url(svc, route), params=params, timeout=10),  # 401
+        get(svc, route, "stranger", **params),  # 403
+        get(svc, route, "ada", **{**params, "course_id": "a/b"}),  # 400
+        # 503 once a read's wait for its position gives up; events take no position: 400.
+        get(svc, route, "ada", **params, **({"after": "-1"} if route == "events" else {"min_position": 10**12})),
+    ]
+    for answer in answers:
+        assert answer.status_code >= 400, answer.text
+        assert refused(answer, answer.status_code)["value"] == []
+    # Other routes' refusals have no value to index.
+    assert "value" not in refused(get(svc, "assignment", "stranger", **params), 403)
