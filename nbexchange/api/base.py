@@ -18,7 +18,7 @@ from urllib.parse import quote
 from tornado import web
 
 from nbexchange.clock import parse_timestamp
-from nbexchange.errors import ExchangeError, Invalid, TooLarge, Unauthorized, Unavailable
+from nbexchange.errors import ExchangeError, InsufficientStorage, Invalid, TooLarge, Unauthorized, Unavailable
 from nbexchange.exchange import Download, Exchange
 from nbexchange.identity.base import User, UserPlugin
 from nbexchange.metrics import REQUEST_LATENCY
@@ -275,7 +275,7 @@ class BaseHandler(web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ExchangeError):
             status_code, note = exc.status_code, exc.note
-            if isinstance(exc, Unavailable):
+            if exc.retry_after is not None:
                 self.set_header("Retry-After", str(exc.retry_after))
         elif isinstance(exc, web.HTTPError):
             note = exc.log_message or self._reason
@@ -297,8 +297,10 @@ class BaseHandler(web.RequestHandler):
         """Expected refusals are one line; anything else gets its traceback."""
         if isinstance(value, ExchangeError) and value.status_code < 500:
             log.info("%s %s -> %d: %s", self.request.method, self.request.path, value.status_code, value.note)
-        elif isinstance(value, Unavailable):
-            log.warning("%s %s -> 503: %s", self.request.method, self.request.path, value.note)
+        elif isinstance(value, (Unavailable, InsufficientStorage)):
+            # Known conditions of the deployment, not bugs: one line each, no traceback.
+            level = logging.ERROR if isinstance(value, InsufficientStorage) else logging.WARNING
+            log.log(level, "%s %s -> %d: %s", self.request.method, self.request.path, value.status_code, value.note)
         else:
             super().log_exception(typ, value, tb)
 

@@ -98,8 +98,7 @@ def test_uploads_must_be_multipart_gzip_with_a_file(svc):
     empty = requests.post(
         url(svc, "assignment"),
         params={"course_id": COURSE, "assignment_id": "ps-u"},
-        data={"notebooks": ["a"]},
-        files={"other": ("x", b"y")},
+        files={"notebooks": (None, "a")},
         headers=svc.headers("ada"),
         timeout=10,
     )
