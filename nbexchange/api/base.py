@@ -227,6 +227,11 @@ class BaseHandler(web.RequestHandler):
             current = await self.run(self.exchange.reached, wanted)
             if current is not None:
                 return current
+            if delay == 0.01:
+                # Not reached at once: a position past the log's head is the client's error, not worth a wait.
+                head = await self.run(self.runtime.store.head)
+                if wanted > head:
+                    raise Invalid(f"The parameter 'min_position' ({wanted}) is past the log's last position ({head}).")
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"The exchange has not yet caught up to position {wanted}; retry shortly.", retry_after=2
