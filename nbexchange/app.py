@@ -14,6 +14,7 @@ from typing import Any
 from traitlets import Bool, Float, Int, Type, Unicode, default, validate
 from traitlets.config import Application
 
+from nbexchange.errors import Invalid
 from nbexchange.identity import JupyterHubPlugin, UserPlugin, UsersFilePlugin, create_demo_users_file
 
 #: A worker process restarts its Celery consumer after an error at most this often per minute.
@@ -27,6 +28,7 @@ COMMANDS = {
     "export": "Write the whole log as JSON lines (hashes included) to stdout or --output.",
     "replay": "Print the exchange as it stood at --until-position or --until-time (JSON).",
     "rebuild": "Rebuild every projection from position 0.",
+    "collect": "Remove stored blobs no event owns and crashes' leftovers, older than blob_grace (or --grace).",
 }
 
 
@@ -39,8 +41,8 @@ class NbExchange(Application):  # type: ignore[misc]
     """The nbexchange service: one settings object for API processes and workers."""
 
     name = "nbexchange"
-    # Listed so that ``--help-all`` and ``--JupyterHubPlugin.x=…`` know the hub plugin's settings.
-    classes = [JupyterHubPlugin]
+    # Listed so that ``--help-all`` and ``--JupyterHubPlugin.x=…`` know the identity plugins' settings.
+    classes = [JupyterHubPlugin, UsersFilePlugin]
     description = "A JupyterHub service that replaces nbgrader's filesystem exchange.\n\nCommands:\n" + "\n".join(
         f"  {name:<11} {text}" for name, text in COMMANDS.items()
     )
@@ -63,6 +65,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "course": "NbExchange.course_id",
         "assignment": "NbExchange.assignment_id",
         "org": "NbExchange.org_id",
+        "grace": "NbExchange.blob_grace",
     }
 
     # -- where it listens --------------------------------------------------
@@ -135,6 +138,18 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "never. Default: 20 in the embedded default, 0 with a broker (set it where workers share the API "
         "processes' CPUs). Keep it below sweep_grace.",
     )
+    blob_grace = Float(
+        3600.0,
+        config=True,
+        help="Seconds a stored blob that no event owns (a purged release, an upload whose request was refused) "
+        "and a crash's leftover (a partial upload, a half-unpacked folder) are kept before the collector removes "
+        "them. Must exceed the longest time from an upload being stored to its event's commit.",
+    )
+    collect_interval = Float(
+        600.0,
+        config=True,
+        help="Seconds between a worker's runs of the blob collector; 0: never (run `nbexchange collect`).",
+    )
     group_commit_max = Int(256, config=True, help="Most appends committed together in one transaction.")
 
     # -- who is calling ------------------------------------------------------
@@ -162,6 +177,12 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
 
     max_upload_size = Int(
         5 * 1024**3, config=True, help="Largest upload accepted, in bytes; larger ones get 413 before being read."
+    )
+    max_feedback_size = Int(
+        50 * 1024**2,
+        config=True,
+        help="Largest feedback file accepted, in bytes; larger ones get 413 before being read. Feedback is sent "
+        "back base64-encoded in JSON, a third larger.",
     )
     max_body_size = Int(
         16 * 1024,
@@ -201,6 +222,13 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     archive_max_ratio = Float(200.0, config=True, help="Highest unpacked-to-compressed size ratio (zip bombs).")
     consistency_timeout = Float(
         10.0, config=True, help="Seconds a read with min_position waits for projections before a 503."
+    )
+    max_clock_skew = Float(
+        300.0,
+        config=True,
+        help="Seconds a submission's own timestamp (the client's clock, which nbgrader computes lateness from) "
+        "may differ from the exchange's time; beyond it the submission is refused with 400. The server's commit "
+        "time is recorded beside it.",
     )
     executor_threads = Int(64, config=True, help="Threads for blocking work (database, fsync) in an API process.")
     metrics_require_auth = Bool(False, config=True, help="Whether /metrics needs an authenticated user.")
@@ -264,7 +292,19 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         return 20.0 if self.embedded else 0.0
 
     def make_user_plugin(self) -> UserPlugin:
-        """The identity plugin; the embedded default on loopback gets a demo users file."""
+        """The identity plugin; the embedded default on loopback gets a demo users file.
+
+        A plugin that cannot be made (a malformed or exposed users file, say) stops the
+        process with one critical line: no traceback, whose causes could quote a secret.
+        """
+        try:
+            return self._make_user_plugin()
+        except Invalid as e:
+            self.log.critical("%s", e.note)
+            self.exit(1)
+            raise  # unreachable: exit raises SystemExit
+
+    def _make_user_plugin(self) -> UserPlugin:
         if self.user_plugin_class is UsersFilePlugin and not self.users_file:
             if self.ip not in ("127.0.0.1", "localhost", "::1"):
                 self.log.critical(
@@ -391,6 +431,17 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
             org_id=self.org_id,
         )
         print(json.dumps(view, indent=2))
+
+    def cmd_collect(self) -> None:
+        from nbexchange.runtime import Runtime
+        from nbexchange.workers.tasks import collect
+
+        runtime = Runtime(self)
+        try:
+            done = collect(runtime)
+        finally:
+            runtime.close()
+        print(json.dumps({"position": done.position, "blobs": list(done.blobs), "leftovers": list(done.leftovers)}))
 
     def cmd_rebuild(self) -> None:
         from nbexchange.db import current_revision, head_revision

@@ -9,9 +9,11 @@ from typing import Any, TextIO
 from sqlalchemy.engine import Engine
 
 from nbexchange.clock import format_timestamp, parse_timestamp
+from nbexchange.events.domain import Unreleased
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.projections import PROJECTIONS, replay
 from nbexchange.projections.assignments import course_releases
+from nbexchange.projections.blobs import RELEASED, owned_blob
 from nbexchange.projections.collections import list_submissions
 from nbexchange.projections.history import history
 from nbexchange.storage import ArchiveStore
@@ -23,25 +25,43 @@ _STORED = ("archive_sha256", "feedback_sha256")
 def verify(store: SQLEventStore, storage: Path) -> dict[str, Any]:
     """Recompute every hash of the chain, and the sha256 of every archive an event names.
 
-    An archive named by an event but missing is a fault unless a later
-    ``unreleased`` event says it was purged.
+    A missing archive is a fault unless no event owns it any more: the
+    releases that owned it were purged (``unreleased`` with ``purge``) and
+    no submission or feedback is of the same bytes. Stored blobs that no
+    event names are listed (``unnamed``): a refused upload's, or a crash's,
+    which the blob collector removes after its grace. Nothing is written.
     """
     chain = store.verify()
-    archives = ArchiveStore(storage)
+    archives = ArchiveStore(storage, create=False)
     named: dict[str, int] = {}
-    purged: set[str] = set()
+    owners: dict[str, set[int]] = {}
+    releases: dict[tuple[int, str, str], list[tuple[int, str]]] = {}
+    faults = [{"position": f.position, "reason": f.reason} for f in chain.faults]
     for event in store.read():
         for field in _STORED:
             sha = event.payload.get(field)
-            if isinstance(sha, str) and event.type not in ("archive_unpacked", "archive_rejected", "collected"):
+            if isinstance(sha, str) and event.type not in ("archive_unpacked", "archive_rejected"):
                 named.setdefault(sha, event.position)
-        purged.update(event.payload.get("purged_archives", []))
-    faults = [{"position": f.position, "reason": f.reason} for f in chain.faults]
+        try:
+            data, owned = event.data, owned_blob(event)
+        except (KeyError, TypeError, ValueError) as e:
+            faults.append({"position": event.position, "reason": f"the payload does not decode: {e}"})
+            continue
+        assignment = (data.org_id, data.course_id, data.assignment_id)
+        if owned is not None:
+            sha, kind = owned
+            owners.setdefault(sha, set()).add(event.position)
+            if kind == RELEASED:
+                releases.setdefault(assignment, []).append((event.position, sha))
+        elif isinstance(data, Unreleased) and data.purge:
+            for position, sha in releases.pop(assignment, []):
+                owners[sha].discard(position)
     checked = 0
     for sha, position in sorted(named.items(), key=lambda kv: kv[1]):
         if not archives.exists(sha):
-            if sha not in purged:
-                faults.append({"position": position, "reason": f"archive {sha} is missing from storage"})
+            if owners.get(sha):
+                first = min(owners[sha])
+                faults.append({"position": first, "reason": f"archive {sha} is missing from storage"})
             continue
         checked += 1
         if not archives.verify(sha):
@@ -51,6 +71,7 @@ def verify(store: SQLEventStore, storage: Path) -> dict[str, Any]:
         "events": chain.checked,
         "head_hash": chain.head_hash,
         "archives": checked,
+        "unnamed": sorted(sha for sha, _ in archives.blobs() if sha not in named),
         "faults": faults,
     }
 

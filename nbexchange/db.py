@@ -331,9 +331,39 @@ def _alembic(engine: Engine, command_name: str, revision: str) -> None:
     from alembic import command
 
     config = _alembic_config()
-    with engine.begin() as conn:
+    with migration_lock(engine) as conn:
         config.attributes["connection"] = conn
         getattr(command, command_name)(config, revision)
+
+
+#: The PostgreSQL advisory lock migrations hold: a fixed 64-bit key (the bytes spell "nbexmigr").
+MIGRATION_LOCK = int.from_bytes(b"nbexmigr", "big")
+
+
+@contextlib.contextmanager
+def migration_lock(engine: Engine) -> Iterator[Connection]:
+    """A transaction holding the database's migration lock, so one process at a time migrates.
+
+    Every API and worker process upgrades the schema on start, and replicas
+    start together (a rollout, ``docker compose up`` without its migrate
+    step). Unserialized, two read the same revision and both migrate: on
+    SQLite one's deferred transaction cannot turn its read lock into a
+    write lock ("database is locked"), on PostgreSQL one's insert into
+    ``alembic_version`` violates the other's key. The lock is taken before
+    alembic reads the revision and held until the migration commits: the
+    next process waits, then finds the schema current and does nothing.
+    SQLite takes its write lock at ``BEGIN IMMEDIATE`` (waiting up to its
+    busy timeout); PostgreSQL a transaction-scoped advisory lock (waiting as
+    long as the migration takes; it is released at commit, rollback, or a
+    lost connection).
+    """
+    with engine.connect() as conn:
+        if is_sqlite(engine):
+            conn.execution_options(sqlite_immediate=True)
+        with conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            yield conn
 
 
 def _alembic_config() -> Config:

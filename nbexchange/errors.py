@@ -11,6 +11,7 @@
      ├── TooLarge                 413  an upload over ``max_upload_size``
      ├── UnsupportedMedia         415  an upload that is not a gzip'd tar
      ├── UnsafeArchive            422  an archive that breaks the unpacking rules
+     ├── KeyReused                422  an Idempotency-Key sent again with a different request
      ├── TooManyRequests          429  the caller has as many uploads in flight as allowed
      ├── Unavailable              503  database or broker unreachable, projections behind, or uploads at capacity
      └── InsufficientStorage      507  the archive store's disk (or quota) is full
@@ -92,6 +93,14 @@ class UnsupportedMedia(ExchangeError):
 class UnsafeArchive(ExchangeError):
     status_code = 422
     default_note = "The archive is unsafe to unpack."
+
+
+class KeyReused(ExchangeError):
+    status_code = 422
+    default_note = (
+        "This Idempotency-Key was already used for a different request (other parameters or other bytes); "
+        "send a new key for a new request."
+    )
 
 
 class TooManyRequests(ExchangeError):

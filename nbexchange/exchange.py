@@ -6,18 +6,18 @@ log, the archive store and the projections. Nothing here knows about HTTP.
 
 from __future__ import annotations
 
-import base64
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
-from nbexchange.clock import format_timestamp, parse_timestamp
+from nbexchange.clock import format_iso, format_timestamp, parse_timestamp, utcnow
 from nbexchange.db import translate_errors
-from nbexchange.errors import Conflict, Forbidden, NotFound, UnsafeArchive
+from nbexchange.errors import ConflictError, Forbidden, Invalid, KeyReused, NotFound, UnsafeArchive
 from nbexchange.events.domain import (
     Actor,
+    ArchiveRejected,
     Collected,
     DomainEvent,
     FeedbackFetched,
@@ -27,29 +27,42 @@ from nbexchange.events.domain import (
     Submitted,
     Unreleased,
     assignment_stream,
+    student_stream,
 )
-from nbexchange.events.store import AppendRequest, RecordedEvent
+from nbexchange.events.store import AppendRequest, RecordedEvent, request_fingerprint, same_request
 from nbexchange.identity.base import User
-from nbexchange.projections import NAMES, checkpoints
-from nbexchange.projections.assignments import (
-    REJECTED,
-    Release,
-    archive_used_elsewhere,
-    course_releases,
-    get_release,
-    user_actions,
-)
+from nbexchange.projections import NAMES, catch_up_all, checkpoints
+from nbexchange.projections.assignments import course_releases, user_actions
 from nbexchange.projections.collections import (
-    archive_submitted,
     get_submission,
-    list_submissions,
     notebook_entry,
     submission_items_json,
 )
-from nbexchange.projections.feedback import file_in_feedback, student_feedback
+from nbexchange.projections.feedback import student_feedback
 from nbexchange.projections.history import course_history
 from nbexchange.runtime import Runtime
 from nbexchange.storage import StoredArchive
+from nbexchange.workers.tasks import outcome_key
+
+#: How often a write is decided again when a stream it depends on moved before its commit.
+WRITE_ATTEMPTS = 5
+
+D = TypeVar("D")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """An assignment as its own stream in the log has it, at ``version``: what writes on it are decided on.
+
+    ``release`` is the live ``released`` event (``None`` if never released or
+    withdrawn); ``released`` the archives released since the last purge,
+    which a purge names.
+    """
+
+    stream: str
+    version: int
+    release: RecordedEvent | None
+    released: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -69,12 +82,24 @@ class Download:
     event: RecordedEvent
 
 
+@dataclass(frozen=True)
+class FeedbackFile:
+    """One stored feedback file to send, and what the answer says about it."""
+
+    file: BinaryIO
+    size: int
+    filename: str
+    timestamp: str
+    checksum: str
+
+
 class Exchange:
     """The use cases, on one process's runtime."""
 
-    def __init__(self, runtime: Runtime, consistency_timeout: float = 10.0) -> None:
+    def __init__(self, runtime: Runtime, consistency_timeout: float = 10.0, max_clock_skew: float = 300.0) -> None:
         self.rt = runtime
         self.consistency_timeout = consistency_timeout
+        self.max_clock_skew = max_clock_skew
 
     # -- who may act -----------------------------------------------------
 
@@ -104,16 +129,122 @@ class Exchange:
             lms_user_id=user.lms_user_id,
         )
 
-    # -- writes ----------------------------------------------------------
+    # -- what a write is decided on ------------------------------------------
+    #
+    # Every write decides its preconditions on the log itself, never on a read
+    # model that may lag: the assignment's own stream (its releases and
+    # unreleases), the student's stream (their submissions), an archive
+    # check's outcome by its key. A write that depends on a stream it does not
+    # append to names that stream's version in ``requires``; the append is
+    # refused if the stream moved meanwhile, and the write is decided again.
 
-    def _append(self, user: User, event: DomainEvent, key: str | None, expected_version: int | None = None) -> Written:
+    def assignment(self, org_id: int, course_id: str, assignment_id: str) -> Assignment:
+        """The assignment as its own stream in the log has it now."""
+        stream = assignment_stream(org_id, course_id, assignment_id)
+        version, release = 0, None
+        released: list[str] = []
+        for event in self.rt.store.read_stream(stream):
+            version = event.version
+            data = event.data
+            if isinstance(data, Released):
+                release = event
+                if data.archive_sha256 not in released:
+                    released.append(data.archive_sha256)
+            elif isinstance(data, Unreleased):
+                release = None
+                if data.purge:
+                    released.clear()
+        return Assignment(stream, version, release, tuple(released))
+
+    def _released(self, user: User, course_id: str, assignment_id: str) -> Assignment:
+        """The assignment, if it is released now and its archive was not rejected."""
+        assignment = self.assignment(user.org_id, course_id, assignment_id)
+        if assignment.release is None:
+            raise NotFound(f"Assignment {assignment_id!r} is not released in course {course_id!r}.")
+        outcome = self.rt.store.by_idempotency_key(outcome_key(assignment.release.position))
+        if outcome is not None and isinstance(outcome.data, ArchiveRejected):
+            raise UnsafeArchive(f"The released archive was rejected: {outcome.data.reason}")
+        return assignment
+
+    def _check_clock(self, timestamp: datetime) -> None:
+        """``Invalid`` unless the client's timestamp is within ``max_clock_skew`` of the server's time."""
+        skew = (timestamp - utcnow()).total_seconds()
+        if abs(skew) > self.max_clock_skew:
+            side = "ahead of" if skew > 0 else "behind"
+            raise Invalid(
+                f"The timestamp {format_timestamp(timestamp)} is {abs(skew):.0f} s {side} the exchange's clock; "
+                f"at most {self.max_clock_skew:.0f} s are accepted. Check your computer's clock and submit again."
+            )
+
+    def _earlier(self, user: User, key: str | None) -> RecordedEvent | None:
+        return self.rt.store.by_idempotency_key(_scoped_key(user, key)) if key else None
+
+    def _replayed(self, user: User, key: str | None, event_type: str, fingerprint: str) -> Written | None:
+        """The first answer to a retried request, before its preconditions are decided again.
+
+        A retry must get the answer its first attempt got, not a conflict with
+        itself (a stream version it moved) or a 404 (an assignment it withdrew);
+        a key sent with a different request is refused (``KeyReused``).
+        """
+        earlier = self._earlier(user, key)
+        if earlier is None:
+            return None
+        if not same_request(earlier, event_type, earlier.stream, fingerprint):
+            raise KeyReused()
+        return Written(earlier, duplicate=True)
+
+    def _write(
+        self,
+        user: User,
+        key: str | None,
+        event_type: str,
+        fingerprint: str,
+        decide: Callable[[], D],
+        append: Callable[[D], Written],
+        decided: D | None = None,
+        retry_conflicts: bool = True,
+    ) -> Written:
+        """Decide a write on the log and append it; decided again if a stream it depends on moved.
+
+        ``decided`` is what ``prepare`` decided before the body arrived (the
+        first attempt uses it). Writes on an assignment's own stream (release,
+        unrelease) do not retry: two instructors' concurrent releases conflict.
+        """
+        earlier = self._replayed(user, key, event_type, fingerprint)
+        if earlier is not None:
+            return earlier
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            state = decided if decided is not None and attempt == 1 else decide()
+            try:
+                return append(state)
+            except ConflictError:
+                if not retry_conflicts or attempt == WRITE_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _append(
+        self,
+        user: User,
+        event: DomainEvent,
+        key: str | None,
+        fingerprint: str | None = None,
+        expected_version: int | None = None,
+        requires: tuple[tuple[str, int], ...] = (),
+    ) -> Written:
         scoped = _scoped_key(user, key) if key else None
         appended = self.rt.committer.append(
-            AppendRequest(event, self.actor(user, event.course_id), expected_version, scoped)
+            AppendRequest(
+                event, self.actor(user, event.course_id), expected_version, scoped, requires, fingerprint
+            )
         )
-        if appended.duplicate:
-            return _first_answer(appended.event, event)
-        return Written(appended.event, duplicate=False)
+        return Written(appended.event, duplicate=appended.duplicate)
+
+    # -- writes ----------------------------------------------------------
+
+    def may_release(self, user: User, course_id: str, assignment_id: str) -> Assignment:
+        """Whether the user may release the assignment: decided before the upload is read."""
+        self.instructor(user, course_id, "release assignments")
+        return self.assignment(user.org_id, course_id, assignment_id)
 
     def release(
         self,
@@ -123,74 +254,89 @@ class Exchange:
         notebooks: Sequence[str],
         upload: StoredArchive,
         key: str | None = None,
+        decided: Assignment | None = None,
     ) -> Written:
         """Release an assignment's archive; a concurrent release of the same assignment conflicts."""
-        self.instructor(user, course_id, "release assignments")
         event = Released(user.org_id, course_id, assignment_id, tuple(notebooks), upload.sha256, upload.size)
-        earlier = self._replayed(user, key, event)
-        if earlier is not None:
-            return earlier
-        seen = self.rt.store.stream_version(event.stream())
-        return self._append(user, event, key, expected_version=seen)
-
-    def _replayed(self, user: User, key: str | None, event: DomainEvent) -> Written | None:
-        """The first answer to a retried request, before its preconditions are checked again.
-
-        A retry must get the answer its first attempt got, not a conflict with
-        itself (a stream version it moved) or a 404 (an assignment it withdrew).
-        """
-        if not key:
-            return None
-        earlier = self.rt.store.by_idempotency_key(_scoped_key(user, key))
-        return None if earlier is None else _first_answer(earlier, event)
+        fingerprint = request_fingerprint("release", **event.to_payload())
+        return self._write(
+            user,
+            key,
+            Released.TYPE,
+            fingerprint,
+            lambda: self.may_release(user, course_id, assignment_id),
+            lambda a: self._append(user, event, key, fingerprint, expected_version=a.version),
+            decided,
+            retry_conflicts=False,
+        )
 
     def unrelease(
         self, user: User, course_id: str, assignment_id: str, purge: bool = False, key: str | None = None
     ) -> Written:
-        """Withdraw a released assignment; ``purge`` also removes its stored archive after the event."""
-        self.instructor(user, course_id, "unrelease assignments")
-        earlier = self._replayed(user, key, Unreleased(user.org_id, course_id, assignment_id))
-        if earlier is not None:
-            return earlier
-        with translate_errors(), self.rt.engine.connect() as conn:
-            release = get_release(conn, user.org_id, course_id, assignment_id)
-            if release is None or not release.active:
+        """Withdraw a released assignment; ``purge`` makes its archives collectable.
+
+        No request deletes a stored archive: the blob collector removes the
+        purged ones once no event owns them (a submission of the same bytes does).
+        """
+        fingerprint = request_fingerprint(
+            "unrelease", org_id=user.org_id, course_id=course_id, assignment_id=assignment_id, purge=purge
+        )
+
+        def decide() -> Assignment:
+            self.instructor(user, course_id, "unrelease assignments")
+            assignment = self.assignment(user.org_id, course_id, assignment_id)
+            if assignment.release is None:
                 raise NotFound(f"Assignment {assignment_id!r} is not released in course {course_id!r}.")
-            sha = release.archive_sha256
-            # Stored bytes are shared by everything with the same sha256: a
-            # student who submitted the release unchanged keeps their submission.
-            shared = (
-                archive_used_elsewhere(conn, release) or archive_submitted(conn, sha) or file_in_feedback(conn, sha)
-            )
-        purged = (release.archive_sha256,) if purge and not shared else ()
-        event = Unreleased(user.org_id, course_id, assignment_id, purge=purge, purged_archives=purged)
-        written = self._append(user, event, key, expected_version=self.rt.store.stream_version(event.stream()))
-        for sha in purged:
-            self.rt.archives.remove(sha)
-        return written
+            return assignment
+
+        def append(a: Assignment) -> Written:
+            purged = a.released if purge else ()
+            event = Unreleased(user.org_id, course_id, assignment_id, purge=purge, purged_archives=purged)
+            return self._append(user, event, key, fingerprint, expected_version=a.version)
+
+        return self._write(user, key, Unreleased.TYPE, fingerprint, decide, append, retry_conflicts=False)
 
     def fetch(self, user: User, course_id: str, assignment_id: str, key: str | None = None) -> Download:
         """Record that a member fetched the released archive, and say where it is."""
-        self.member(user, course_id)
-        release = self._live_release(user, course_id, assignment_id)
-        if not self.rt.archives.exists(release.archive_sha256):
-            # Purged by an unrelease the projections have not caught up with yet.
-            raise NotFound(f"Assignment {assignment_id!r} is not released in course {course_id!r} any more.")
-        event = Fetched(user.org_id, course_id, assignment_id, user.name, release.position, release.archive_sha256)
-        return self._download(release.archive_sha256, self._append(user, event, key).event)
+        fingerprint = request_fingerprint(
+            "fetch", org_id=user.org_id, course_id=course_id, assignment_id=assignment_id
+        )
+
+        def decide() -> Assignment:
+            self.member(user, course_id)
+            return self._released(user, course_id, assignment_id)
+
+        def append(a: Assignment) -> Written:
+            assert a.release is not None
+            sha = a.release.data.archive()
+            assert sha is not None
+            event = Fetched(user.org_id, course_id, assignment_id, user.name, a.release.position, sha)
+            return self._append(user, event, key, fingerprint, requires=((a.stream, a.version),))
+
+        written = self._write(user, key, Fetched.TYPE, fingerprint, decide, append)
+        return self._download(written.event.payload["archive_sha256"], written.event)
 
     def _download(self, sha256: str, event: RecordedEvent) -> Download:
         file = self.rt.archives.open(sha256)
         return Download(file, os.fstat(file.fileno()).st_size, event)
 
-    def _live_release(self, user: User, course_id: str, assignment_id: str) -> Release:
-        with translate_errors(), self.rt.engine.connect() as conn:
-            release = get_release(conn, user.org_id, course_id, assignment_id)
-        if release is None or not release.active:
-            raise NotFound(f"Assignment {assignment_id!r} is not released in course {course_id!r}.")
-        if release.archive_state == REJECTED:
-            raise UnsafeArchive(f"The released archive was rejected: {release.archive_reason}")
-        return release
+    def may_submit(
+        self, user: User, course_id: str, assignment_id: str, timestamp: datetime, key: str | None = None
+    ) -> Assignment | None:
+        """Whether the user may submit now: decided before the upload is read.
+
+        ``None`` for a retried request (its key was used): its first answer,
+        or ``KeyReused``, is decided once the body's bytes are known.
+        """
+        if self._earlier(user, key) is not None:
+            self.member(user, course_id)
+            return None
+        return self._submittable(user, course_id, assignment_id, timestamp)
+
+    def _submittable(self, user: User, course_id: str, assignment_id: str, timestamp: datetime) -> Assignment:
+        self.member(user, course_id)
+        self._check_clock(timestamp)
+        return self._released(user, course_id, assignment_id)
 
     def submit(
         self,
@@ -200,42 +346,99 @@ class Exchange:
         timestamp: datetime,
         upload: StoredArchive,
         key: str | None = None,
+        decided: Assignment | None = None,
     ) -> Written:
-        """Record a submission of a released assignment."""
-        self.member(user, course_id)
-        release = self._live_release(user, course_id, assignment_id)
-        event = Submitted(
-            user.org_id,
-            course_id,
-            assignment_id,
-            user.name,
-            timestamp=timestamp,
+        """Record a submission of a released assignment; it stands only if the release still does at commit."""
+        fingerprint = request_fingerprint(
+            "submit",
+            org_id=user.org_id,
+            course_id=course_id,
+            assignment_id=assignment_id,
+            timestamp=format_iso(timestamp),
             archive_sha256=upload.sha256,
-            archive_size=upload.size,
-            notebooks=release.notebooks,
         )
-        return self._append(user, event, key)
+
+        def append(a: Assignment) -> Written:
+            assert a.release is not None
+            notebooks = a.release.payload.get("notebooks", [])
+            event = Submitted(
+                user.org_id,
+                course_id,
+                assignment_id,
+                user.name,
+                timestamp=timestamp,
+                archive_sha256=upload.sha256,
+                archive_size=upload.size,
+                notebooks=tuple(notebooks),
+            )
+            return self._append(user, event, key, fingerprint, requires=((a.stream, a.version),))
+
+        return self._write(
+            user,
+            key,
+            Submitted.TYPE,
+            fingerprint,
+            lambda: self._submittable(user, course_id, assignment_id, timestamp),
+            append,
+            decided,
+        )
 
     def collect(self, user: User, course_id: str, assignment_id: str, path: str, key: str | None = None) -> Download:
         """Record that an instructor collected one submission, and say where its archive is."""
-        self.instructor(user, course_id, "collect submissions")
-        with translate_errors(), self.rt.engine.connect() as conn:
-            submission = get_submission(conn, user.org_id, course_id, assignment_id, path)
-        if submission is None:
-            raise NotFound(f"No submission {path!r} for assignment {assignment_id!r} in course {course_id!r}.")
-        if submission["archive_state"] == REJECTED:
-            raise UnsafeArchive(f"This submission's archive was rejected: {submission['archive_reason']}")
-        if not self.rt.archives.exists(submission["archive_sha256"]):
-            raise NotFound(f"The archive of submission {path!r} is no longer stored.")
-        event = Collected(
-            user.org_id,
-            course_id,
-            assignment_id,
-            submission["student_id"],
-            submission_position=submission["position"],
-            archive_sha256=submission["archive_sha256"],
+        fingerprint = request_fingerprint(
+            "collect", org_id=user.org_id, course_id=course_id, assignment_id=assignment_id, path=path
         )
-        return self._download(submission["archive_sha256"], self._append(user, event, key).event)
+
+        def decide() -> dict[str, Any]:
+            self.instructor(user, course_id, "collect submissions")
+            submission = self._submission(user, course_id, assignment_id, path)
+            outcome = self.rt.store.by_idempotency_key(outcome_key(submission["position"]))
+            if outcome is not None and isinstance(outcome.data, ArchiveRejected):
+                raise UnsafeArchive(f"This submission's archive was rejected: {outcome.data.reason}")
+            return submission
+
+        def append(submission: dict[str, Any]) -> Written:
+            event = Collected(
+                user.org_id,
+                course_id,
+                assignment_id,
+                submission["student_id"],
+                submission_position=submission["position"],
+                archive_sha256=submission["archive_sha256"],
+            )
+            return self._append(user, event, key, fingerprint)
+
+        written = self._write(user, key, Collected.TYPE, fingerprint, decide, append)
+        return self._download(written.event.payload["archive_sha256"], written.event)
+
+    def _submission(self, user: User, course_id: str, assignment_id: str, path: str) -> dict[str, Any]:
+        """The submission a ``path`` token names, found in the read model once it includes every committed event.
+
+        Tokens are handed out by lists, so the read model has them almost
+        always; only a miss brings it to the log's head first.
+        """
+        for attempt in (1, 2):
+            with translate_errors(), self.rt.engine.connect() as conn:
+                submission = get_submission(conn, user.org_id, course_id, assignment_id, path)
+            if submission is not None:
+                return submission
+            if attempt == 1:
+                self.catch_up_to(self.rt.store.head())
+        raise NotFound(f"No submission {path!r} for assignment {assignment_id!r} in course {course_id!r}.")
+
+    def may_release_feedback(
+        self, user: User, course_id: str, assignment_id: str, student_id: str, timestamp: datetime
+    ) -> RecordedEvent:
+        """The student's submission that feedback is for, read from their stream: decided before the upload."""
+        self.instructor(user, course_id, "release feedback")
+        stream = student_stream(user.org_id, course_id, assignment_id, student_id)
+        for event in self.rt.store.read_stream(stream):
+            data = event.data
+            if isinstance(data, Submitted) and data.timestamp == timestamp:
+                return event
+        raise NotFound(
+            f"Student {student_id!r} has no submission of {assignment_id!r} at {format_timestamp(timestamp)}."
+        )
 
     def release_feedback(
         self,
@@ -248,15 +451,9 @@ class Exchange:
         checksum: str,
         upload: StoredArchive,
         key: str | None = None,
+        decided: RecordedEvent | None = None,
     ) -> Written:
         """Release feedback on one notebook of the student's submission made at ``timestamp``."""
-        self.instructor(user, course_id, "release feedback")
-        with translate_errors(), self.rt.engine.connect() as conn:
-            theirs = list_submissions(conn, user.org_id, course_id, assignment_id, student_id=student_id)
-        if not any(s["timestamp"] == timestamp for s in theirs):
-            raise NotFound(
-                f"Student {student_id!r} has no submission of {assignment_id!r} at {format_timestamp(timestamp)}."
-            )
         event = FeedbackReleased(
             user.org_id,
             course_id,
@@ -268,31 +465,52 @@ class Exchange:
             feedback_sha256=upload.sha256,
             feedback_size=upload.size,
         )
-        return self._append(user, event, key)
+        fingerprint = request_fingerprint("release_feedback", **event.to_payload())
+        # A submission, once logged, stays: the decision cannot go stale.
+        return self._write(
+            user,
+            key,
+            FeedbackReleased.TYPE,
+            fingerprint,
+            lambda: self.may_release_feedback(user, course_id, assignment_id, student_id, timestamp),
+            lambda _: self._append(user, event, key, fingerprint),
+            decided,
+        )
 
     def fetch_feedback(
         self, user: User, course_id: str, assignment_id: str, key: str | None = None
-    ) -> tuple[list[dict[str, Any]], RecordedEvent | None]:
-        """The caller's own feedback files (base64), recording the fetch if there were any."""
+    ) -> tuple[list[FeedbackFile], RecordedEvent | None]:
+        """The caller's own feedback files, opened for sending, and the fetch's event if there were any.
+
+        The caller closes the files. Their bytes are never read here: they are sent
+        in chunks (``FeedbackHandler``), so a large feedback costs no memory.
+        """
         self.member(user, course_id)
         with translate_errors(), self.rt.engine.connect() as conn:
             rows = student_feedback(conn, user.org_id, course_id, assignment_id, user.name)
-        out = []
-        for row in rows:
-            with self.rt.archives.open(row["feedback_sha256"]) as f:
-                content = base64.b64encode(f.read()).decode("ascii")
-            out.append(
-                {
-                    "content": content,
-                    "filename": f"{row['notebook_id']}.html",
-                    "timestamp": format_timestamp(row["timestamp"]),
-                    "checksum": row["checksum"],
-                }
-            )
         if not rows:
-            return out, None
-        event = FeedbackFetched(user.org_id, course_id, assignment_id, user.name, tuple(r["position"] for r in rows))
-        return out, self._append(user, event, key).event
+            return [], None
+        files: list[FeedbackFile] = []
+        try:
+            for row in rows:
+                download = self.rt.archives.open(row["feedback_sha256"])
+                files.append(
+                    FeedbackFile(
+                        download,
+                        os.fstat(download.fileno()).st_size,
+                        filename=f"{row['notebook_id']}.html",
+                        timestamp=format_timestamp(row["timestamp"]),
+                        checksum=row["checksum"],
+                    )
+                )
+            event = FeedbackFetched(
+                user.org_id, course_id, assignment_id, user.name, tuple(r["position"] for r in rows)
+            )
+            return files, self._append(user, event, key).event
+        except BaseException:
+            for opened in files:
+                opened.file.close()
+            raise
 
     # -- reads -----------------------------------------------------------
 
@@ -300,6 +518,10 @@ class Exchange:
         """The position every projection has reached: what reads reflect."""
         marks = checkpoints(self.rt.engine)
         return min(marks.get(name, 0) for name in NAMES)
+
+    def catch_up_to(self, position: int) -> None:
+        """Bring every read model to ``position`` in this process, whether or not a worker is running."""
+        catch_up_all(self.rt.engine, until=position)
 
     def reached(self, min_position: int) -> int | None:
         """The read position if the projections have reached ``min_position``, else ``None``."""
@@ -425,10 +647,3 @@ def _details(details: dict[str, Any]) -> dict[str, Any]:
 def _scoped_key(user: User, key: str) -> str:
     # Keys are the client's: scoped per user, two users' keys never collide.
     return f"{user.org_id}/{user.name}/{key}"
-
-
-def _first_answer(earlier: RecordedEvent, event: DomainEvent) -> Written:
-    """The first answer to a repeated request; ``Conflict`` if its key was used for another request."""
-    if earlier.type != event.TYPE or earlier.stream != event.stream():
-        raise Conflict("This Idempotency-Key was already used for a different request; use a new key.")
-    return Written(earlier, duplicate=True)

@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +23,9 @@ DIR_MODE = 0o750
 CHUNK_SIZE = 1024 * 1024
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+
+#: The prefix, in ``tmp/``, of a blob the collector has set aside to remove.
+COLLECTING = "collecting-"
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,14 @@ class ArchiveStore:
     ``root/extracted/ab/<sha256>`` is where a worker puts an archive's unpacked tree.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, create: bool = True) -> None:
         self.root = Path(root)
         self.archives = self.root / "archives"
         self.tmp = self.root / "tmp"
         self.extracted = self.root / "extracted"
-        for folder in (self.root, self.archives, self.tmp, self.extracted):
-            make_dirs(folder)
+        if create:  # an auditor's read of a backup creates nothing
+            for folder in (self.root, self.archives, self.tmp, self.extracted):
+                make_dirs(folder)
 
     def new_upload(self, max_size: int | None = None) -> Upload:
         """Start a streamed upload that refuses to grow past ``max_size`` bytes."""
@@ -71,18 +77,66 @@ class ArchiveStore:
             # Purged between the check and the open.
             raise NotFound(f"No archive with sha256 {sha256} is stored.") from e
 
-    def remove(self, sha256: str) -> bool:
-        """Purge the archive and its unpacked tree; True if the archive was there to remove."""
-        if not _is_digest(sha256):
-            return False
-        shutil.rmtree(self.extracted_path(sha256), ignore_errors=True)
+    def blobs(self) -> Iterator[tuple[str, float]]:
+        """Every stored blob's sha256 and the time (``st_mtime``) it was last stored or stored again."""
+        for folder in self.archives.iterdir() if self.archives.is_dir() else ():
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder):
+                if _is_digest(entry.name):
+                    try:
+                        yield entry.name, entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue  # collected meanwhile
+
+    def collect(self, sha256: str, cutoff: float) -> bool:
+        """Remove a blob no event owns, unless an upload stored it again after ``cutoff``; True if removed.
+
+        Only the blob collector calls this, once it knows no committed event
+        owns the blob. An upload of the same bytes meanwhile either touched
+        the blob before it was moved aside (its time is then after the
+        cutoff, and it is put back) or found it gone and stored its own copy
+        (``Upload.finish``): either way the upload's event names a blob that
+        stays.
+        """
         path = self._archive_path(sha256)
+        aside = self.tmp / f"{COLLECTING}{sha256}-{uuid.uuid4().hex}"
         try:
-            path.unlink()
+            os.rename(path, aside)
         except FileNotFoundError:
             return False
+        if os.stat(aside).st_mtime > cutoff:
+            os.replace(aside, path)  # stored again meanwhile: same bytes, whichever copy stays
+            return False
+        aside.unlink()
         fsync_dir(path.parent)
+        shutil.rmtree(self.extracted_path(sha256), ignore_errors=True)
         return True
+
+    def leftovers(self, cutoff: float) -> list[Path]:
+        """What crashes left older than ``cutoff``: partial uploads, blobs set aside, half-unpacked trees.
+
+        Several processes share the folders, so only age tells a crash's
+        leftover from work in progress. Unpacked trees whose blob is gone are
+        leftovers too.
+        """
+        found = [p for p in self.tmp.iterdir() if _older(p, cutoff)]
+        for folder in self.extracted.iterdir():
+            if not folder.is_dir():
+                continue
+            for tree in folder.iterdir():
+                staging = tree.name.startswith(".")
+                orphan = _is_digest(tree.name) and not self._archive_path(tree.name).exists()
+                if (staging or orphan) and _older(tree, cutoff):
+                    found.append(tree)
+        return found
+
+    def remove_leftover(self, path: Path) -> None:
+        """Remove one of :meth:`leftovers`' paths (already gone is fine)."""
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     def verify(self, sha256: str) -> bool:
         """Whether the stored bytes still hash to their name; NotFound if not stored."""
@@ -174,10 +228,13 @@ class Upload:
         sha256 = self._digest.hexdigest()
         dest = self._store._archive_path(sha256)
         make_dirs(dest.parent)
-        if dest.exists():
-            # The same name means the same bytes: keep the copy already stored.
+        try:
+            # The same name means the same bytes: keep the copy already stored,
+            # marked as stored again now, so the blob collector leaves it be
+            # (see ArchiveStore.collect).
+            os.utime(dest)
             self._temp.unlink()
-        else:
+        except FileNotFoundError:
             os.replace(self._temp, dest)
         # Both entries must reach the disk before an event may name this archive.
         fsync_dir(dest.parent)
@@ -212,6 +269,13 @@ class Upload:
             raise ValueError("This upload was aborted.")
         if self._result is not None:
             raise ValueError("This upload is already finished.")
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    try:
+        return path.lstat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
 
 
 #: The errors that mean "no room": the disk is full, or the store's quota is used up.

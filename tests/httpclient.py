@@ -70,6 +70,24 @@ def submit(
     )
 
 
+def headers_only(svc: Service, who: str, route_and_query: str, length: int) -> str:
+    """POST only the headers of a multipart upload declaring ``length`` bytes; the start of the reply, as text.
+
+    No byte of body follows, so an answer proves the service decided before reading the body.
+    """
+    host, port = "127.0.0.1", int(svc.url.split(":")[2].split("/")[0])
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(
+            (
+                f"POST {svc.url.split(str(port))[1]}{route_and_query} HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: token {svc.tokens[who]}\r\n"
+                "Content-Type: multipart/form-data; boundary=xyz\r\n"
+                f"Content-Length: {length}\r\n\r\n"
+            ).encode()
+        )
+        return s.recv(65536).decode()
+
+
 def ok(response: requests.Response, status: int = 200) -> dict[str, Any]:
     """Assert a JSON success with this status; return the body."""
     assert response.status_code == status, response.text

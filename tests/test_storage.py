@@ -7,6 +7,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,19 +196,75 @@ def test_verify_of_a_missing_archive_is_not_found(store: ArchiveStore) -> None:
         store.verify(hashlib.sha256(b"never stored").hexdigest())
 
 
-def test_remove_purges_the_archive_and_its_tree(store: ArchiveStore) -> None:
-    stored = store.store_bytes(b"to be purged")
+def _age(path: Path, seconds: float) -> None:
+    when = time.time() - seconds
+    os.utime(path, (when, when), follow_symlinks=False)
+
+
+def test_collect_removes_an_old_blob_and_its_tree(store: ArchiveStore) -> None:
+    stored = store.store_bytes(b"to be collected")
     tree = store.extracted_path(stored.sha256)
     tree.mkdir(parents=True)
     (tree / "notebook.ipynb").write_text("{}")
+    _age(stored.path, 100)
 
-    assert store.remove(stored.sha256) is True
-    assert not stored.path.exists()
-    assert not tree.exists()
-    assert not store.exists(stored.sha256)
-    assert store.remove(stored.sha256) is False
+    assert store.collect(stored.sha256, cutoff=time.time() - 50) is True
+    assert not stored.path.exists() and not tree.exists() and not store.exists(stored.sha256)
+    assert store.collect(stored.sha256, cutoff=time.time()) is False  # already gone
+    assert not list(store.tmp.iterdir())  # nothing left aside
     with pytest.raises(NotFound):
         store.path(stored.sha256)
+
+
+def test_storing_the_same_bytes_again_keeps_a_blob_from_the_collector(store: ArchiveStore) -> None:
+    """An upload of a blob's bytes marks it stored again: the collector, deciding on the older time, keeps it."""
+    stored = store.store_bytes(b"shared bytes")
+    _age(stored.path, 100)
+    cutoff = time.time() - 50  # the collector's cutoff, taken before the upload below
+    assert store.store_bytes(b"shared bytes").sha256 == stored.sha256
+    assert store.collect(stored.sha256, cutoff) is False
+    assert store.verify(stored.sha256)
+    assert not list(store.tmp.iterdir())
+
+
+def test_an_upload_finishing_after_the_blob_was_set_aside_stores_its_own_copy(store: ArchiveStore) -> None:
+    stored = store.store_bytes(b"raced bytes")
+    _age(stored.path, 100)
+    upload = store.new_upload()
+    upload.write(b"raced bytes")
+    assert store.collect(stored.sha256, cutoff=time.time() - 50) is True
+    assert upload.finish().sha256 == stored.sha256
+    assert store.verify(stored.sha256)
+
+
+def test_leftovers_are_old_partial_uploads_staging_trees_and_orphan_trees(store: ArchiveStore) -> None:
+    partial = store.new_upload()
+    partial.write(b"half of it")  # a crashed API's upload: never finished nor aborted
+    (partial_path,) = store.tmp.iterdir()
+    kept = store.store_bytes(b"unpacked and kept")
+    kept_tree = store.extracted_path(kept.sha256)
+    kept_tree.mkdir(parents=True)
+    staging = kept_tree.parent / f".{kept.sha256}.x1y2"
+    staging.mkdir()
+    orphan = store.extracted_path("ab" * 32)
+    orphan.mkdir(parents=True)
+    fresh = store.new_upload()  # still arriving: young
+    fresh.write(b"x")
+    for path in (partial_path, kept_tree, staging, orphan):
+        _age(path, 100)
+
+    found = set(store.leftovers(cutoff=time.time() - 50))
+    assert found == {partial_path, staging, orphan}
+    for path in found:
+        store.remove_leftover(path)
+    assert kept_tree.exists() and store.exists(kept.sha256)
+    assert len(list(store.tmp.iterdir())) == 1  # the fresh upload
+    fresh.abort()
+
+
+def test_an_auditors_store_creates_nothing(tmp_path: Path) -> None:
+    store = ArchiveStore(tmp_path / "backup", create=False)
+    assert list(store.blobs()) == [] and not (tmp_path / "backup").exists()
 
 
 def test_extracted_path_is_fanned_out_by_hash(store: ArchiveStore) -> None:
@@ -238,7 +295,8 @@ def test_malformed_names_are_refused(store: ArchiveStore, name: str) -> None:
     with pytest.raises(NotFound):
         store.extracted_path(name)
     assert store.exists(name) is False
-    assert store.remove(name) is False
+    with pytest.raises(NotFound):
+        store.collect(name, time.time())
 
 
 def test_malformed_name_cannot_reach_a_file_outside(tmp_path: Path) -> None:

@@ -18,7 +18,15 @@ from urllib.parse import quote
 from tornado import web
 
 from nbexchange.clock import parse_timestamp
-from nbexchange.errors import ExchangeError, InsufficientStorage, Invalid, TooLarge, Unauthorized, Unavailable
+from nbexchange.errors import (
+    ExchangeError,
+    Forbidden,
+    InsufficientStorage,
+    Invalid,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
 from nbexchange.exchange import Download, Exchange
 from nbexchange.identity.base import User, UserPlugin
 from nbexchange.metrics import REQUEST_LATENCY
@@ -31,6 +39,8 @@ T = TypeVar("T")
 
 #: The longest id, in bytes of UTF-8: a file name's limit, since ids name folders in nbgrader's course tree.
 MAX_ID = 255
+#: Seconds a read waits for the workers to reach its ``min_position`` before catching up itself.
+CATCH_UP_AFTER = 0.5
 #: Unicode categories no id may hold: controls, format characters (U+200B, U+202E…), line and paragraph
 #: separators; and space separators other than the plain space (U+00A0, U+3000…), checked apart.
 _BAD_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
@@ -66,9 +76,15 @@ def check_id(name: str, value: str) -> str:
     return value
 
 
-def error_json(note: str) -> str:
-    """The body of every refusal: ``{"success": false, "note": ...}``."""
-    return json.dumps({"success": False, "note": note})
+def error_json(note: str, lists: bool = False) -> str:
+    """The body of every refusal: ``{"success": false, "note": ...}``, and ``"value": []`` on a list route.
+
+    Clients of the earlier service index ``value`` in any answer of a list route.
+    """
+    body: dict[str, Any] = {"success": False, "note": note}
+    if lists:
+        body["value"] = []
+    return json.dumps(body)
 
 
 def content_disposition(filename: str) -> str:
@@ -88,6 +104,8 @@ class BaseHandler(web.RequestHandler):
     #: Health routes set this to False.
     auth_required = True
     route_name = ""
+    #: Whether the route answers a list in ``value`` (its refusals then carry ``"value": []``).
+    lists = False
     #: The one method of this route that takes a large (streamed) body; uploads set it.
     upload_method: str | None = None
 
@@ -128,7 +146,7 @@ class BaseHandler(web.RequestHandler):
             return
         user = await self.user_plugin.authenticate(self.request)
         if user is None:
-            raise Unauthorized()
+            raise self.user_plugin.unauthenticated(self.request)
         self.current_user = user
 
     def limit_body(self) -> None:
@@ -177,9 +195,6 @@ class BaseHandler(web.RequestHandler):
             return ""
         return check_id(name, value)
 
-    #: The id rule, for a form's values (``notebooks``).
-    check_id = staticmethod(check_id)
-
     def optional_id(self, name: str) -> str | None:
         """An id parameter that may be absent."""
         return self.id_param(name, required=False) or None
@@ -219,10 +234,17 @@ class BaseHandler(web.RequestHandler):
     # -- reading consistently ----------------------------------------------
 
     async def read_position(self) -> int:
-        """Wait until projections reach ``min_position`` (if given); the position reads reflect."""
+        """Wait until projections reach ``min_position`` (if given); the position reads reflect.
+
+        The workers bring the read models along; if they have not within
+        ``CATCH_UP_AFTER`` seconds (none running, or busy), this process
+        catches them up itself.
+        """
         wanted = self.int_param("min_position", 0)
-        deadline = time.monotonic() + self.exchange.consistency_timeout
+        started = time.monotonic()
+        deadline = started + self.exchange.consistency_timeout
         delay = 0.01
+        caught_up = False
         while True:
             current = await self.run(self.exchange.reached, wanted)
             if current is not None:
@@ -236,13 +258,12 @@ class BaseHandler(web.RequestHandler):
                 raise Unavailable(
                     f"The exchange has not yet caught up to position {wanted}; retry shortly.", retry_after=2
                 )
+            if not caught_up and time.monotonic() - started > CATCH_UP_AFTER:
+                caught_up = True
+                await self.run(self.exchange.catch_up_to, wanted)
+                continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
-
-    async def wait_for_position(self) -> None:
-        """Wait until projections reach ``min_position``, if the request gives one; nothing is read otherwise."""
-        if self.int_param("min_position", 0) > 0:
-            await self.read_position()
 
     # -- answering ---------------------------------------------------------
 
@@ -282,6 +303,10 @@ class BaseHandler(web.RequestHandler):
             status_code, note = exc.status_code, exc.note
             if exc.retry_after is not None:
                 self.set_header("Retry-After", str(exc.retry_after))
+            elif isinstance(exc, Unauthorized):
+                self.set_header("WWW-Authenticate", "token")
+            elif isinstance(exc, Forbidden):
+                note = self.user_plugin.explain_forbidden(note)
         elif isinstance(exc, web.HTTPError):
             note = exc.log_message or self._reason
             if status_code == 405:
@@ -296,7 +321,7 @@ class BaseHandler(web.RequestHandler):
         self.clear_header("X-Nbexchange-Position")
         self.set_status(status_code)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(error_json(note))
+        self.finish(error_json(note, lists=self.lists))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Expected refusals are one line; anything else gets its traceback."""

@@ -7,6 +7,7 @@ from nbexchange.api.base import BaseHandler
 
 class CollectionsHandler(BaseHandler):
     route_name = "collections"
+    lists = True
 
     async def get(self) -> None:
         """Every submission of the assignment (or of ``user_id``), oldest first."""
@@ -25,8 +26,6 @@ class CollectionHandler(BaseHandler):
         """Download one submission by its ``path`` token; appends ``collected``."""
         course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
         path = self.id_param("path")
-        self.exchange.instructor(self.user, course_id, "collect submissions")
-        await self.wait_for_position()
         download = await self.run(
             self.exchange.collect, self.user, course_id, assignment_id, path, self.idempotency_key()
         )

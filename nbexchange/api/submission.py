@@ -12,14 +12,28 @@ class SubmissionHandler(UploadHandler):
     route_name = "submission"
     file_field = "assignment"
 
+    async def authorize_upload(self) -> None:
+        """A member of the course, the assignment released now, the timestamp within the clock skew."""
+        self.course_id, self.assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
+        self.timestamp = self.timestamp_param()
+        self.key = self.idempotency_key()
+        self.decided = await self.run(
+            self.exchange.may_submit, self.user, self.course_id, self.assignment_id, self.timestamp, self.key
+        )
+
     async def post(self) -> None:
         """Accept a submission; appends ``submitted`` once the archive is durably stored."""
-        course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
-        timestamp = self.timestamp_param()
-        key = self.idempotency_key()
-        self.exchange.member(self.user, course_id)
         stored = await self.stored_upload()
-        written = await self.run(self.exchange.submit, self.user, course_id, assignment_id, timestamp, stored, key)
+        written = await self.run(
+            self.exchange.submit,
+            self.user,
+            self.course_id,
+            self.assignment_id,
+            self.timestamp,
+            stored,
+            self.key,
+            self.decided,
+        )
         self.answer({"note": "Submitted", "position": written.event.position}, status=200 if written.duplicate else 201)
 
 

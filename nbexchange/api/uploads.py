@@ -202,6 +202,8 @@ class UploadHandler(BaseHandler):
     gzip_required = True
     #: Repeated id fields to collect, by name.
     list_fields: tuple[str, ...] = ()
+    #: The application setting that bounds this route's upload, in bytes.
+    limit_setting = "max_upload_size"
 
     _upload: Upload | None = None
     _failure: Exception | None = None
@@ -217,7 +219,7 @@ class UploadHandler(BaseHandler):
         await super().prepare()
         if self.request.method != "POST":
             return
-        limit: int = self.settings["max_upload_size"]
+        limit: int = self.settings[self.limit_setting]
         declared = self.request.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > limit + _ENVELOPE:
             raise TooLarge(f"The upload is {int(declared)} bytes; this exchange accepts at most {limit} bytes.")
@@ -225,6 +227,8 @@ class UploadHandler(BaseHandler):
         if not content_type.startswith("multipart/form-data"):
             raise UnsupportedMedia(f"Send the file as multipart/form-data in the field {self.file_field!r}.")
         boundary = multipart_boundary(content_type)
+        # The whole authorization, before the first byte of the body is read.
+        await self.authorize_upload()
         # Let tornado read a body as large as we accept; we enforce the real limit ourselves.
         self.request.connection.set_max_body_size(limit + _ENVELOPE)  # type: ignore[union-attr]
         self._received = 0
@@ -236,6 +240,10 @@ class UploadHandler(BaseHandler):
         self._file = _FilePart(self._upload, self.file_field)
         self._lists = {name: _ListPart() for name in self.list_fields}
         self._parser = FormStream(boundary, {self.file_field: self._file, **self._lists})
+
+    async def authorize_upload(self) -> None:
+        """Parse the upload's parameters and decide whether the caller may make it (each route its own)."""
+        raise NotImplementedError
 
     def take_upload_slot(self) -> None:
         """Count this upload against ``max_uploads_per_user`` and ``max_uploads_total``, or refuse it (429, 503).
@@ -254,6 +262,7 @@ class UploadHandler(BaseHandler):
             # After a refusal the rest of the body is read and dropped, so that the client gets the answer.
             return
         self._received += len(chunk)
+        self.runtime.upload_received()
         try:
             if self._received > self._limit + _ENVELOPE:
                 raise TooLarge(f"The upload is larger than {self._limit} bytes, the most this exchange accepts.")

@@ -24,7 +24,7 @@ from nbexchange.db import (
     translate_errors,
     write_transaction,
 )
-from nbexchange.errors import ConflictError, ExchangeError, NotFound, Unavailable
+from nbexchange.errors import ConflictError, ExchangeError, KeyReused, NotFound, Unavailable
 from nbexchange.events.domain import Actor
 from nbexchange.events.store import (
     GENESIS,
@@ -34,6 +34,7 @@ from nbexchange.events.store import (
     VerifyReport,
     canonical_json,
     chain_hash,
+    same_request,
     verify_chain,
 )
 
@@ -51,6 +52,9 @@ events_table = sa.Table(
     sa.Column("payload", sa.Text, nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+    # The fingerprint of the request that made the event, for its idempotency
+    # key: outside the hash chain, since it is no fact of the action (migration 0006).
+    sa.Column("request_hash", sa.String(64), nullable=True),
     sa.UniqueConstraint("stream", "version", name="uq_events_stream_version"),
 )
 
@@ -147,7 +151,7 @@ def _actor(text: str) -> Actor:
 
 def _row_to_event(row: Any) -> RecordedEvent:
     # By position: rows are ``select(events_table)``, in the table's column order.
-    position, stream, version, type_, schema, actor, recorded_at, key, payload, prev_hash, hash_ = row
+    position, stream, version, type_, schema, actor, recorded_at, key, payload, prev_hash, hash_, request_hash = row
     return RecordedEvent.stored(
         position=position,
         stream=stream,
@@ -160,6 +164,7 @@ def _row_to_event(row: Any) -> RecordedEvent:
         payload=orjson.loads(payload),
         prev_hash=prev_hash,
         hash=hash_,
+        request_hash=request_hash,
     )
 
 
@@ -209,7 +214,7 @@ class SQLEventStore:
 
     def _append_locked(self, conn: Connection, requests: Sequence[AppendRequest]) -> list[Appended | ExchangeError]:
         sqlite = is_sqlite(conn)
-        streams = sorted({r.stream for r in requests})
+        streams = sorted({r.stream for r in requests} | {stream for r in requests for stream, _ in r.requires})
         versions: dict[str, int] = dict.fromkeys(streams, 0)
         head: tuple[int, str, datetime] | None
         if len(streams) == 1:
@@ -245,11 +250,18 @@ class SQLEventStore:
         for request in requests:
             key = request.idempotency_key
             if key and key in known:
-                outcomes.append(Appended(known[key], duplicate=True))
+                earlier = known[key]
+                same = same_request(earlier, request.event.TYPE, request.stream, request.request_hash)
+                outcomes.append(Appended(earlier, duplicate=True) if same else KeyReused())
                 continue
             current = versions[request.stream]
             if request.expected_version is not None and request.expected_version != current:
                 outcomes.append(ConflictError(request.stream, request.expected_version, current))
+                continue
+            moved = [(stream, seen) for stream, seen in request.requires if versions[stream] != seen]
+            if moved:
+                stream, seen = moved[0]
+                outcomes.append(ConflictError(stream, seen, versions[stream]))
                 continue
             position += 1
             event = RecordedEvent(
@@ -264,6 +276,7 @@ class SQLEventStore:
                 payload=request.event.to_payload(),
                 prev_hash=prev_hash,
                 hash="",
+                request_hash=request.request_hash,
             )
             fields = event.hashed_fields()
             event_hash = chain_hash(prev_hash, fields)
@@ -277,6 +290,7 @@ class SQLEventStore:
                     "recorded_at": now,
                     "prev_hash": prev_hash,
                     "hash": event_hash,
+                    "request_hash": request.request_hash,
                 }
             )
             prev_hash = event_hash
@@ -323,8 +337,14 @@ class SQLEventStore:
     def read_streams(
         self, streams: Sequence[str] = (), prefixes: Sequence[str] = (), after: int = 0, limit: int = 100
     ) -> list[RecordedEvent]:
-        """A page of events in any of ``streams`` or in a stream starting with one of ``prefixes``."""
-        matches = [events_table.c.stream.like(_like_prefix(p), escape="\\") for p in prefixes]
+        """A page of events in any of ``streams`` or in a stream starting with one of ``prefixes``.
+
+        Both compare exactly, byte for byte, on every backend: ``PHYS101/`` is not a prefix of ``phys101/…``.
+        """
+        # SQLite's LIKE ignores ASCII case, and PostgreSQL's collation may be linguistic (a range
+        # there would miss streams or take in others): prefixes compare in the bytes' own order.
+        binary = "BINARY" if self.engine.dialect.name == "sqlite" else "C"
+        matches = [_starts_with(events_table.c.stream, p, binary) for p in prefixes]
         if streams:
             matches.append(events_table.c.stream.in_(list(streams)))
         query = (
@@ -359,6 +379,14 @@ class SQLEventStore:
             ).scalar_one()
         return int(value)
 
+    def read_stream(self, stream: str) -> list[RecordedEvent]:
+        """Every event of one stream, in order: what a write on that stream is decided on."""
+        # By (stream, version): the unique index serves it whole, whatever plan a
+        # prepared statement settles on (ordering by position could walk the log).
+        query = sa.select(events_table).where(events_table.c.stream == stream).order_by(events_table.c.version)
+        with translate_errors(), self.engine.connect() as conn:
+            return [_row_to_event(row) for row in conn.execute(query)]
+
     def by_idempotency_key(self, key: str) -> RecordedEvent | None:
         """The event appended with ``key``, if any."""
         with translate_errors(), self.engine.connect() as conn:
@@ -391,6 +419,20 @@ def read_events(
     return [_row_to_event(row) for row in conn.execute(query).all()]
 
 
-def _like_prefix(prefix: str) -> str:
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
+def _starts_with(column: sa.ColumnElement[str], prefix: str, collation: str) -> sa.ColumnElement[bool]:
+    """``column`` starts with ``prefix``, exactly: a range in ``collation``, a binary order an index can serve."""
+    text = column.collate(collation)
+    above = _successor(prefix)
+    return text >= prefix if above is None else sa.and_(text >= prefix, text < above)
+
+
+def _successor(prefix: str) -> str | None:
+    """The least string, in code point order, above every string that starts with ``prefix`` (None: no bound)."""
+    while prefix:
+        code = ord(prefix[-1]) + 1
+        if 0xD800 <= code <= 0xDFFF:
+            code = 0xE000  # surrogates are not characters and cannot be stored as UTF-8
+        if code <= 0x10FFFF:
+            return prefix[:-1] + chr(code)
+        prefix = prefix[:-1]
+    return None

@@ -33,14 +33,23 @@ class AppendRequest:
     """One event to append.
 
     ``expected_version`` is the stream's version the writer last saw (0 for a
-    new stream); ``None`` appends after whatever is there. A stale writer gets
-    ``ConflictError``.
+    new stream); ``None`` appends after whatever is there. ``requires`` names
+    other streams, each with the version the writer decided on: an event
+    that depends on a stream it does not write to (a submission on its
+    assignment's releases) is refused if that stream moved meanwhile. A
+    stale writer gets ``ConflictError``.
+
+    ``request_hash`` fingerprints the request that made the event: a retry
+    with the same ``idempotency_key`` must carry the same fingerprint, or it
+    is refused (``KeyReused``) instead of answered with the first result.
     """
 
     event: DomainEvent
     actor: Actor
     expected_version: int | None = None
     idempotency_key: str | None = None
+    requires: tuple[tuple[str, int], ...] = ()
+    request_hash: str | None = None
 
     @property
     def stream(self) -> str:
@@ -62,6 +71,8 @@ class RecordedEvent:
     payload: Mapping[str, Any]
     prev_hash: str
     hash: str
+    #: The fingerprint of the request that made it (kept beside the event, outside the chain).
+    request_hash: str | None = None
 
     def domain(self, upcasters: Upcasters = UPCASTERS) -> DomainEvent:
         """The domain event, its payload upcast to the current schema."""
@@ -92,6 +103,7 @@ class RecordedEvent:
         payload: Mapping[str, Any],
         prev_hash: str,
         hash: str,
+        request_hash: str | None = None,
     ) -> RecordedEvent:
         """An event as read back from the log.
 
@@ -112,6 +124,7 @@ class RecordedEvent:
             payload=payload,
             prev_hash=prev_hash,
             hash=hash,
+            request_hash=request_hash,
         )
         return event
 
@@ -148,6 +161,22 @@ def chain_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
     digest.update(b"\n")
     digest.update(canonical_json(fields).encode("utf-8"))
     return digest.hexdigest()
+
+
+def same_request(earlier: RecordedEvent, event_type: str, stream: str, request_hash: str | None) -> bool:
+    """Whether a request repeats the one that appended ``earlier`` under the same idempotency key.
+
+    Events logged before fingerprints were kept have none: for those, the
+    same type of action on the same stream counts as the same request.
+    """
+    if earlier.request_hash is not None and request_hash is not None:
+        return earlier.request_hash == request_hash
+    return earlier.type == event_type and earlier.stream == stream
+
+
+def request_fingerprint(action: str, **facts: Any) -> str:
+    """The fingerprint of one request: its action and every fact that defines it (parameters, uploaded bytes)."""
+    return hashlib.sha256(canonical_json({"action": action, **facts}).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -245,6 +274,10 @@ class EventStore(Protocol):
 
     def stream_version(self, stream: str) -> int:
         """The version of the last event in ``stream`` (0 if it has none)."""
+        ...
+
+    def read_stream(self, stream: str) -> list[RecordedEvent]:
+        """Every event of one stream, in order."""
         ...
 
     def by_idempotency_key(self, key: str) -> RecordedEvent | None:

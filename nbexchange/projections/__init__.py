@@ -16,16 +16,18 @@ from nbexchange.projections.base import (
     replay,
     snapshot,
 )
+from nbexchange.projections.blobs import BlobsProjection
 from nbexchange.projections.collections import CollectionsProjection
 from nbexchange.projections.feedback import FeedbackProjection
 from nbexchange.projections.history import HistoryProjection
 
-#: Every read model the API serves, in the order they are caught up.
+#: Every read model, in the order they are caught up: those the API serves, and the blob collector's.
 PROJECTIONS: tuple[Projection, ...] = (
     AssignmentsProjection(),
     CollectionsProjection(),
     FeedbackProjection(),
     HistoryProjection(),
+    BlobsProjection(),
 )
 
 NAMES = tuple(p.name for p in PROJECTIONS)

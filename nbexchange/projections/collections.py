@@ -173,7 +173,9 @@ def notebook_entry(notebook_id: str, feedback: Sequence[dict[str, Any]] = ()) ->
         "has_exchange_feedback": latest is not None,
         "feedback_updated": latest is not None
         and (latest["fetched_at"] is None or latest["fetched_at"] < latest["released_at"]),
-        "feedback_timestamp": format_timestamp(latest["released_at"]) if latest else None,
+        # The timestamp of the submission the feedback is on, as the earlier
+        # service and its clients have it (they file fetched feedback under it).
+        "feedback_timestamp": format_timestamp(latest["timestamp"]) if latest else None,
     }
 
 

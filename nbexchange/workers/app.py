@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 
+from nbexchange.errors import Unavailable
 from nbexchange.events.store import RecordedEvent
 from nbexchange.workers import tasks
 from nbexchange.workers.tasks import WorkerContext
@@ -24,6 +25,8 @@ EMBEDDED_BROKER = "memory://localhost/"
 CHECK_ARCHIVES = "nbexchange.check_archives"
 #: Archives per check message: fewer messages in a burst, still spread over workers.
 CHECKS_PER_MESSAGE = 8
+#: The longest wait (seconds) before a check the database could not serve is tried again.
+CHECK_RETRY_MAX = 5
 #: How often (seconds) held check messages look whether they may go.
 HOLD_POLL = 0.05
 #: While the process receives uploads, catch-up starts at most this often (seconds).
@@ -63,7 +66,21 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
         task_default_queue=queue,
     )
 
-    @app.task(name=CHECK_ARCHIVES)  # type: ignore[untyped-decorator]
+    # A check the database could not serve (down, restarting, failing over)
+    # goes back to the queue and is tried again, sooner at first, then every
+    # few seconds until the database answers (the delays are random up to
+    # 1, 2, 4, then CHECK_RETRY_MAX seconds, so a backlog does not come back
+    # all at once), however long the outage lasts. Acknowledged as failed, it
+    # would wait for the sweep. Every check is idempotent: the positions
+    # already done are found done.
+    @app.task(  # type: ignore[untyped-decorator]
+        name=CHECK_ARCHIVES,
+        autoretry_for=(Unavailable,),
+        retry_backoff=1,
+        retry_backoff_max=CHECK_RETRY_MAX,
+        retry_jitter=True,
+        max_retries=None,
+    )
     def check_archives(positions: list[int]) -> None:
         for position in positions:
             tasks.check_archive(ctx, position)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -10,11 +12,12 @@ from sqlalchemy.engine import Engine
 
 from nbexchange.clock import utcnow
 from nbexchange.db import translate_errors, write_transaction
-from nbexchange.errors import NotFound, UnsafeArchive, UnsupportedMedia
+from nbexchange.errors import NotFound, Unavailable, UnsafeArchive, UnsupportedMedia
 from nbexchange.events.domain import SYSTEM_ACTOR, ArchiveRejected, ArchiveUnpacked, DomainEvent, StudentEvent
 from nbexchange.events.store import Appended, AppendRequest, EventStore, RecordedEvent
 from nbexchange.projections import catch_up_all
 from nbexchange.projections.base import checkpoint, lock_checkpoint, move_checkpoint
+from nbexchange.projections.blobs import BlobsProjection, owned
 from nbexchange.storage import ArchiveStore
 from nbexchange.workers.archives import ArchiveLimits, unpack_archive
 
@@ -22,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: The checkpoint of the sweep that finds archives whose check message was lost.
 SWEEP_CHECKPOINT = "archive-sweep"
+#: The read model the blob collector decides on.
+BLOBS = BlobsProjection().name
 
 
 class Appender(Protocol):
@@ -45,6 +50,12 @@ class WorkerContext(Protocol):
     def limits(self) -> ArchiveLimits: ...
     @property
     def sweep_grace(self) -> float: ...
+    @property
+    def blob_grace(self) -> float: ...
+
+    def collection_due(self) -> bool:
+        """Whether the blob collector's interval has passed since it last ran here (and start its next one)."""
+        ...
 
     def queue_depth(self) -> int | None:
         """Messages waiting for a worker, or ``None`` if the broker cannot say."""
@@ -131,7 +142,54 @@ def sweep(ctx: WorkerContext) -> int:
     if last > after:
         _advance(ctx.engine, SWEEP_CHECKPOINT, last)
     catch_up(ctx)
+    if ctx.collection_due():
+        try:
+            collect(ctx)
+        except Exception:
+            log.exception("Blob collection failed; it runs again at its next interval")
     return last
+
+
+@dataclass(frozen=True)
+class Collection:
+    """What one run of the blob collector removed."""
+
+    position: int
+    blobs: tuple[str, ...]
+    leftovers: tuple[str, ...]
+
+
+def collect(ctx: WorkerContext, grace: float | None = None) -> Collection:
+    """Remove the blobs no committed event owns, and what crashes left behind, older than ``grace`` seconds.
+
+    The blobs read model is first brought to the log's head: a blob is
+    removed only if no event up to that position owns it (a purge disowns a
+    release's archive; a submission or feedback owns its bytes for ever),
+    and only once it is older than the grace, which must exceed the time an
+    upload takes from being stored to its event's commit. Safe to run in
+    several processes at once.
+    """
+    grace = ctx.blob_grace if grace is None else grace
+    cutoff = time.time() - grace
+    head = ctx.store.head()
+    if catch_up_all(ctx.engine, until=head).get(BLOBS, 0) < head:
+        raise Unavailable("The blobs read model did not reach the log's head; nothing was collected.")
+    candidates = [sha for sha, stored_at in ctx.archives.blobs() if stored_at < cutoff]
+    with translate_errors(), ctx.engine.connect() as conn:
+        kept = owned(conn, candidates)
+    removed = tuple(sha for sha in candidates if sha not in kept and ctx.archives.collect(sha, cutoff))
+    leftovers = ctx.archives.leftovers(cutoff)
+    for path in leftovers:
+        ctx.archives.remove_leftover(path)
+    if removed or leftovers:
+        log.info(
+            "Collected %d blob(s) no event owns and %d leftover(s) older than %.0f s (log at %d)",
+            len(removed),
+            len(leftovers),
+            grace,
+            head,
+        )
+    return Collection(head, removed, tuple(str(p) for p in leftovers))
 
 
 def _advance(engine: Engine, name: str, position: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 from builders import make_archive
-from httpclient import COURSE, STAMP, ok, path_of, refused, release, until
+from httpclient import COURSE, STAMP, ok, path_of, refused, release, submit, until
 from service import TEST_BROKER_URL, Service, drop_db, fresh_db_url, start_service
 
 USERS = {
@@ -34,8 +34,9 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     service, token = started(
         tmp_path_factory.mktemp("uploads"), "--NbExchange.max_uploads_per_user=1", "--NbExchange.max_uploads_total=2"
     )
-    # The assignment the submissions below are for.
+    # The assignment the submissions below are for, and one submission for the feedback uploads.
     ok(release(service, "ada", "ps1"), 201)
+    ok(submit(service, "s1", "ps1"), 201)
     yield service
     service.stop()
     drop_db(token)

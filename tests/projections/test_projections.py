@@ -205,7 +205,8 @@ def test_rebuild_swaps_in_whole_tables_with_the_migrated_schema(store, engine, m
     assert seen["during"] == live
     # Filled with only the index apply looks rows up by; the rest are made in the swap.
     assert {name: found for name, found in seen["indexes"].items() if found} == {
-        "proj_feedback" + REBUILDING: ["ix_proj_feedback_student" + REBUILDING]
+        "proj_feedback" + REBUILDING: ["ix_proj_feedback_student" + REBUILDING],
+        "proj_blob_refs" + REBUILDING: ["ix_proj_blob_refs_assignment" + REBUILDING],
     }
     assert marks == {p.name: seen["late"] for p in PROJECTIONS} == checkpoints(engine)
     with engine.connect() as conn:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import threading
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
@@ -103,6 +106,24 @@ def _state(svc: Service, position: int) -> str:
     return str(item["archive"]["state"])
 
 
+@contextlib.contextmanager
+def _trickling(conn: http.client.HTTPConnection, every: float = 0.1) -> Iterator[None]:
+    """Keep the slow upload's body arriving, a byte every ``every`` seconds, until the block ends."""
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(every):
+            conn.send(b"\0")
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_a_check_waits_while_this_process_receives_an_upload(exchange_service):
     # The sweep (its grace is 1 s in tests) would check the archive itself: hold it off.
     svc = exchange_service(USERS, extra=["--NbExchange.check_defer_max=60", "--NbExchange.sweep_grace=120"])
@@ -110,14 +131,36 @@ def test_a_check_waits_while_this_process_receives_an_upload(exchange_service):
     until(lambda: get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps1").status_code == 200)
     slow = _start_slow_upload(svc, "s2")
     try:
-        accepted = ok(submit(svc, "s1", "ps1"), 201)
-        # Listed at once (catch-up does not wait), its check pending behind the upload in flight.
-        assert _state(svc, accepted["position"]) == "pending"
-        time.sleep(2)
-        assert _state(svc, accepted["position"]) == "pending"
+        with _trickling(slow):
+            accepted = ok(submit(svc, "s1", "ps1"), 201)
+            # Listed at once (catch-up does not wait), its check pending while the upload's bytes arrive.
+            assert _state(svc, accepted["position"]) == "pending"
+            time.sleep(2)
+            assert _state(svc, accepted["position"]) == "pending"
+        # The upload stalls, its connection still open: the check goes (UPLOAD_GAP, 1 s, after the last byte).
+        stalled = time.monotonic()
+        until(lambda: _state(svc, accepted["position"]) == "unpacked", 30, "the stalled upload held the check")
+        assert time.monotonic() - stalled < 15, "a stalled upload held the check back as if its bytes still arrived"
     finally:
         slow.close()
-    until(lambda: _state(svc, accepted["position"]) == "unpacked")
+
+
+def test_a_stalled_upload_does_not_hold_other_checks_back(exchange_service):
+    """An upload whose bytes stopped (headers and part of a body sent, the connection left open) is not receiving."""
+    svc = exchange_service(USERS, extra=["--NbExchange.check_defer_max=60", "--NbExchange.sweep_grace=120"])
+    ok(release(svc, "ada", "ps1"), 201)
+    until(lambda: get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps1").status_code == 200)
+    stalled = _start_slow_upload(svc, "s2")
+    try:
+        sent = time.monotonic()
+        accepted = ok(submit(svc, "s1", "ps1"), 201)  # another student's submission, after the stall began
+        until(lambda: _state(svc, accepted["position"]) == "unpacked", 30, "the stalled upload held the check")
+        took = time.monotonic() - sent
+        # check_defer_max is 60 s: a check held for the stalled upload would take that long.
+        assert took < 15, f"the check took {took:.1f} s behind a stalled upload"
+        stalled.send(b"\0")  # the connection was open all along: it still takes bytes
+    finally:
+        stalled.close()
 
 
 def test_with_a_broker_checks_go_at_once_by_default(exchange_service):

@@ -33,6 +33,10 @@ SERVICE_PATH = "services/nbexchange/"
 FALLBACK_SERVICE_URL = "http://127.0.0.1:9000/" + SERVICE_PATH
 #: Answers worth another try: the service (or the proxy before it) is briefly unavailable.
 RETRY_STATUSES = frozenset({503})
+#: Where the API token comes from, named whenever the token is missing or refused.
+TOKEN_SETTINGS = (
+    "c.Exchange.api_token, or the environment variable NBEX_API_TOKEN (JUPYTERHUB_API_TOKEN under JupyterHub)"
+)
 RETRY_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
@@ -126,10 +130,7 @@ class Exchange(ABCExchange):
         if self.coursedir is None:
             self.coursedir = CourseDirectory(parent=self)
         if not self.api_token:
-            self.fail(
-                "No API token for the exchange: set c.Exchange.api_token, or the environment "
-                "variable NBEX_API_TOKEN (JUPYTERHUB_API_TOKEN under JupyterHub)."
-            )
+            self.fail(f"No API token for the exchange: set {TOKEN_SETTINGS}.")
         return super().start()
 
     def set_timestamp(self):
@@ -236,6 +237,8 @@ class Exchange(ABCExchange):
             ) as response:
                 if response.status_code in RETRY_STATUSES and not last:
                     return _Retry(_note(response), _retry_after(response))
+                if response.status_code == 401:
+                    self.fail(f"{action} failed: {_note(response)} The token comes from {TOKEN_SETTINGS}.")
                 if response.status_code >= 400:
                     self.fail(f"{action} failed: {_note(response)}")
                 if download is not None:
