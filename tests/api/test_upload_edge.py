@@ -228,3 +228,27 @@ def test_a_full_disk_answers_507_and_keeps_nothing(small_disk):
     until(lambda: tmp_files(svc) == [], message=lambda: str(tmp_files(svc)))
     log = svc.log_text()
     assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+
+
+def inodes_used(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_files - stats.f_ffree
+
+
+@pytest.mark.hostile(
+    "Disk full",
+    "a store out of inodes (tmpfs nr_inodes): none left for the upload's temp file; one left for the temp file "
+    "but none for the archive's folder when the upload is made durable",
+    "507 with a JSON note, before the body is read or after it, never a 500; nothing is left in tmp/",
+)
+@pytest.mark.parametrize("spare", [0, 1])
+def test_a_store_out_of_inodes_answers_507(small_disk, spare):
+    svc = small_disk
+    store = svc.storage / "store"
+    subprocess.run(
+        ["mount", "-o", f"remount,nr_inodes={inodes_used(store) + spare}", str(store)], check=True, capture_output=True
+    )
+    refused(release(svc, "ada", "ps-inodes"), 507, "storage is full")
+    assert tmp_files(svc) == []
+    log = svc.log_text()
+    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
