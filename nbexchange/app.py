@@ -205,6 +205,12 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     upload_timeout = Float(
         3600.0, config=True, help="Seconds an upload may take to send its whole body before the connection is closed."
     )
+    upload_stall_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds an upload's body may send nothing before it gets 408 and its connection is closed (its "
+        "upload discarded); upload_timeout bounds the whole body.",
+    )
     max_uploads_per_user = Int(
         4,
         config=True,

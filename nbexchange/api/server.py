@@ -49,6 +49,7 @@ def make_app(
         max_feedback_size=settings.max_feedback_size,
         max_body_size=settings.max_body_size,
         upload_timeout=settings.upload_timeout,
+        upload_stall_timeout=settings.upload_stall_timeout,
         upload_slots=UploadSlots(settings.max_uploads_per_user, settings.max_uploads_total),
         metrics_require_auth=settings.metrics_require_auth,
         log_function=_log_request,

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
-from typing import Protocol
+from typing import Any, Protocol
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from tornado import web
+from tornado.ioloop import IOLoop
 
 from nbexchange.api.base import BaseHandler, check_id
 from nbexchange.errors import ExchangeError, Invalid, TooLarge, TooManyRequests, Unavailable, UnsupportedMedia
 from nbexchange.identity.base import User
 from nbexchange.storage import StoredArchive, Upload, raise_if_full
 from nbexchange.workers.archives import GZIP_MAGIC
+
+log = logging.getLogger(__name__)
 
 #: Room for the multipart envelope and small form fields around the file.
 _ENVELOPE = 1024 * 1024
@@ -214,6 +220,9 @@ class UploadHandler(BaseHandler):
     _gone = False
     #: Whose upload slot this request holds (given back once).
     _slot_user: User | None = None
+    #: When the body last sent anything, and the timer that drops a body that stalls.
+    _last_chunk = 0.0
+    _stall_timer: Any = None
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -257,7 +266,32 @@ class UploadHandler(BaseHandler):
         slots.take(self.user)
         self._slot_user = self.user
 
+    def limit_body(self) -> None:
+        """As every route's, and for the upload itself a watch on its body: one that stalls is dropped."""
+        super().limit_body()
+        if self.request.method == self.upload_method:
+            self._last_chunk = time.monotonic()
+            self._stall_timer = IOLoop.current().call_later(self.settings["upload_stall_timeout"], self._check_stall)
+
+    def _check_stall(self) -> None:
+        # upload_timeout bounds the whole body; this, each silence in it, so that a dead client
+        # does not hold its slot, its temp file and a connection for up to an hour.
+        self._stall_timer = None
+        if self._finished or (self._upload is not None and self._parser.complete):
+            return
+        limit: float = self.settings["upload_stall_timeout"]
+        silent = time.monotonic() - self._last_chunk
+        if silent < limit:
+            self._stall_timer = IOLoop.current().call_later(limit - silent, self._check_stall)
+            return
+        note = f"The upload sent nothing for {limit:g} seconds; it was discarded. Send it again."
+        log.info("%s %s -> 408: %s", self.request.method, self.request.path, note)
+        self._fail(Invalid(note))
+        self.send_error(408, exc_info=(web.HTTPError, web.HTTPError(408, note), None))
+        self.request.connection.close()  # type: ignore[union-attr]
+
     def data_received(self, chunk: bytes) -> None:
+        self._last_chunk = time.monotonic()
         if self._upload is None or self._failure is not None:
             # After a refusal the rest of the body is read and dropped, so that the client gets the answer.
             return
@@ -317,6 +351,9 @@ class UploadHandler(BaseHandler):
 
     def _received_all(self) -> None:
         # Once per request, whichever of finishing or a closed connection comes first.
+        if self._stall_timer is not None:
+            IOLoop.current().remove_timeout(self._stall_timer)
+            self._stall_timer = None
         if self._receiving:
             self._receiving = False
             self.runtime.upload_ended()
