@@ -114,9 +114,10 @@ def test_feedback_decodes_to_the_uploaded_bytes_in_the_documented_shape(svc, lar
     ]
     assert base64.b64decode(body["feedback"][0]["content"], validate=True) == html
     assert base64.b64decode(body["feedback"][1]["content"], validate=True) == b"<html>short</html>"
-    # The fetch is recorded, as before: feedback_fetched of both files.
+    # The fetch is recorded, as before: feedback_fetched of both files. (The workers' archive
+    # checks of the release and the submission may land after ``at`` too, in streams of their own.)
     events = ok(get(svc, "events", "ada", course_id=COURSE, assignment_id="ps1", after=at))["value"]
-    assert [e["type"] for e in events] == ["feedback_fetched"]
+    assert [e["type"] for e in events if not e["stream"].startswith("check/")] == ["feedback_fetched"]
 
 
 @pytest.mark.hostile(
