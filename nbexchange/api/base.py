@@ -245,12 +245,14 @@ class BaseHandler(web.RequestHandler):
         deadline = started + self.exchange.consistency_timeout
         delay = 0.01
         caught_up = False
+        checked_head = False
         while True:
             current = await self.run(self.exchange.reached, wanted)
             if current is not None:
                 return current
-            if delay == 0.01:
+            if not checked_head:
                 # Not reached at once: a position past the log's head is the client's error, not worth a wait.
+                checked_head = True
                 head = await self.run(self.runtime.store.head)
                 if wanted > head:
                     raise Invalid(f"The parameter 'min_position' ({wanted}) is past the log's last position ({head}).")
