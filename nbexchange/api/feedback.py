@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 
 from tornado import web
+from tornado.iostream import StreamClosedError
 
 from nbexchange.api.uploads import UploadHandler
 from nbexchange.exchange import FeedbackFile
 from nbexchange.storage import CHUNK_SIZE
+
+log = logging.getLogger(__name__)
 
 #: Bytes of a file encoded at a time: a multiple of 3, so that no piece's base64 is padded
 #: and the pieces concatenate into the base64 of the whole file.
@@ -33,6 +37,9 @@ class FeedbackHandler(UploadHandler):
         )
         try:
             await self._send(files, event.position if event else position)
+        except StreamClosedError:
+            # The client went away mid-answer: there is no one to answer, and nothing failed here.
+            log.info("GET feedback: the client closed the connection before the answer was complete")
         finally:
             for feedback in files:
                 feedback.file.close()

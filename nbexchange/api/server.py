@@ -23,7 +23,7 @@ from nbexchange.projections import NAMES, lag
 from nbexchange.runtime import Runtime
 from nbexchange.storage import CHUNK_SIZE
 from nbexchange.tuning import tune_gc
-from nbexchange.workers.app import EmbeddedWorker, Sweeper
+from nbexchange.workers.app import EmbeddedWorker, Sweeper, shown_url
 
 if TYPE_CHECKING:
     from nbexchange.app import NbExchange
@@ -117,7 +117,7 @@ def serve(settings: NbExchange) -> None:
             body_timeout=settings.body_timeout,
         )
         server.add_sockets(bind_sockets(settings.port, settings.ip, reuse_port=settings.reuse_port))
-        mode = "embedded (in-process broker and worker)" if settings.embedded else f"broker {settings.broker_url}"
+        mode = "embedded (in-process broker and worker)" if settings.embedded else f"broker {shown_url(settings.broker_url)}"
         log.info("nbexchange listening on http://%s:%d%s, %s", settings.ip, settings.port, settings.base_url, mode)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

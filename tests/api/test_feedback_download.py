@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +95,7 @@ def content_digests(chunks: Iterator[bytes]) -> list[str]:
 def large(svc: Service) -> tuple[bytes, int]:
     """A released, submitted assignment with a large feedback and a small one; the bytes and the last position."""
     at = ok(release(svc, "ada", "ps1", make_archive({"nb1.ipynb": b"{}", "nb2.ipynb": b"{}"})), 201)["position"]
+    ok(get(svc, "assignments", "s1", course_id=COURSE, min_position=at))  # the release is readable
     at = ok(submit(svc, "s1", "ps1", make_archive({"nb1.ipynb": b"mine"}), stamp=STAMP), 201)["position"]
     html = os.urandom(SIZE)
     ok(post_feedback(svc, html, at), 201)
@@ -180,3 +182,22 @@ def test_feedback_over_its_own_limit_is_refused_before_its_body(svc):
 def test_feedback_just_over_its_limit_is_refused_as_it_arrives(svc, large):
     _, at = large
     refused(post_feedback(svc, bytes(LIMIT + 1), at, notebook="nb3"), 413, str(LIMIT))
+
+
+@pytest.mark.hostile(
+    "Downloads",
+    "a client that closes the connection after the first 64 KiB of a 30 MiB feedback answer",
+    "the server stops writing and closes the files; one info line, no error or traceback",
+)
+def test_a_client_that_goes_away_mid_answer_is_no_error(svc, large):
+    _, at = large
+    before = svc.log_text().count("Traceback")
+    params = {"course_id": COURSE, "assignment_id": "ps1", "min_position": at}
+    with requests.get(svc.url + "feedback", params=params, headers=svc.headers("s1"), stream=True, timeout=60) as a:
+        assert a.status_code == 200
+        next(a.iter_content(64 * 1024))
+    # The server notices on its next write; then it may log the request, but no error.
+    ok(get(svc, "feedback", "s1", course_id=COURSE, assignment_id="ps1"))
+    time.sleep(1)
+    log = svc.log_text()
+    assert log.count("Traceback") == before, log[-3000:]

@@ -7,7 +7,7 @@ long (pax and GNU long names), not UTF-8, duplicated, or a file shadowing a
 folder, with sizes up to a small bomb, under small limits. The suite runs a
 fixed budget of a few seconds; a long run is::
 
-    NBEX_HYPOTHESIS_PROFILE=long python -m pytest tests/workers/test_archive_properties.py
+    NBEX_HYPOTHESIS_PROFILE=long python -m pytest --timeout=0 tests/workers/test_archive_properties.py
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The real ``nbexchange`` process with a bad users file: one critical line, no token, no traceback, exit 1."""
+"""The real ``nbexchange`` process keeps secrets out of its output: tokens of a bad users file, broker passwords.
+
+A bad users file stops the start with one critical line, no token and no traceback.
+"""
 
 from __future__ import annotations
 
@@ -81,3 +84,23 @@ def test_the_override_lets_a_readable_users_file_start_with_a_warning(tmp_path: 
     log = svc.log_text()
     assert "accepted because allow_readable_users_file is set" in log
     assert svc.tokens["ada"] not in log
+
+
+@pytest.mark.hostile(
+    "Identity and secrets",
+    "a broker URL with a password (redis://:<password>@host/0), as the API process logs where it sends work",
+    "the password is masked (redis://:**@host/0) in every line the process writes",
+)
+def test_the_broker_password_is_masked_in_the_log(tmp_path: Path) -> None:
+    password = "br0ker-" + SECRET[:12]
+    url, token = fresh_db_url(tmp_path)
+    broker = f"redis://:{password}@127.0.0.1:1/0"  # nothing listens: only what is logged matters here
+    svc = start_service(tmp_path, {"ada": {"phys101": "Instructor"}}, db_url=url, broker_url=broker, workers=0)
+    try:
+        assert requests.get(svc.url + "health", timeout=30).status_code == 200
+    finally:
+        svc.stop()
+        drop_db(token)
+    log = svc.log_text()
+    assert "broker redis://:**@127.0.0.1:1/0" in log
+    assert password not in log
