@@ -317,6 +317,32 @@ def driver_insert(dialect: sa.Dialect, table: sa.Table) -> DriverInsert:
     return DriverInsert(dialect, table)
 
 
+def wait_until_reachable(engine: Engine, timeout: float) -> None:
+    """Return once the database accepts a connection; ``Unavailable`` if it has not within ``timeout`` seconds.
+
+    Processes are often started with their database (``docker compose up``,
+    a host's reboot): one that migrates on start then waits for it, instead
+    of exiting on the first refused connection. The wait is logged once.
+    """
+    deadline = time.monotonic() + timeout
+    delay, waiting = 0.1, False
+    while True:
+        try:
+            with translate_errors(), engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            break
+        except Unavailable as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            if not waiting:
+                log.warning("The database does not answer (%s); waiting up to %.0f s for it", e.__cause__, timeout)
+            waiting = True
+        time.sleep(delay)
+        delay = min(2 * delay, 2.0)
+    if waiting:
+        log.warning("The database answers")
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database up to ``revision`` with alembic; a new one is created from empty."""
     _alembic(engine, "upgrade", revision)

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+
+class Outage(Protocol):
+    """What a failing run reports to (the workers' ``OutageLog``: once when it begins, once when it ends)."""
+
+    def failed(self, error: BaseException) -> None: ...
+
+    def worked(self) -> None: ...
 
 
 class Periodic:
     """Runs :meth:`tick` on start, then every ``interval`` seconds; :meth:`stop` waits for the current run.
 
-    A failing run is logged and tried again at the next interval: the work
-    (a sweep, an anchor) depends on a database or a place that may be away.
+    A failing run is reported to ``outage`` (else logged) and tried again at
+    the next interval: the work (a sweep, an anchor) depends on a database or
+    a place that may be away.
     """
 
-    def __init__(self, name: str, interval: float) -> None:
+    def __init__(self, name: str, interval: float, outage: Outage | None = None) -> None:
         self.interval = interval
+        self.outage = outage
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -37,6 +48,12 @@ class Periodic:
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:
-                log.exception("%s failed; trying again in %s s", self._thread.name, self.interval)
+            except Exception as e:
+                if self.outage is None:
+                    log.exception("%s failed; trying again in %s s", self._thread.name, self.interval)
+                else:
+                    self.outage.failed(e)
+            else:
+                if self.outage is not None:
+                    self.outage.worked()
             self._stop.wait(self.interval)

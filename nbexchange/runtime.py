@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nbexchange.committer import GroupCommitter
-from nbexchange.db import make_engine, upgrade
+from nbexchange.db import make_engine, upgrade, wait_until_reachable
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import RecordedEvent
 from nbexchange.metrics import count_appended
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Seconds a process that migrates on start waits for its database to answer before it gives up.
+DATABASE_WAIT = 60.0
 #: Seconds after bytes of an upload last arrived during which a process still counts as receiving uploads.
 UPLOAD_GAP = 1.0
 
@@ -37,6 +39,7 @@ class Runtime:
     def __init__(self, settings: NbExchange, *, follow_log: bool = False) -> None:
         self.engine = make_engine(settings.db_url)
         if settings.upgrade_db:
+            wait_until_reachable(self.engine, DATABASE_WAIT)
             upgrade(self.engine)
         self.store = SQLEventStore(self.engine)
         self.archives = ArchiveStore(Path(settings.base_storage_location))

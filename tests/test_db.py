@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from builders import release, submit
 import nbexchange.projections  # noqa: F401  (registers the projections' tables)
 from nbexchange import db
 from nbexchange.db import current_revision, make_engine, metadata, upgrade, write_transaction
+from nbexchange.errors import Unavailable
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.projections import PROJECTIONS, catch_up_all, snapshot
 from nbexchange.projections.collections import get_submission, list_submissions
@@ -71,6 +73,19 @@ def test_an_upgrade_waits_for_the_migration_lock(db_url):
     assert current_revision(second) == db.head_revision()
     first.dispose()
     second.dispose()
+
+
+def test_waiting_for_a_database_that_never_answers_ends_in_unavailable():
+    """A process started before its database waits for it, but not forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing")
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        db.wait_until_reachable(engine, timeout=1.0)
+    assert 0.5 < time.monotonic() - started < 5
+    engine.dispose()
 
 
 def test_an_older_database_keeps_its_log_and_gains_projections(db_url):

@@ -38,11 +38,16 @@ from nbexchange.events.store import (
     verify_chain,
 )
 
+STREAM = sa.String(1024).with_variant(sa.String(1024, collation="C"), "postgresql")
+
 events_table = sa.Table(
     "events",
     metadata,
     sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("stream", sa.String(1024), nullable=False),
+    # In byte order on PostgreSQL too (collation "C", migration 0006), as SQLite's
+    # BINARY is: the events route's exact prefix match is then a range of the
+    # unique index, whatever the database's own collation.
+    sa.Column("stream", STREAM, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("type", sa.String(64), nullable=False),
     sa.Column("schema", sa.Integer, nullable=False),

@@ -76,21 +76,27 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
         task_default_queue=queue,
     )
 
-    # A check the database could not serve (down, restarting, failing over)
-    # goes back to the queue and is tried again, sooner at first, then every
-    # few seconds until the database answers (the delays are random up to
-    # 1, 2, 4, then CHECK_RETRY_MAX seconds, so a backlog does not come back
-    # all at once), however long the outage lasts. Acknowledged as failed, it
-    # would wait for the sweep. Every check is idempotent: the positions
-    # already done are found done.
-    @app.task(  # type: ignore[untyped-decorator]
-        name=CHECK_ARCHIVES,
-        autoretry_for=(Unavailable,),
-        retry_backoff=1,
-        retry_backoff_max=CHECK_RETRY_MAX,
-        retry_jitter=True,
-        max_retries=None,
-    )
+    # With a broker, a check the database could not serve (down, restarting,
+    # failing over) goes back to the queue and is tried again, sooner at
+    # first, then every few seconds until the database answers (the delays
+    # are random up to 1, 2, 4, then CHECK_RETRY_MAX seconds, so a backlog
+    # does not come back all at once), however long the outage lasts.
+    # Acknowledged as failed, it would wait for the sweep. Every check is
+    # idempotent: the positions already done are found done. Embedded, a
+    # failed check is still left to the sweep (every sweep_interval): kombu's
+    # in-process transport never delivered the message a task republishes to
+    # retry itself (seen with kombu 5.7), which would be lost silently.
+    retry_on_outage: dict[str, Any] = {}
+    if broker_url:
+        retry_on_outage = {
+            "autoretry_for": (Unavailable,),
+            "retry_backoff": 1,
+            "retry_backoff_max": CHECK_RETRY_MAX,
+            "retry_jitter": True,
+            "max_retries": None,
+        }
+
+    @app.task(name=CHECK_ARCHIVES, **retry_on_outage)  # type: ignore[untyped-decorator]
     def check_archives(positions: list[int]) -> None:
         for position in positions:
             tasks.check_archive(ctx, position)
@@ -104,6 +110,33 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
         tasks.sweep(ctx)
 
     return app
+
+
+class OutageLog:
+    """Logs an outage once when it begins (with its traceback) and once when it ends, however often it is met.
+
+    Each of the dispatcher, the projector and the sweeper meets an outage at
+    every try (several a second for the first two): a line per try would
+    bury the one that matters.
+    """
+
+    def __init__(self, began: str, ended: str, level: int = logging.WARNING) -> None:
+        self.began = began
+        self.ended = ended
+        self.level = level
+        self.down = False
+
+    def failed(self, error: BaseException) -> None:
+        """A try failed; logged if it is the outage's first."""
+        if not self.down:
+            log.log(self.level, self.began, error, exc_info=error)
+        self.down = True
+
+    def worked(self) -> None:
+        """A try worked; logged if it ends an outage."""
+        if self.down:
+            log.warning(self.ended)
+        self.down = False
 
 
 class Dispatcher:
@@ -140,7 +173,10 @@ class Dispatcher:
         self.hold_max = hold_max
         self.catch_up = catch_up
         self.catch_up_interval = catch_up_interval
-        self._down = False
+        self._outage = OutageLog(
+            "Could not reach the broker (%s); until it answers, the sweep picks up what is committed",
+            "The broker answers again",
+        )
         self._queue: queue.Queue[Sequence[RecordedEvent] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="nbexchange-dispatcher", daemon=True)
         self._thread.start()
@@ -205,15 +241,10 @@ class Dispatcher:
                 for start in range(0, len(positions), CHECKS_PER_MESSAGE):
                     self._send(CHECK_ARCHIVES, (positions[start : start + CHECKS_PER_MESSAGE],))
             except Exception as e:
-                # One traceback per outage is enough; the sweep does the work meanwhile.
-                log.warning(
-                    "Could not reach the broker (%s); the sweep will pick these events up", e, exc_info=not self._down
-                )
-                self._down = True
+                # Once per outage, not per commit batch; the sweep does the work meanwhile.
+                self._outage.failed(e)
             else:
-                if self._down:
-                    log.warning("The broker answers again")
-                self._down = False
+                self._outage.worked()
 
 
 class Projector:
@@ -244,21 +275,20 @@ class Projector:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        failing = False
+        outage = OutageLog(
+            "Catch-up failed (%s); it is tried again at each wake-up until it works",
+            "Catch-up works again",
+            logging.ERROR,
+        )
         while True:
             self._wake.wait(self.poll)
             self._wake.clear()
             try:
                 tasks.catch_up(self.ctx)
-            except Exception:
-                # Once per outage: following the log, it tries ten times a second.
-                if not failing:
-                    log.exception("Catch-up failed; it is tried again at each wake-up until it works")
-                failing = True
+            except Exception as e:
+                outage.failed(e)
             else:
-                if failing:
-                    log.warning("Catch-up works again")
-                failing = False
+                outage.worked()
             if self._stopping:
                 return
 
@@ -271,7 +301,12 @@ class Sweeper(Periodic):
     """
 
     def __init__(self, ctx: WorkerContext, interval: float) -> None:
-        super().__init__("nbexchange-sweeper", interval)
+        outage = OutageLog(
+            f"Sweep failed (%s); it is tried again every {interval} s until it works",
+            "The sweep works again",
+            logging.ERROR,
+        )
+        super().__init__("nbexchange-sweeper", interval, outage)
         self.ctx = ctx
 
     def tick(self) -> None:

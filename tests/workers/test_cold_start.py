@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
 import service as service_module
 import sqlalchemy as sa
 from httpclient import COURSE, get, ok, release, submit, until
-from servers import RedisServer
-from service import TEST_DB_URL, Service
+from servers import PostgresServer, RedisServer
+from service import TEST_DB_URL, Service, start_service
 
 USERS = {"ada": {COURSE: "Instructor"}, "s1": {COURSE: "Student"}}
 #: The PostgreSQL the suite runs on, or the shared one when this is the SQLite pass.
@@ -74,4 +76,40 @@ def test_two_apis_and_two_workers_started_at_once_on_an_empty_database_all_come_
         _serves(svc, round_)
         exited = [(proc.args, proc.returncode) for proc in svc.procs if proc.poll() is not None]
         assert not exited, f"round {round_}: {exited}\n{svc.log_text()[-4000:]}"
+        svc.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_processes_started_before_their_database_come_up_when_it_does(
+    own_postgres: PostgresServer, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """As ``docker compose up`` without its migrate step may: the processes wait for the database, then migrate."""
+    own_postgres.stop()
+    root = tmp_path / "exchange"
+    flags = {"db_url": own_postgres.url, "broker_url": own_redis.url, "api_processes": 2, "workers": 2}
+    pool = ThreadPoolExecutor(1)
+    starting = pool.submit(start_service, root, USERS, **flags, cold_start=True)
+
+    def all_waiting() -> bool:
+        if starting.done():
+            starting.result()  # raises with the logs if a process exited
+        logs = [log.read_text(errors="replace") for log in root.glob("*.log")]
+        return len(logs) == 4 and all("The database does not answer" in text for text in logs)
+
+    # The database comes up once every process is waiting for it.
+    waiting: Exception | None = None
+    try:
+        until(all_waiting, 60, lambda: "\n".join(log.read_text() for log in root.glob("*.log"))[-4000:])
+    except Exception as e:  # reported once the processes are stopped
+        waiting = e
+    own_postgres.start()
+    pool.shutdown(wait=True)
+    svc = starting.result()  # raises with the logs if a process exited
+    try:
+        assert waiting is None, waiting
+        _serves(svc, 0)
+        assert all(proc.poll() is None for proc in svc.procs), svc.log_text()[-4000:]
+        assert all("The database answers" in log.read_text() for log in svc.logs), svc.log_text()[-4000:]
+    finally:
         svc.stop()

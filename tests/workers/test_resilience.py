@@ -28,6 +28,7 @@ from servers import PostgresServer, RedisServer, redis_answers
 from service import TEST_BROKER_URL, TEST_DB_URL, Service
 
 from nbexchange.clock import format_timestamp
+from nbexchange.db import make_engine, upgrade
 from nbexchange.events.domain import INSTRUCTOR, Actor, Released, Submitted
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import AppendRequest, RecordedEvent
@@ -360,7 +361,50 @@ def test_checks_failed_by_a_database_outage_are_retried_soon_after_it_ends(
     assert worker.poll() is None, f"the worker died with the database:\n{_log_of(svc, worker)[-4000:]}"
 
 
-# -- 5. embedded mode: the task functions called directly ----------------------------------
+# -- 5. Redis down: the API says so once, and once when it is back -------------------------
+
+
+def _problems(text: str) -> list[str]:
+    """The log lines at WARNING or above (the format's ``[W``, ``[E``, ``[C``), tracebacks left out."""
+    return [line for line in text.splitlines() if line.startswith(("[W ", "[E ", "[C "))]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_broker_outage_is_logged_once_and_its_end_once(
+    own_redis: RedisServer, exchange_service: Callable[..., Service]
+) -> None:
+    svc = exchange_service(USERS, broker_url=own_redis.url, workers=1)
+    (api,) = [p for p in svc.procs if "worker" not in p.args]  # type: ignore[operator]
+    release_and_wait(svc, "ps-broker")
+    accepted = submit_all(svc, "ps-broker", make_jobs(4), threads=1)
+    before = len(_problems(_log_of(svc, api)))
+
+    own_redis.kill()
+    # Many commit batches while the broker is away: spread over several seconds, then a burst.
+    jobs = make_jobs(40, start=4)
+    for job in jobs[:10]:
+        accepted |= submit_all(svc, "ps-broker", [job], threads=1)
+        time.sleep(0.5)
+    accepted |= submit_all(svc, "ps-broker", jobs[10:30], threads=8)
+    own_redis.start()
+    # The outage's end shows at the first message sent after it: a few more commits.
+    accepted |= submit_all(svc, "ps-broker", jobs[30:], threads=1)
+
+    def logged() -> list[str]:
+        return _problems(_log_of(svc, api))[before:]
+
+    until(lambda: any("answers again" in line for line in logged()), 15, lambda: "\n".join(logged()))
+    lines = logged()
+    down = [line for line in lines if "Could not reach the broker" in line]
+    back = [line for line in lines if "The broker answers again" in line]
+    assert len(down) == 1 and len(back) == 1, "\n".join(lines)
+    assert lines == [*down, *back], "other warnings during the outage:\n" + "\n".join(lines)
+    # What the broker did not carry, the sweep checked: nothing was lost.
+    assert_listed_once(settle(svc, "ps-broker", accepted, timeout=60), accepted)
+
+
+# -- 6. embedded mode: the task functions called directly ----------------------------------
 
 T0 = datetime(2026, 1, 31, 23, 0, tzinfo=timezone.utc)
 TEACHER = Actor(name="ada", role=INSTRUCTOR)
@@ -521,27 +565,33 @@ def test_a_worker_projector_follows_the_log_without_being_told(ctx: Context) -> 
         projector.stop()
 
 
-def test_a_following_projector_reports_an_outage_once(
-    ctx: Context, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.timeout(120)
+def test_a_database_outage_is_logged_once_each_way_by_the_projector_and_the_sweeper(
+    own_postgres: PostgresServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    calls: list[int] = []
-    real = tasks.catch_up
-
-    def failing_for_a_while(context: object) -> None:
-        calls.append(1)
-        if len(calls) <= 10:
-            raise RuntimeError("database down")
-        real(ctx)
-
-    monkeypatch.setattr(tasks, "catch_up", failing_for_a_while)
-    projector = Projector(ctx, poll=0.02)
+    """They try ten and twenty times a second here: a line per try would bury the outage's one."""
+    engine = make_engine(own_postgres.url)
+    upgrade(engine)
+    store = SQLEventStore(engine)
+    ctx = Context(engine, store, store, ArchiveStore(tmp_path / "store"), ArchiveLimits(), sweep_grace=0)
+    projector, sweeper = Projector(ctx, poll=0.05), Sweeper(ctx, interval=0.1)
+    sweeper.start()
     try:
-        until(lambda: len(calls) > 12, 10, "the projector stopped trying")
+        own_postgres.stop()
+        time.sleep(2)  # some 40 catch-ups and 20 sweeps fail
+        own_postgres.start()
+        submitted = append_submission(ctx, "s1", b"after the outage")
+        until(lambda: outcomes_of(ctx, submitted.position), 15, "the sweeper never came back")
+        until(lambda: checkpoints(ctx.engine).get("collections", 0) >= submitted.position, 15, "nor the projector")
     finally:
+        sweeper.stop()
         projector.stop()
-    failures = [r for r in caplog.records if r.getMessage().startswith("Catch-up failed")]
-    assert len(failures) == 1 and failures[0].exc_info is not None
-    assert any(r.getMessage() == "Catch-up works again" for r in caplog.records)
+        engine.dispose()
+    lines = [r.getMessage() for r in caplog.records]
+    for began, ended in [("Catch-up failed", "Catch-up works again"), ("Sweep failed", "The sweep works again")]:
+        failures = [r for r in caplog.records if r.getMessage().startswith(began)]
+        assert len(failures) == 1 and failures[0].exc_info is not None, lines
+        assert lines.count(ended) == 1, lines
 
 
 def test_a_failing_check_does_not_stop_the_projections(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
