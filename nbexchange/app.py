@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Float, Int, Type, Unicode, default, validate
+from traitlets import Bool, Enum, Float, Int, TraitError, Type, Unicode, default, validate
 from traitlets.config import Application
 
 from nbexchange.errors import Invalid
@@ -24,12 +24,52 @@ COMMANDS = {
     "serve": "Run the HTTP API (the default). With no broker_url, also runs the workers in-process.",
     "worker": "Run a Celery worker process on broker_url: unpack and check archives, build projections.",
     "upgrade-db": "Create or upgrade the database schema, then exit.",
-    "verify": "Recompute the log's hash chain and every stored archive's sha256; exit 1 on any fault.",
+    "verify": "Recompute the log's hash chain and every stored archive's sha256; exit 1 on any fault. With "
+    "--expect-head or --anchors, also check the log still holds heads recorded elsewhere.",
     "export": "Write the whole log as JSON lines (hashes included) to stdout or --output.",
     "replay": "Print the exchange as it stood at --until-position or --until-time (JSON).",
-    "rebuild": "Rebuild every projection from position 0.",
+    "report": "One assignment's record per student (on time, late, missing; resubmissions, collections, feedback, "
+    "clock skew) as a table, CSV or an HTML page with a plot: --course, --assignment.",
+    "extract": "Write one submission's archive (--submission POSITION) to --output and print its sha256, appending "
+    "nothing.",
+    "rebuild": "Rebuild every projection from position 0 (refuses a database with no log).",
     "collect": "Remove stored blobs no event owns and crashes' leftovers, older than blob_grace (or --grace).",
 }
+
+
+#: The options each command reads (besides every setting); ``nbexchange COMMAND --help`` lists them.
+COMMAND_OPTIONS = {
+    "serve": ("ip", "port", "config", "log-level"),
+    "worker": ("config", "log-level"),
+    "upgrade-db": ("config", "log-level"),
+    "verify": ("until-position", "expect-head", "anchors", "projections", "config", "log-level"),
+    "export": ("output", "config", "log-level"),
+    "replay": ("until-position", "until-time", "course", "assignment", "org", "config", "log-level"),
+    "report": (
+        "course", "assignment", "org", "deadline", "as-of", "format", "output", "max-clock-skew", "config", "log-level"
+    ),
+    "extract": ("submission", "output", "config", "log-level"),
+    "rebuild": ("config", "log-level"),
+    "collect": ("grace", "config", "log-level"),
+}
+
+#: The commands that only read: they open the database read-only and never write the store.
+AUDIT_COMMANDS = ("verify", "export", "replay", "report", "extract")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nbexchange")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _utf8_stdout() -> Any:
+    """stdout, writing UTF-8 whatever the locale (the log's text is UTF-8)."""
+    sys.stdout.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
+    return sys.stdout
 
 
 def _url_prefix(value: str) -> str:
@@ -41,6 +81,7 @@ class NbExchange(Application):  # type: ignore[misc]
     """The nbexchange service: one settings object for API processes and workers."""
 
     name = "nbexchange"
+    version = _version()
     # Listed so that ``--help-all`` and ``--JupyterHubPlugin.x=…`` know the identity plugins' settings.
     classes = [JupyterHubPlugin, UsersFilePlugin]
     description = "A JupyterHub service that replaces nbgrader's filesystem exchange.\n\nCommands:\n" + "\n".join(
@@ -66,6 +107,20 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "assignment": "NbExchange.assignment_id",
         "org": "NbExchange.org_id",
         "grace": "NbExchange.blob_grace",
+        "expect-head": "NbExchange.expect_head",
+        "anchors": "NbExchange.anchors",
+        "deadline": "NbExchange.deadline",
+        "as-of": "NbExchange.as_of",
+        "format": "NbExchange.report_format",
+        "max-clock-skew": "NbExchange.max_clock_skew",
+        "submission": "NbExchange.submission",
+    }
+    flags = {
+        **Application.flags,
+        "projections": (
+            {"NbExchange": {"verify_projections": True}},
+            "verify: also compare the live read models with ones rebuilt from the log.",
+        ),
     }
 
     # -- where it listens --------------------------------------------------
@@ -237,16 +292,85 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "time is recorded beside it.",
     )
     executor_threads = Int(64, config=True, help="Threads for blocking work (database, fsync) in an API process.")
-    metrics_require_auth = Bool(False, config=True, help="Whether /metrics needs an authenticated user.")
+    metrics_require_auth = Bool(
+        False, config=True, help="Whether /metrics and /head (which publish the log's head) need an authenticated user."
+    )
+
+    # -- anchors: the log's head kept outside the exchange ------------------
+
+    anchor_interval = Float(
+        0.0,
+        config=True,
+        help="Seconds between appends of the log's head (position, hash, time) to anchor_file and/or anchor_url, "
+        "when it moved; 0: never. `nbexchange verify --anchors=FILE` checks the log against them.",
+    )
+    anchor_file = Unicode(
+        "", config=True, help="File the service appends anchors to, one JSON line each (keep it append-only)."
+    )
+    anchor_url = Unicode("", config=True, help="URL each anchor is POSTed to as JSON (a write-once store you trust).")
 
     # -- the audit commands --------------------------------------------------
 
-    output = Unicode("", config=True, help="export: file to write (default stdout).")
-    until_position = Int(0, config=True, help="replay: the last position to include (0: the head).")
+    output = Unicode(
+        "", config=True, help="export, report: file to write (default stdout); extract: the file to write."
+    )
+    until_position = Int(0, config=True, help="replay, verify: the last position to include (0: the head).")
     until_time = Unicode("", config=True, help="replay: the last moment to include (nbgrader or ISO format).")
-    course_id = Unicode("", config=True, help="replay: the course to show.")
-    assignment_id = Unicode("", config=True, help="replay: the assignment to show (default: all).")
-    org_id = Int(1, config=True, help="replay: the organisation (org_id) whose courses to show.")
+    expect_head = Unicode(
+        "",
+        config=True,
+        help="verify: POSITION:HASH, a head recorded elsewhere; fail unless the log's event at POSITION has HASH.",
+    )
+    anchors = Unicode(
+        "",
+        config=True,
+        help="verify: a file of recorded heads (JSON lines with position and hash, as the service's anchor_file "
+        "holds); fail unless the log holds every one.",
+    )
+    verify_projections = Bool(
+        False, config=True, help="verify: compare the live read models with ones rebuilt from the log."
+    )
+
+    @validate("until_position", "submission")
+    def _not_negative(self, proposal: dict[str, Any]) -> int:
+        if proposal["value"] < 0:
+            option = proposal["trait"].name.replace("_", "-")
+            raise TraitError(f"--{option} must be a position (1, 2, …), not {proposal['value']}")
+        return int(proposal["value"])
+
+    @validate("until_time", "deadline", "as_of")
+    def _a_moment(self, proposal: dict[str, Any]) -> str:
+        from nbexchange.clock import parse_timestamp
+
+        if proposal["value"]:
+            try:
+                parse_timestamp(proposal["value"])
+            except ValueError:
+                option = {"until_time": "until-time", "as_of": "as-of"}.get(proposal["trait"].name, "deadline")
+                raise TraitError(
+                    f"--{option} {proposal['value']!r} is not a time "
+                    "(nbgrader's '2026-01-31 23:59:59 UTC' or ISO 8601)"
+                ) from None
+        return str(proposal["value"])
+
+    @validate("expect_head")
+    def _a_head(self, proposal: dict[str, Any]) -> str:
+        if proposal["value"] and not re.fullmatch(r"[1-9][0-9]*:[0-9a-f]{64}", proposal["value"]):
+            raise TraitError(
+                f"--expect-head must be POSITION:HASH (a position and 64 hex digits), not {proposal['value']!r}"
+            )
+        return str(proposal["value"])
+    course_id = Unicode("", config=True, help="replay, report: the course to show.")
+    assignment_id = Unicode("", config=True, help="replay: the assignment to show (default: all); report: the one.")
+    org_id = Int(1, config=True, help="replay, report: the organisation (org_id) whose courses to show.")
+    deadline = Unicode(
+        "",
+        config=True,
+        help="report: judge lateness against this due date instead of the log's (students' extensions still apply).",
+    )
+    as_of = Unicode("", config=True, help="report: the log as it stood at this moment (default: now).")
+    report_format = Enum(["table", "csv", "html"], "table", config=True, help="report: table, csv or html.")
+    submission = Int(0, config=True, help="extract: the log position of the submission whose archive to write.")
 
     config_file = Unicode(
         "", config=True, help="Config file to load (default nbexchange_config.py in ./ or /etc/nbexchange/)."
@@ -255,8 +379,21 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     # -- running -------------------------------------------------------------
 
     def initialize(self, argv: list[str] | None = None) -> None:
-        """Parse the command line, then load the config file (the command line wins)."""
-        super().initialize(argv)
+        """Parse the command line, then load the config file (the command line wins).
+
+        A command line that makes no sense exits 2 with a one-line error.
+        """
+        args = sys.argv[1:] if argv is None else list(argv)
+        command = next((a for a in args if not a.startswith("-")), None)
+        if command in COMMANDS and ("--help" in args or "-h" in args):
+            self.print_command_help(command)
+            self.exit(0)
+        try:
+            super().initialize(argv)  # traitlets reports a bad option and exits 1
+        except SystemExit as e:
+            if e.code == 1:
+                self.exit(2)
+            raise
         if self.config_file:
             path = Path(self.config_file)
             if not path.is_file():
@@ -274,6 +411,22 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         if self.command not in COMMANDS:
             self.log.critical("Unknown command %r; commands: %s", self.command, ", ".join(COMMANDS))
             self.exit(2)
+        if len(self.extra_args) > 1:
+            self.log.critical("Unexpected arguments after %r: %s", self.command, " ".join(self.extra_args[1:]))
+            self.exit(2)
+
+    def print_command_help(self, command: str) -> None:
+        """What ``command`` does and the options it reads."""
+        print(f"nbexchange {command}: {COMMANDS[command]}\n\nOptions:")
+        for name in COMMAND_OPTIONS[command]:
+            if name in self.flags:
+                print(f"  --{name}\n      {self.flags[name][1]}")
+                continue
+            owner, trait_name = self.aliases[name].split(".")
+            cls = type(self) if owner == "NbExchange" else Application
+            trait = cls.class_traits()[trait_name]
+            print(f"  --{name}=<{type(trait).__name__}>  (default {getattr(self, trait_name)!r})\n      {trait.help}")
+        print("\nEvery setting (database, store, …): nbexchange --help-all")
 
     @default("raise_config_file_errors")
     def _default_raise_config_file_errors(self) -> bool:
@@ -376,22 +529,34 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
             runtime.close()
         sys.exit(worker.exitcode or 0)
 
-    def _open(self, audit: bool = False) -> Any:
-        """The database and its log; an audit never creates or migrates the database it reads."""
+    def _open(self, audit: bool = False, existing: bool = False) -> Any:
+        """The database and its log.
+
+        An audit (``audit``) opens it read-only, never creating or migrating
+        it; ``existing`` refuses a database without a log instead of creating one.
+        """
         import sqlalchemy as sa
 
+        from nbexchange.audit import open_read_only
         from nbexchange.db import make_engine, upgrade
         from nbexchange.events.sql import SQLEventStore
 
         url = sa.make_url(self.db_url)
-        if audit and url.get_backend_name() == "sqlite" and not Path(url.database or ":memory:").is_file():
+        if not self._db_url_set():
+            # An auditor who forgot the setting must not take the default's answer for the exchange's.
+            self.log.info("No db_url set: using %s", url.render_as_string(hide_password=True))
+        must_exist = audit or existing
+        if must_exist and url.get_backend_name() == "sqlite" and not Path(url.database or ":memory:").is_file():
             self._no_log(url)  # connecting would create an empty file
-        engine = make_engine(self.db_url)
+        engine = open_read_only(self.db_url) if audit else make_engine(self.db_url)
+        if must_exist and not sa.inspect(engine).has_table("events"):
+            self._no_log(url)
         if not audit and self.upgrade_db:
             upgrade(engine)
-        elif audit and not sa.inspect(engine).has_table("events"):
-            self._no_log(url)
         return engine, SQLEventStore(engine)
+
+    def _db_url_set(self) -> bool:
+        return "db_url" in self.config.get("NbExchange", {}) or bool(os.environ.get("NBEX_DB_URL"))
 
     def _no_log(self, url: Any) -> None:
         # Else a mistyped db_url would be "verified" as an empty, intact log.
@@ -406,10 +571,21 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         self.log.info("Database at revision %s", current_revision(engine))
 
     def cmd_verify(self) -> None:
-        from nbexchange.audit import verify
+        from nbexchange.audit import Head, read_anchors, verify, verify_projections
 
+        heads = [Head.parse(self.expect_head)] if self.expect_head else []
+        if self.anchors:
+            try:
+                heads += read_anchors(Path(self.anchors))
+            except (OSError, ValueError) as e:
+                self.log.critical("Cannot read the anchors: %s", e)
+                self.exit(2)
         engine, store = self._open(audit=True)
-        report = verify(store, Path(self.base_storage_location))
+        until = self.until_position or None
+        report = verify(store, Path(self.base_storage_location), until_position=until, heads=heads)
+        if self.verify_projections:
+            report["projections"] = verify_projections(engine)
+            report["ok"] = report["ok"] and report["projections"]["ok"]
         print(json.dumps(report, indent=2))
         sys.exit(0 if report["ok"] else 1)
 
@@ -422,7 +598,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
                 count = export(store, out)
             self.log.info("Wrote %d events to %s", count, self.output)
         else:
-            export(store, sys.stdout)
+            export(store, _utf8_stdout())
 
     def cmd_replay(self) -> None:
         from nbexchange.audit import replay_view
@@ -437,6 +613,58 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
             org_id=self.org_id,
         )
         print(json.dumps(view, indent=2))
+
+    def cmd_report(self) -> None:
+        from nbexchange.clock import parse_timestamp
+        from nbexchange.errors import NotFound
+        from nbexchange.report import RENDERERS, build_report
+
+        if not (self.course_id and self.assignment_id):
+            self.log.critical("report needs --course and --assignment")
+            self.exit(2)
+        _, store = self._open(audit=True)
+        try:
+            report = build_report(
+                store,
+                self.course_id,
+                self.assignment_id,
+                org_id=self.org_id,
+                deadline=parse_timestamp(self.deadline) if self.deadline else None,
+                as_of=parse_timestamp(self.as_of) if self.as_of else None,
+                max_clock_skew=self.max_clock_skew,
+            )
+        except NotFound as e:
+            self.log.critical("%s", e.note)
+            self.exit(1)
+        try:
+            text = RENDERERS[self.report_format](report)
+        except ImportError as e:
+            self.log.critical("The HTML report plots with matplotlib: pip install 'nbexchange[report]' (%s)", e)
+            self.exit(1)
+        self._write_out(text)
+
+    def cmd_extract(self) -> None:
+        from nbexchange.audit import extract
+        from nbexchange.errors import ExchangeError
+
+        if not (self.submission and self.output):
+            self.log.critical("extract needs --submission POSITION and --output FILE")
+            self.exit(2)
+        _, store = self._open(audit=True)
+        try:
+            sha = extract(store, Path(self.base_storage_location), self.submission, Path(self.output))
+        except ExchangeError as e:
+            self.log.critical("%s", e.note)
+            self.exit(1)
+        print(json.dumps({"position": self.submission, "archive_sha256": sha, "output": self.output}))
+
+    def _write_out(self, text: str) -> None:
+        """``text`` to ``--output`` or stdout."""
+        if self.output:
+            Path(self.output).write_text(text, encoding="utf-8")
+            self.log.info("Wrote %s", self.output)
+        else:
+            _utf8_stdout().write(text)
 
     def cmd_collect(self) -> None:
         from nbexchange.runtime import Runtime
@@ -454,7 +682,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         from nbexchange.projections import rebuild_all
         from nbexchange.tuning import tune_gc
 
-        engine, _ = self._open()
+        engine, _ = self._open(existing=True)
         # A rebuild makes its tables as this code declares them; on an older
         # schema (upgrade_db off) that would leave the tables ahead of the
         # revision alembic records, and the next upgrade would fail on them.

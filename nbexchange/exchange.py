@@ -20,6 +20,8 @@ from nbexchange.events.domain import (
     ArchiveRejected,
     Collected,
     DomainEvent,
+    DueDateSet,
+    ExtensionGranted,
     FeedbackFetched,
     FeedbackReleased,
     Fetched,
@@ -158,9 +160,8 @@ class Exchange:
 
     def _released(self, user: User, course_id: str, assignment_id: str) -> Assignment:
         """The assignment, if it is released now and its archive was not rejected."""
-        assignment = self.assignment(user.org_id, course_id, assignment_id)
-        if assignment.release is None:
-            raise NotFound(f"Assignment {assignment_id!r} is not released in course {course_id!r}.")
+        assignment = self._live_release(user, course_id, assignment_id)
+        assert assignment.release is not None
         outcome = self.rt.store.by_idempotency_key(outcome_key(assignment.release.position))
         if outcome is not None and isinstance(outcome.data, ArchiveRejected):
             raise UnsafeArchive(f"The released archive was rejected: {outcome.data.reason}")
@@ -255,9 +256,12 @@ class Exchange:
         upload: StoredArchive,
         key: str | None = None,
         decided: Assignment | None = None,
+        due_date: datetime | None = None,
     ) -> Written:
-        """Release an assignment's archive; a concurrent release of the same assignment conflicts."""
-        event = Released(user.org_id, course_id, assignment_id, tuple(notebooks), upload.sha256, upload.size)
+        """Release an assignment's archive (with its due date, if given); a concurrent release conflicts."""
+        event = Released(
+            user.org_id, course_id, assignment_id, tuple(notebooks), upload.sha256, upload.size, due_date
+        )
         fingerprint = request_fingerprint("release", **event.to_payload())
         return self._write(
             user,
@@ -284,10 +288,7 @@ class Exchange:
 
         def decide() -> Assignment:
             self.instructor(user, course_id, "unrelease assignments")
-            assignment = self.assignment(user.org_id, course_id, assignment_id)
-            if assignment.release is None:
-                raise NotFound(f"Assignment {assignment_id!r} is not released in course {course_id!r}.")
-            return assignment
+            return self._live_release(user, course_id, assignment_id)
 
         def append(a: Assignment) -> Written:
             purged = a.released if purge else ()
@@ -295,6 +296,57 @@ class Exchange:
             return self._append(user, event, key, fingerprint, expected_version=a.version)
 
         return self._write(user, key, Unreleased.TYPE, fingerprint, decide, append, retry_conflicts=False)
+
+    def set_due_date(
+        self, user: User, course_id: str, assignment_id: str, due_date: datetime | None, key: str | None = None
+    ) -> Written:
+        """Set (``None``: remove) a released assignment's due date; a concurrent change conflicts."""
+        fingerprint = request_fingerprint(
+            "due_date", org_id=user.org_id, course_id=course_id, assignment_id=assignment_id,
+            due_date=format_iso(due_date) if due_date else None,
+        )
+
+        def decide() -> Assignment:
+            self.instructor(user, course_id, "set due dates")
+            return self._live_release(user, course_id, assignment_id)
+
+        def append(a: Assignment) -> Written:
+            event = DueDateSet(user.org_id, course_id, assignment_id, due_date)
+            return self._append(user, event, key, fingerprint, expected_version=a.version)
+
+        return self._write(user, key, DueDateSet.TYPE, fingerprint, decide, append, retry_conflicts=False)
+
+    def grant_extension(
+        self,
+        user: User,
+        course_id: str,
+        assignment_id: str,
+        student_id: str,
+        due_date: datetime,
+        key: str | None = None,
+    ) -> Written:
+        """Give one student their own due date for a released assignment."""
+        fingerprint = request_fingerprint(
+            "extension", org_id=user.org_id, course_id=course_id, assignment_id=assignment_id,
+            student_id=student_id, due_date=format_iso(due_date),
+        )
+
+        def decide() -> Assignment:
+            self.instructor(user, course_id, "grant extensions")
+            return self._live_release(user, course_id, assignment_id)
+
+        def append(a: Assignment) -> Written:
+            event = ExtensionGranted(user.org_id, course_id, assignment_id, student_id, due_date)
+            return self._append(user, event, key, fingerprint, requires=((a.stream, a.version),))
+
+        return self._write(user, key, ExtensionGranted.TYPE, fingerprint, decide, append)
+
+    def _live_release(self, user: User, course_id: str, assignment_id: str) -> Assignment:
+        """The assignment, if it is released now; ``NotFound`` if not."""
+        assignment = self.assignment(user.org_id, course_id, assignment_id)
+        if assignment.release is None:
+            raise NotFound(f"Assignment {assignment_id!r} is not released in course {course_id!r}.")
+        return assignment
 
     def fetch(self, user: User, course_id: str, assignment_id: str, key: str | None = None) -> Download:
         """Record that a member fetched the released archive, and say where it is."""

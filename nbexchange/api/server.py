@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 from tornado import web
 from tornado.netutil import bind_sockets
 
+from nbexchange.anchors import Anchorer, HeadCollector
 from nbexchange.api import default_handlers
 from nbexchange.api.base import NotFoundHandler
 from nbexchange.api.connection import JSONErrorHTTPServer
@@ -77,6 +78,7 @@ def _register_collector(runtime: Runtime) -> None:
     if _collector is None:
         _collector = StateCollector(lambda: lag(runtime.engine, NAMES), runtime.queue_depth)
         REGISTRY.register(_collector)
+        REGISTRY.register(HeadCollector(runtime.store))
 
 
 def serve(settings: NbExchange) -> None:
@@ -100,6 +102,10 @@ def serve(settings: NbExchange) -> None:
         sweeper = Sweeper(runtime, settings.sweep_interval)
         sweeper.start()
     _register_collector(runtime)
+    anchorer = None
+    if settings.anchor_interval > 0 and (settings.anchor_file or settings.anchor_url):
+        anchorer = Anchorer(runtime.store, settings.anchor_interval, settings.anchor_file, settings.anchor_url)
+        anchorer.start()
     app = make_app(settings, runtime, user_plugin, executor)
 
     async def main() -> None:
@@ -132,6 +138,8 @@ def serve(settings: NbExchange) -> None:
     try:
         asyncio.run(main())
     finally:
+        if anchorer:
+            anchorer.stop()
         if sweeper:
             sweeper.stop()
         if worker:

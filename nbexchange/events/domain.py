@@ -160,6 +160,8 @@ class Released(DomainEvent):
     notebooks: tuple[str, ...]
     archive_sha256: str
     archive_size: int
+    #: The assignment's due date as the instructor's gradebook had it, if it had one.
+    due_date: datetime | None = None
 
     def archive(self) -> str | None:
         return self.archive_sha256
@@ -172,6 +174,22 @@ class Unreleased(DomainEvent):
     TYPE: ClassVar[str] = "unreleased"
     purge: bool = False
     purged_archives: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DueDateSet(DomainEvent):
+    """An instructor set (or, with ``None``, removed) the assignment's due date for everyone."""
+
+    TYPE: ClassVar[str] = "due_date_set"
+    due_date: datetime | None
+
+
+@dataclass(frozen=True)
+class ExtensionGranted(StudentEvent):
+    """An instructor gave one student a due date of their own, replacing any earlier extension."""
+
+    TYPE: ClassVar[str] = "extension_granted"
+    due_date: datetime
 
 
 @dataclass(frozen=True)
@@ -265,6 +283,8 @@ EVENT_TYPES: dict[str, type[DomainEvent]] = {
     for cls in (
         Released,
         Unreleased,
+        DueDateSet,
+        ExtensionGranted,
         Fetched,
         Submitted,
         Collected,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -307,36 +307,41 @@ def replay(
     until_position: int | None = None,
     until_time: datetime | None = None,
     batch_size: int = 5000,
+    pages: Iterable[list[RecordedEvent]] | None = None,
 ) -> Engine:
     """Build projections in a private in-memory database as the log stood at a moment.
 
     The live rows are not touched; query the returned engine with the
     projections' own query functions. Replaying the same moment twice gives
-    identical rows.
+    identical rows. ``pages`` replaces the log read from ``source`` (a
+    caller's selection of it, already cut at its moment), page by page.
     """
     memory = make_engine("sqlite://")
     tables = [checkpoints_table, *(t for p in projections for t in p.tables)]
     metadata.create_all(memory, tables=tables)
-    after = 0
-    while True:
-        with translate_errors(), source.connect() as conn:
-            events = read_events(
-                conn,
-                after,
-                batch_size,
-                until_position=until_position,
-                until_time=until_time,
-            )
-        if not events:
-            break
+    if pages is None:
+        pages = _log_pages(source, until_position, until_time, batch_size)
+    for events in pages:
         with memory.begin() as conn:
             for projection in projections:
                 lock_checkpoint(conn, projection.name)
                 apply_batch(conn, projection, events)
+    return memory
+
+
+def _log_pages(
+    source: Engine, until_position: int | None, until_time: datetime | None, batch_size: int
+) -> Iterator[list[RecordedEvent]]:
+    after = 0
+    while True:
+        with translate_errors(), source.connect() as conn:
+            events = read_events(conn, after, batch_size, until_position=until_position, until_time=until_time)
+        if not events:
+            return
+        yield events
         after = events[-1].position
         if len(events) < batch_size:
-            break
-    return memory
+            return
 
 
 def snapshot(engine: Engine, projection: Projection) -> dict[str, list[tuple[Any, ...]]]:

@@ -15,6 +15,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from nbexchange.errors import Unavailable
 from nbexchange.events.store import RecordedEvent
+from nbexchange.periodic import Periodic
 from nbexchange.workers import tasks
 from nbexchange.workers.tasks import WorkerContext
 
@@ -292,7 +293,7 @@ class Projector:
                 return
 
 
-class Sweeper:
+class Sweeper(Periodic):
     """A timer thread: sweep and catch up on start, then every ``interval`` seconds.
 
     It calls the task functions directly, not through the broker, so that a
@@ -300,34 +301,16 @@ class Sweeper:
     """
 
     def __init__(self, ctx: WorkerContext, interval: float) -> None:
-        self.ctx = ctx
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nbexchange-sweeper", daemon=True)
-
-    def start(self) -> None:
-        """Start sweeping in the background."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop after the current sweep."""
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
         outage = OutageLog(
-            f"Sweep failed (%s); it is tried again every {self.interval} s until it works",
+            f"Sweep failed (%s); it is tried again every {interval} s until it works",
             "The sweep works again",
             logging.ERROR,
         )
-        while not self._stop.is_set():
-            try:
-                tasks.sweep(self.ctx)
-            except Exception as e:
-                outage.failed(e)
-            else:
-                outage.worked()
-            self._stop.wait(self.interval)
+        super().__init__("nbexchange-sweeper", interval, outage)
+        self.ctx = ctx
+
+    def tick(self) -> None:
+        tasks.sweep(self.ctx)
 
 
 class EmbeddedWorker:

@@ -74,3 +74,21 @@ def test_refusals_fail_with_the_reason(classroom):
     assert "Fetching course102 ps1 failed: " in log
     assert "(HTTP 403)" in log
     assert not (student2.home / "ps1").exists()
+
+
+def test_a_release_sends_the_gradebook_due_date_into_the_log(classroom):
+    """The due date nbgrader's gradebook has for the assignment is recorded with the release."""
+    import requests
+
+    instructor = classroom.instructor
+    instructor.create_assignment("ps1")
+    instructor.create_assignment("ps2")
+    instructor.nbgrader("db", "assignment", "add", "ps1", "--duedate=2026-01-31 23:59:00 UTC")
+    instructor.nbgrader("release_assignment", "ps1")
+    instructor.nbgrader("release_assignment", "ps2")  # no due date in the gradebook
+    svc = classroom.service
+    events = requests.get(
+        svc.url + "events", params={"course_id": "course101"}, headers=svc.headers("instructor"), timeout=30
+    ).json()["value"]
+    due = {e["payload"]["assignment_id"]: e["payload"]["due_date"] for e in events if e["type"] == "released"}
+    assert due == {"ps1": "2026-01-31T23:59:00.000000+00:00", "ps2": None}

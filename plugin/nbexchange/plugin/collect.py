@@ -29,18 +29,8 @@ class ExchangeCollect(Exchange, ABCExchangeCollect):
             if fnmatch.fnmatchcase(item["student_id"], pattern):
                 by_student[item["student_id"]].append(dict(item, parsed_timestamp=parse_utc(item["timestamp"])))
 
-        self.duedate = self._duedate() if self.before_duedate else None
+        self.duedate = self.gradebook_duedate() if self.before_duedate else None
         self.src_records = [self._choose(records) for _, records in sorted(by_student.items())]
-
-    def _duedate(self):
-        # The gradebook is nbgrader's (and its SQLAlchemy); imported only when a due date matters.
-        from nbgrader.api import Gradebook, MissingEntry
-
-        with Gradebook(self.coursedir.db_url, self.coursedir.course_id) as gb:
-            try:
-                return gb.find_assignment(self.coursedir.assignment_id).duedate
-            except MissingEntry:
-                return None
 
     def _choose(self, records):
         """The newest record, or with a due date the newest one on time (the newest if none is)."""

@@ -164,6 +164,21 @@ class Exchange(ABCExchange):
             return student_id
         return os.environ.get("JUPYTERHUB_USER") or get_username()
 
+    def gradebook_duedate(self):
+        """The assignment's due date in nbgrader's gradebook (naive, in UTC, as nbgrader keeps it), or None."""
+        # nbgrader's gradebook (and its SQLAlchemy), imported only when a due date matters.
+        from nbgrader.api import Gradebook, MissingEntry
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.coursedir.db_url)
+        if url.get_backend_name() == "sqlite" and not os.path.isfile(url.database or ""):
+            return None  # no gradebook: opening one would create it
+        with Gradebook(self.coursedir.db_url, self.coursedir.course_id) as gb:
+            try:
+                return gb.find_assignment(self.coursedir.assignment_id).duedate
+            except MissingEntry:
+                return None
+
     def assignment_root(self, course_id, assignment_id):
         """Where an assignment lives locally, relative to ``assignment_dir``."""
         if self.path_includes_course:

@@ -2,6 +2,7 @@
 
 import glob
 import os
+from datetime import timezone
 
 from nbgrader.exchange.abc import ExchangeReleaseAssignment as ABCExchangeReleaseAssignment
 
@@ -36,6 +37,12 @@ class ExchangeReleaseAssignment(Exchange, ABCExchangeReleaseAssignment):
         notebooks = sorted(
             os.path.splitext(os.path.basename(path))[0] for path in glob.glob(os.path.join(self.src_path, "*.ipynb"))
         )
+        fields = [("notebooks", notebook) for notebook in notebooks]
+        duedate = self.gradebook_duedate()
+        if duedate is not None:
+            # The gradebook keeps naive UTC; the exchange records it with the release.
+            utc = duedate.replace(tzinfo=timezone.utc) if duedate.tzinfo is None else duedate
+            fields.append(("duedate", utc.isoformat()))
         self.log.info(f"Source: {self.src_path}")
         self.log.info(f"Destination: {self.service_url}")
         with self.packed(self.src_path) as (archive, _):
@@ -48,7 +55,7 @@ class ExchangeReleaseAssignment(Exchange, ABCExchangeReleaseAssignment):
                     "assignment",
                     archive,
                     f"{assignment_id}.tar.gz",
-                    fields=[("notebooks", notebook) for notebook in notebooks],
+                    fields=fields,
                 ),
             )
         self.log.info(f"Released as: {course_id} {assignment_id}")
