@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 from types import SimpleNamespace
 
 import pytest
@@ -48,6 +52,9 @@ c.Exchange.retry_backoff = 0.1
 c.CourseDirectory.course_id = {course_id!r}
 c.CourseDirectory.root = {root!r}
 """
+
+#: The service's prefix, as the scripted stand-in serves it.
+BASE = "/services/nbexchange/"
 
 SUBMITTED_AS = re.compile(r"Submitted as: (\S+) (\S+) (.+ UTC)$", re.MULTILINE)
 
@@ -214,3 +221,55 @@ def classroom(exchange_service, tmp_path):
     turn = SimpleNamespace(last=None)
     people = {name: Person(name, service.tokens[name], service.url, tmp_path / name, turn) for name in USERS}
     return SimpleNamespace(service=service, **people)
+
+
+class Script(BaseHTTPRequestHandler):
+    """Answers each request with the next scripted (status, headers, body) and records what it got."""
+
+    def do_GET(self):
+        self._answer()
+
+    def do_POST(self):
+        self._answer()
+
+    def _answer(self):
+        server = self.server
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        url = urlsplit(self.path)
+        server.seen.append(
+            {
+                "method": self.command,
+                "path": url.path,
+                "route": url.path[len(BASE) :],
+                "query": {key: values[0] for key, values in parse_qs(url.query).items()},
+                "headers": dict(self.headers),
+                "body": body,
+                "at": time.monotonic(),
+            }
+        )
+        status, headers, payload = server.answers.pop(0)
+        if isinstance(payload, (dict, list)):
+            payload = json.dumps(payload).encode()
+            headers = {"Content-Type": "application/json", **headers}
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Script)
+    server.seen, server.answers = [], []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}{BASE}"
+    yield server
+    server.shutdown()
+    server.server_close()
