@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbexchange.api import assignment, assignments, collections, feedback, health, history, submission
+from nbexchange.api import about, assignment, assignments, collections, feedback, health, history, submission
 
 #: Every route, relative to ``base_url``.
 default_handlers: list[tuple[str, Any]] = [
@@ -15,4 +15,5 @@ default_handlers: list[tuple[str, Any]] = [
     *feedback.default_handlers,
     *history.default_handlers,
     *health.default_handlers,
+    *about.default_handlers,
 ]
