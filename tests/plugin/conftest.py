@@ -25,6 +25,7 @@ if str(PLUGIN_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGIN_DIR))
 
 from nbformat import write as write_notebook  # noqa: E402
+from service import PLUGIN_FACTORY_CONFIG  # noqa: E402
 from nbformat.v4 import new_notebook  # noqa: E402
 from nbgrader.tests import create_grade_cell, create_solution_cell, run_nbgrader  # noqa: E402
 from traitlets.config.loader import PyFileConfigLoader  # noqa: E402
@@ -35,16 +36,7 @@ USERS = {
     "student2": {"course101": "Student"},
 }
 
-CONFIG = """\
-c = get_config()
-c.ExchangeFactory.collect = 'nbexchange.plugin.ExchangeCollect'
-c.ExchangeFactory.exchange = 'nbexchange.plugin.Exchange'
-c.ExchangeFactory.fetch_assignment = 'nbexchange.plugin.ExchangeFetchAssignment'
-c.ExchangeFactory.fetch_feedback = 'nbexchange.plugin.ExchangeFetchFeedback'
-c.ExchangeFactory.list = 'nbexchange.plugin.ExchangeList'
-c.ExchangeFactory.release_assignment = 'nbexchange.plugin.ExchangeReleaseAssignment'
-c.ExchangeFactory.release_feedback = 'nbexchange.plugin.ExchangeReleaseFeedback'
-c.ExchangeFactory.submit = 'nbexchange.plugin.ExchangeSubmit'
+CONFIG = "c = get_config()\n" + PLUGIN_FACTORY_CONFIG.replace("{", "{{").replace("}", "}}") + """\
 c.Exchange.service_url = {service_url!r}
 c.Exchange.api_token = {token!r}
 c.Exchange.cache = {cache!r}
