@@ -79,6 +79,8 @@ class Hub:
     admin_token: str
     log: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: Each spawned server's environment, by user name.
+    servers: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """Call the hub's REST API as the test's admin service."""
@@ -97,7 +99,9 @@ class Hub:
             (home / "nbgrader_config.py").write_text(NBGRADER_CONFIG)
             started = self.api("POST", f"/users/{name}/server")
             assert started.status_code in (201, 202), started.text
-        return [self._environment(name) for name in names]
+        for name in names:
+            self.servers[name] = self._environment(name)
+        return [self.servers[name] for name in names]
 
     def _environment(self, name: str) -> dict[str, str]:
         def ready() -> dict[str, Any] | None:
