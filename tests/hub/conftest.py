@@ -15,8 +15,8 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
     require_jupyterhub()
     hubs: list[Hub] = []
 
-    def start(external: bool = False) -> Hub:
-        return start_hub(tmp_path / ("external" if external else "managed"), external, hubs)
+    def start(external: bool = False, broker_url: str = "") -> Hub:
+        return start_hub(tmp_path / ("external" if external else "managed"), external, hubs, broker_url)
 
     yield start
     for hub in hubs:

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -51,6 +53,19 @@ def require_jupyterhub() -> None:
     except ImportError:
         missing("the jupyterhub package is not installed (pip install -e '.[test]')")
     require("configurable-http-proxy", "npm install -g configurable-http-proxy")
+
+
+def require_redis(url: str) -> None:
+    """A Redis server answering at ``url`` (.ci/run starts one)."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            if sock.recv(16).startswith(b"+PONG"):
+                return
+    except OSError:
+        pass
+    missing(f"no Redis answers at {url}")
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> Any:
@@ -140,31 +155,40 @@ def _service_env(store: Path) -> dict[str, str]:
     return {"NBEX_BASE_STORE": str(store), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
 
 
-def start_hub(root: Path, external: bool, hubs: list[Hub]) -> Hub:
+def start_hub(root: Path, external: bool, hubs: list[Hub], broker_url: str = "") -> Hub:
     """Start a JupyterHub in ``root`` with nbexchange registered as a service; append it to ``hubs`` at once.
 
-    Managed: the hub starts ``nbexchange`` itself and has a public URL. External: the
-    test starts ``nbexchange`` with its own hub token, and the hub has no public URL,
-    so the plugin finds the service from the hub's record of it (the server role may
-    read it).
+    Managed: the hub starts ``nbexchange`` itself and has a public URL; with ``broker_url``,
+    the hub also runs ``nbexchange worker`` as a second, URL-less managed service (as
+    docs/operations.md shows). External: the test starts ``nbexchange`` with its own hub
+    token, and the hub has no public URL, so the plugin finds the service from the hub's
+    record of it (the server role may read it).
     """
     root.mkdir()
     proxy_port, hub_port, proxy_api_port, service_port = (free_port() for _ in range(4))
     admin_token, service_token = secrets.token_hex(32), secrets.token_hex(32)
     public_url = f"http://127.0.0.1:{proxy_port}/"
     service: dict[str, Any] = {"name": "nbexchange", "url": f"http://127.0.0.1:{service_port}"}
+    services = [service, {"name": "test-admin", "api_token": admin_token}]
     if external:
         service["api_token"] = service_token
     else:
-        service["command"] = [sys.executable, "-m", "nbexchange", "--ip=127.0.0.1", f"--port={service_port}"]
-        service["environment"] = _service_env(root / "store")
+        exchange = [sys.executable, "-m", "nbexchange"]
+        environment = _service_env(root / "store")
+        if broker_url:
+            # Its own queue on the shared Redis, so that no other test's worker takes its messages.
+            exchange.append(f"--NbExchange.queue_name=hub-test-{secrets.token_hex(4)}")
+            environment["NBEX_BROKER_URL"] = broker_url
+            services.append({"name": "nbexchange-worker", "command": [*exchange, "worker"], "environment": environment})
+        service["command"] = [*exchange, "--ip=127.0.0.1", f"--port={service_port}"]
+        service["environment"] = environment
     settings = {
         "proxy_port": proxy_port,
         "hub_port": hub_port,
         "proxy_api_port": proxy_api_port,
         "root": str(root),
         "admin_token": admin_token,
-        "services": [service, {"name": "test-admin", "api_token": admin_token}],
+        "services": services,
         "groups": GROUPS,
         "public_url": None if external else public_url,
         "python": sys.executable,

@@ -12,12 +12,14 @@ import re
 
 import pytest
 import requests
-from hubtools import COURSE, Hub, nbgrader
+from hubtools import COURSE, Hub, nbgrader, require_redis
 from nbformat import write as write_notebook
 from nbformat.v4 import new_markdown_cell, new_notebook
 
 pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
+#: The shared Redis .ci/run starts (the suite's own broker URL is set only in its PostgreSQL pass).
+BROKER_URL = "redis://127.0.0.1:6379/0"
 SUBMITTED_AS = re.compile(r"Submitted as: (\S+) (\S+) (.+ UTC)$", re.MULTILINE)
 
 
@@ -81,13 +83,17 @@ def quiet_service_checks(hub: Hub) -> None:
     assert not re.search(r"404 GET /services/nbexchange/ ", text), text[-3000:]
 
 
-def test_managed_service_behind_the_hubs_public_url(hub_factory):
-    hub = hub_factory(external=False)
+def test_managed_service_and_workers_behind_the_hubs_public_url(hub_factory):
+    """The production example of docs/operations.md: Redis, and the hub running the workers as a second service."""
+    require_redis(BROKER_URL)
+    hub = hub_factory(external=False, broker_url=BROKER_URL)
     # What the hub's periodic check fetches, through the proxy: the prefix answers.
     about = requests.get(hub.public_url + "services/nbexchange/", timeout=10)
     assert about.status_code == 200 and about.json()["name"] == "nbexchange"
     cycle(hub, f"{hub.public_url}services/nbexchange/")
     quiet_service_checks(hub)
+    # With a broker the API process runs no workers: the archives were checked by the one the hub runs.
+    assert re.search(r"Task nbexchange\.check_archives\[[^\]]+\] succeeded", hub.log.read_text(errors="replace"))
 
 
 def test_external_service_found_through_the_hubs_record_of_it(hub_factory):
