@@ -496,14 +496,16 @@ def hub_service_url(hub_api_url, hub_base_url, public_hub_url, service_name, tok
 
 
 def _ask_hub(hub_api_url, hub_base_url, public_hub_url, service_name, token):
+    """``hub_service_url``'s answer, found afresh."""
     prefix = "/".join(["", *filter(None, hub_base_url.split("/")), "services", quote(service_name, safe=""), ""])
     public = urlsplit(public_hub_url)
     if public.scheme in ("http", "https") and public.netloc:
         return f"{public.scheme}://{public.netloc}{prefix}", ""
     record_url = f"{hub_api_url.rstrip('/')}/services/{quote(service_name, safe='')}"
     advice = (
-        f"set NBEX_SERVICE_URL (e.g. in c.Spawner.environment), set JupyterHub.public_url, "
-        f"or grant the server role read:services!service={service_name}."
+        "set NBEX_SERVICE_URL (e.g. in c.Spawner.environment), set JupyterHub.public_url, "
+        f"or grant the user and server roles read:services!service={service_name} (see nbexchange's "
+        "docs/operations.md, 'How the plugin finds the exchange')."
     )
     try:
         response = requests.get(
