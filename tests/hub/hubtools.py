@@ -273,7 +273,11 @@ c.Spawner.http_timeout = 120
 c.JupyterHub.services = settings["services"]
 c.JupyterHub.load_groups = settings["groups"]
 c.JupyterHub.load_roles = [
-    {"name": "test-admin", "scopes": ["admin:users", "admin:servers", "admin:groups", "read:services"], "services": ["test-admin"]},
+    {
+        "name": "test-admin",
+        "scopes": ["admin:users", "admin:servers", "admin:groups", "read:services"],
+        "services": ["test-admin"],
+    },
 ]
 if not settings["public_url"]:
     # No public URL: the plugin reads the service's address from the hub's record. A server's token may
