@@ -14,6 +14,7 @@ from typing import Any
 from traitlets import Bool, Float, Int, Type, Unicode, default, validate
 from traitlets.config import Application
 
+from nbexchange.errors import Invalid
 from nbexchange.identity import JupyterHubPlugin, UserPlugin, UsersFilePlugin, create_demo_users_file
 
 #: A worker process restarts its Celery consumer after an error at most this often per minute.
@@ -40,8 +41,8 @@ class NbExchange(Application):  # type: ignore[misc]
     """The nbexchange service: one settings object for API processes and workers."""
 
     name = "nbexchange"
-    # Listed so that ``--help-all`` and ``--JupyterHubPlugin.x=…`` know the hub plugin's settings.
-    classes = [JupyterHubPlugin]
+    # Listed so that ``--help-all`` and ``--JupyterHubPlugin.x=…`` know the identity plugins' settings.
+    classes = [JupyterHubPlugin, UsersFilePlugin]
     description = "A JupyterHub service that replaces nbgrader's filesystem exchange.\n\nCommands:\n" + "\n".join(
         f"  {name:<11} {text}" for name, text in COMMANDS.items()
     )
@@ -177,6 +178,33 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     max_upload_size = Int(
         5 * 1024**3, config=True, help="Largest upload accepted, in bytes; larger ones get 413 before being read."
     )
+    max_feedback_size = Int(
+        50 * 1024**2,
+        config=True,
+        help="Largest feedback file accepted, in bytes; larger ones get 413 before being read. Feedback is sent "
+        "back base64-encoded in JSON, a third larger.",
+    )
+    max_body_size = Int(
+        16 * 1024,
+        config=True,
+        help="Largest body of any other request (every route and method but an upload), in bytes; larger ones "
+        "get 413 before being read.",
+    )
+    max_header_size = Int(
+        64 * 1024, config=True, help="Largest request line and headers, in bytes; larger ones get 431."
+    )
+    idle_connection_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds a connection may take to send a request's whole header (or stay idle between requests) "
+        "before it is closed.",
+    )
+    body_timeout = Float(
+        60.0, config=True, help="Seconds a request that is not an upload may take to send its body before it is closed."
+    )
+    upload_timeout = Float(
+        3600.0, config=True, help="Seconds an upload may take to send its whole body before the connection is closed."
+    )
     archive_max_members = Int(10_000, config=True, help="Most files and folders an archive may hold.")
     archive_max_total_size = Int(5 * 1024**3, config=True, help="Most bytes an archive may unpack to.")
     archive_max_ratio = Float(200.0, config=True, help="Highest unpacked-to-compressed size ratio (zip bombs).")
@@ -274,7 +302,19 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         return 20.0 if self.embedded else 0.0
 
     def make_user_plugin(self) -> UserPlugin:
-        """The identity plugin; the embedded default on loopback gets a demo users file."""
+        """The identity plugin; the embedded default on loopback gets a demo users file.
+
+        A plugin that cannot be made (a malformed or exposed users file, say) stops the
+        process with one critical line: no traceback, whose causes could quote a secret.
+        """
+        try:
+            return self._make_user_plugin()
+        except Invalid as e:
+            self.log.critical("%s", e.note)
+            self.exit(1)
+            raise  # unreachable: exit raises SystemExit
+
+    def _make_user_plugin(self) -> UserPlugin:
         if self.user_plugin_class is UsersFilePlugin and not self.users_file:
             if self.ip not in ("127.0.0.1", "localhost", "::1"):
                 self.log.critical(

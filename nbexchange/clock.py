@@ -60,12 +60,13 @@ def format_iso(moment: datetime) -> str:
 def parse_timestamp(text: str) -> datetime:
     """Parse a client's timestamp: nbgrader's format or ISO 8601; naive means UTC.
 
-    Raises ``ValueError`` for anything else.
+    Raises ``ValueError`` for anything else, including a moment whose UTC
+    offset moves it outside the years 1 to 9999.
     """
     try:
         # The log's own encoding (format_iso) parses at once: the path taken
         # once per event on every replay.
-        return as_utc(datetime.fromisoformat(text))
+        return _parse_iso(text)
     except ValueError:
         pass
     text = text.strip()
@@ -74,4 +75,12 @@ def parse_timestamp(text: str) -> datetime:
             text = text[: -len(suffix)]
             break
     # nbgrader's format without its " UTC" is ISO 8601 with a space.
-    return as_utc(datetime.fromisoformat(text))
+    return _parse_iso(text)
+
+
+def _parse_iso(text: str) -> datetime:
+    try:
+        return as_utc(datetime.fromisoformat(text))
+    except OverflowError as e:
+        # 0001-01-01T00:00+01:00 or 9999-12-31T23:59-01:00: valid text, no moment in datetime's range.
+        raise ValueError(f"{text!r} is outside the years 1 to 9999 in UTC") from e

@@ -317,6 +317,32 @@ def driver_insert(dialect: sa.Dialect, table: sa.Table) -> DriverInsert:
     return DriverInsert(dialect, table)
 
 
+def wait_until_reachable(engine: Engine, timeout: float) -> None:
+    """Return once the database accepts a connection; ``Unavailable`` if it has not within ``timeout`` seconds.
+
+    Processes are often started with their database (``docker compose up``,
+    a host's reboot): one that migrates on start then waits for it, instead
+    of exiting on the first refused connection. The wait is logged once.
+    """
+    deadline = time.monotonic() + timeout
+    delay, waiting = 0.1, False
+    while True:
+        try:
+            with translate_errors(), engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            break
+        except Unavailable as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            if not waiting:
+                log.warning("The database does not answer (%s); waiting up to %.0f s for it", e.__cause__, timeout)
+            waiting = True
+        time.sleep(delay)
+        delay = min(2 * delay, 2.0)
+    if waiting:
+        log.warning("The database answers")
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database up to ``revision`` with alembic; a new one is created from empty."""
     _alembic(engine, "upgrade", revision)
@@ -331,9 +357,39 @@ def _alembic(engine: Engine, command_name: str, revision: str) -> None:
     from alembic import command
 
     config = _alembic_config()
-    with engine.begin() as conn:
+    with migration_lock(engine) as conn:
         config.attributes["connection"] = conn
         getattr(command, command_name)(config, revision)
+
+
+#: The PostgreSQL advisory lock migrations hold: a fixed 64-bit key (the bytes spell "nbexmigr").
+MIGRATION_LOCK = int.from_bytes(b"nbexmigr", "big")
+
+
+@contextlib.contextmanager
+def migration_lock(engine: Engine) -> Iterator[Connection]:
+    """A transaction holding the database's migration lock, so one process at a time migrates.
+
+    Every API and worker process upgrades the schema on start, and replicas
+    start together (a rollout, ``docker compose up`` without its migrate
+    step). Unserialized, two read the same revision and both migrate: on
+    SQLite one's deferred transaction cannot turn its read lock into a
+    write lock ("database is locked"), on PostgreSQL one's insert into
+    ``alembic_version`` violates the other's key. The lock is taken before
+    alembic reads the revision and held until the migration commits: the
+    next process waits, then finds the schema current and does nothing.
+    SQLite takes its write lock at ``BEGIN IMMEDIATE`` (waiting up to its
+    busy timeout); PostgreSQL a transaction-scoped advisory lock (waiting as
+    long as the migration takes; it is released at commit, rollback, or a
+    lost connection).
+    """
+    with engine.connect() as conn:
+        if is_sqlite(engine):
+            conn.execution_options(sqlite_immediate=True)
+        with conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            yield conn
 
 
 def _alembic_config() -> Config:

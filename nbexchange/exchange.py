@@ -6,7 +6,6 @@ log, the archive store and the projections. Nothing here knows about HTTP.
 
 from __future__ import annotations
 
-import base64
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,6 +80,17 @@ class Download:
     file: BinaryIO
     size: int
     event: RecordedEvent
+
+
+@dataclass(frozen=True)
+class FeedbackFile:
+    """One stored feedback file to send, and what the answer says about it."""
+
+    file: BinaryIO
+    size: int
+    filename: str
+    timestamp: str
+    checksum: str
 
 
 class Exchange:
@@ -469,27 +479,38 @@ class Exchange:
 
     def fetch_feedback(
         self, user: User, course_id: str, assignment_id: str, key: str | None = None
-    ) -> tuple[list[dict[str, Any]], RecordedEvent | None]:
-        """The caller's own feedback files (base64), recording the fetch if there were any."""
+    ) -> tuple[list[FeedbackFile], RecordedEvent | None]:
+        """The caller's own feedback files, opened for sending, and the fetch's event if there were any.
+
+        The caller closes the files. Their bytes are never read here: they are sent
+        in chunks (``FeedbackHandler``), so a large feedback costs no memory.
+        """
         self.member(user, course_id)
         with translate_errors(), self.rt.engine.connect() as conn:
             rows = student_feedback(conn, user.org_id, course_id, assignment_id, user.name)
-        out = []
-        for row in rows:
-            with self.rt.archives.open(row["feedback_sha256"]) as f:
-                content = base64.b64encode(f.read()).decode("ascii")
-            out.append(
-                {
-                    "content": content,
-                    "filename": f"{row['notebook_id']}.html",
-                    "timestamp": format_timestamp(row["timestamp"]),
-                    "checksum": row["checksum"],
-                }
-            )
         if not rows:
-            return out, None
-        event = FeedbackFetched(user.org_id, course_id, assignment_id, user.name, tuple(r["position"] for r in rows))
-        return out, self._append(user, event, key).event
+            return [], None
+        files: list[FeedbackFile] = []
+        try:
+            for row in rows:
+                download = self.rt.archives.open(row["feedback_sha256"])
+                files.append(
+                    FeedbackFile(
+                        download,
+                        os.fstat(download.fileno()).st_size,
+                        filename=f"{row['notebook_id']}.html",
+                        timestamp=format_timestamp(row["timestamp"]),
+                        checksum=row["checksum"],
+                    )
+                )
+            event = FeedbackFetched(
+                user.org_id, course_id, assignment_id, user.name, tuple(r["position"] for r in rows)
+            )
+            return files, self._append(user, event, key).event
+        except BaseException:
+            for opened in files:
+                opened.file.close()
+            raise
 
     # -- reads -----------------------------------------------------------
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nbexchange.committer import GroupCommitter
-from nbexchange.db import make_engine, upgrade
+from nbexchange.db import make_engine, upgrade, wait_until_reachable
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import RecordedEvent
 from nbexchange.metrics import count_appended
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Seconds after its last upload during which a process still counts as receiving them.
+#: Seconds a process that migrates on start waits for its database to answer before it gives up.
+DATABASE_WAIT = 60.0
+#: Seconds after bytes of an upload last arrived during which a process still counts as receiving uploads.
 UPLOAD_GAP = 1.0
 
 
@@ -37,6 +39,7 @@ class Runtime:
     def __init__(self, settings: NbExchange, *, follow_log: bool = False) -> None:
         self.engine = make_engine(settings.db_url)
         if settings.upgrade_db:
+            wait_until_reachable(self.engine, DATABASE_WAIT)
             upgrade(self.engine)
         self.store = SQLEventStore(self.engine)
         self.archives = ArchiveStore(Path(settings.base_storage_location))
@@ -51,11 +54,10 @@ class Runtime:
         self._next_collection = time.monotonic()
         self.broker_url = settings.broker_url
         self.celery = make_celery(self, settings.broker_url, settings.queue_name)
-        # Uploads this process is receiving now, kept by the API's upload
-        # handlers on the event loop through upload_started / upload_ended.
-        # A worker process never has any.
-        self._uploads_in_flight = 0
-        self._last_upload_end = -math.inf
+        # When bytes of an upload last arrived at this process, kept by the
+        # API's upload handlers on the event loop. A worker process never
+        # receives any.
+        self._upload_bytes_at = -math.inf
         # Catch-up has a thread of its own, so readers never wait behind
         # archive checks: woken after each commit in the embedded default,
         # following the log in a worker process (``follow_log``). Where
@@ -82,22 +84,28 @@ class Runtime:
         self.dispatcher(events)
 
     def upload_started(self) -> None:
-        """An upload's body began to arrive (called on the event loop)."""
-        self._uploads_in_flight += 1
+        """An upload's headers arrived (called on the event loop)."""
+        self.upload_received()
+
+    def upload_received(self) -> None:
+        """Bytes of an upload's body arrived (called on the event loop, for each chunk)."""
+        self._upload_bytes_at = time.monotonic()
 
     def upload_ended(self) -> None:
         """An upload's body arrived whole, or its connection closed (called on the event loop)."""
-        self._uploads_in_flight -= 1
-        self._last_upload_end = time.monotonic()
+        self.upload_received()
 
     def receiving_uploads(self) -> bool:
         """Whether this process is receiving uploads, which its own archive checks let go first.
 
-        A moment between two uploads (``UPLOAD_GAP`` seconds) still counts:
-        in a burst, the held checks would otherwise all go out whenever no
-        body happens to be arriving.
+        It is while bytes arrive, not while a connection is merely open: an
+        upload that stalls (a student's laptop gone to sleep, a client that
+        never sends the rest) must not hold every check back for the whole
+        of ``check_defer_max``. A moment without bytes (``UPLOAD_GAP``
+        seconds) still counts: in a burst, between two chunks or two
+        uploads, the held checks would otherwise all go out at once.
         """
-        return self._uploads_in_flight > 0 or time.monotonic() - self._last_upload_end < UPLOAD_GAP
+        return time.monotonic() - self._upload_bytes_at < UPLOAD_GAP
 
     def collection_due(self) -> bool:
         """Whether the blob collector's interval has passed since it last ran here (and start its next one)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -67,6 +70,24 @@ def submit(
     )
 
 
+def headers_only(svc: Service, who: str, route_and_query: str, length: int) -> str:
+    """POST only the headers of a multipart upload declaring ``length`` bytes; the start of the reply, as text.
+
+    No byte of body follows, so an answer proves the service decided before reading the body.
+    """
+    host, port = "127.0.0.1", int(svc.url.split(":")[2].split("/")[0])
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(
+            (
+                f"POST {svc.url.split(str(port))[1]}{route_and_query} HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: token {svc.tokens[who]}\r\n"
+                "Content-Type: multipart/form-data; boundary=xyz\r\n"
+                f"Content-Length: {length}\r\n\r\n"
+            ).encode()
+        )
+        return s.recv(65536).decode()
+
+
 def ok(response: requests.Response, status: int = 200) -> dict[str, Any]:
     """Assert a JSON success with this status; return the body."""
     assert response.status_code == status, response.text
@@ -123,3 +144,49 @@ def course_events(
         if len(page["value"]) < params["limit"]:
             return out
         after = page["next_after"]
+
+
+def exchange_raw(svc: Service, data: bytes, timeout: float = 10, then: float = 0) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes on a fresh connection; the answer's status, headers (lower-case names) and body.
+
+    ``then``: seconds to keep the connection open after sending (for bodies declared but never sent).
+    Status 0 and empty headers if the server closed without answering.
+    """
+    port = int(svc.url.split(":")[2].split("/")[0])
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if then:
+            time.sleep(then)
+        try:
+            while chunk := s.recv(65536):
+                received += chunk
+                head, sep, body = received.partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                if sep and length and len(body) >= int(length.group(1)):
+                    break
+        except ConnectionResetError:
+            pass
+    if not received:
+        return 0, {}, b""
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+    return int(lines[0].split()[1]), {k.strip().lower(): v.strip() for k, v in fields.items()}, body
+
+
+def raw_refused(answer: tuple[int, dict[str, str], bytes], status: int, *words: str) -> dict[str, Any]:
+    """:func:`refused` for an answer from :func:`exchange_raw`."""
+    code, fields, body = answer
+    assert code == status, answer
+    assert fields["content-type"].startswith("application/json"), answer
+    note: dict[str, Any] = json.loads(body)
+    assert note["success"] is False
+    for word in words:
+        assert word.lower() in note["note"].lower(), note["note"]
+    return note
+
+
+def path_of(svc: Service, route: str) -> str:
+    """The request target of ``route`` (``/services/nbexchange/<route>``)."""
+    return "/" + svc.url.split("/", 3)[3] + route

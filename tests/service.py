@@ -99,6 +99,8 @@ class Service:
     flags: list[str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    #: Each API process's own URL (all equal to ``url`` where they share its port).
+    api_urls: list[str] = field(default_factory=list)
 
     def headers(self, name: str, **extra: str) -> dict[str, str]:
         """Request headers authenticating as ``name``."""
@@ -122,19 +124,36 @@ class Service:
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
 
-def _child_env() -> dict[str, str]:
+def clean_env() -> dict[str, str]:
+    """This process's environment without the JupyterHub and nbexchange settings a test did not choose."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_"))}
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     out = open(log, "ab")  # noqa: SIM115 - handed to the child for its lifetime
     return subprocess.Popen(
-        [sys.executable, "-m", "nbexchange", *args], stdout=out, stderr=subprocess.STDOUT, env=_child_env()
+        [sys.executable, "-m", "nbexchange", *args], stdout=out, stderr=subprocess.STDOUT, env=clean_env()
     )
 
 
-def write_users(path: Path, users: dict[str, dict[str, str]], orgs: dict[str, int] | None = None) -> dict[str, str]:
-    """A users file for ``{name: {course: role}}``; returns ``{name: token}``."""
+def run_nbexchange(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m nbexchange`` to its end with a clean environment (plus ``env``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "nbexchange", *args],
+        cwd=cwd,
+        env={**clean_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_users(
+    path: Path, users: dict[str, dict[str, str]], orgs: dict[str, int] | None = None, mode: int = 0o600
+) -> dict[str, str]:
+    """A users file for ``{name: {course: role}}``, private unless ``mode`` says otherwise; returns ``{name: token}``."""
     tokens = {name: secrets.token_hex(16) for name in users}
     entries: list[dict[str, Any]] = [
         {
@@ -148,8 +167,11 @@ def write_users(path: Path, users: dict[str, dict[str, str]], orgs: dict[str, in
         }
         for name, courses in users.items()
     ]
-    path.write_text(yaml.safe_dump({"users": entries}))
-    path.chmod(0o600)  # it holds tokens
+    # Created private: it holds tokens, and is never readable by others even for a moment.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(yaml.safe_dump({"users": entries}))
+    path.chmod(mode)
     return tokens
 
 
@@ -163,10 +185,18 @@ def start_service(
     workers: int = 1,
     api_processes: int = 1,
     extra: list[str] | None = None,
+    users_mode: int = 0o600,
+    cold_start: bool = False,
 ) -> Service:
-    """Start the API (and, with a broker, ``workers`` worker processes) and wait until it answers."""
+    """Start the API (and, with a broker, ``workers`` worker processes) and wait until it answers.
+
+    By default only the first API process migrates the database, and the
+    others start once it answers, sharing its port. ``cold_start`` starts
+    them as replicas of a rollout do: every process at once, each migrating
+    on start (``upgrade_db``, the default), each API on a port of its own.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    tokens = write_users(root / "users.yaml", users, orgs)
+    tokens = write_users(root / "users.yaml", users, orgs, users_mode)
     port = free_port()
     flags = [
         f"--NbExchange.base_storage_location={root / 'store'}",
@@ -188,10 +218,17 @@ def start_service(
     service = Service(f"http://127.0.0.1:{port}{BASE_URL}", tokens, root, db_url, broker_url, flags)
     for i in range(api_processes):
         log = root / f"api-{i}.log"
+        if cold_start:
+            own_port = port if i == 0 else free_port()
+            service.procs.append(_spawn(["--ip=127.0.0.1", f"--port={own_port}", *flags], log))
+            service.api_urls.append(f"http://127.0.0.1:{own_port}{BASE_URL}")
+            service.logs.append(log)
+            continue
         reuse = ["--NbExchange.reuse_port=True"] if api_processes > 1 else []
         # Only the first process migrates, so two never race to create the schema.
         migrate = [] if i == 0 else ["--NbExchange.upgrade_db=False"]
         service.procs.append(_spawn(["--ip=127.0.0.1", f"--port={port}", *reuse, *migrate, *flags], log))
+        service.api_urls.append(service.url)
         service.logs.append(log)
         if i == 0:
             wait_until_up(service)
@@ -209,7 +246,7 @@ def collect(service: Service, grace: float = 0) -> dict[str, Any]:
         capture_output=True,
         text=True,
         timeout=120,
-        env=_child_env(),
+        env=clean_env(),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -217,18 +254,21 @@ def collect(service: Service, grace: float = 0) -> dict[str, Any]:
 
 
 def wait_until_up(service: Service, timeout: float = 60) -> None:
-    """Poll ``health`` until it answers 200; fail with the logs if a process died."""
+    """Poll every API process's ``health`` until it answers 200; fail with the logs if a process died."""
     deadline = time.monotonic() + timeout
+    waiting = list(dict.fromkeys(service.api_urls or [service.url]))
     while time.monotonic() < deadline:
         for proc in service.procs:
             if proc.poll() is not None:
                 service.stop()
                 raise RuntimeError(f"An exchange process exited with {proc.returncode}:\n{service.log_text()}")
         try:
-            if requests.get(service.url + "health", timeout=2).status_code == 200:
-                return
+            while waiting and requests.get(waiting[0] + "health", timeout=2).status_code == 200:
+                waiting.pop(0)
         except requests.ConnectionError:
             pass
+        if not waiting:
+            return
         time.sleep(0.1)
     service.stop()
     raise RuntimeError(f"The exchange did not answer within {timeout} s:\n{service.log_text()}")

@@ -20,6 +20,7 @@ import yaml
 from builders import make_archive
 from httpclient import until
 from service import TEST_BROKER_URL, Service, drop_db, free_port, fresh_db_url, start_service, wait_until_up
+from service import run_nbexchange as nbexchange
 
 from nbexchange.app import COMMANDS, NbExchange
 from nbexchange.db import current_revision, make_engine, upgrade
@@ -38,21 +39,6 @@ SETTINGS_ENV = (
     "NBEX_BROKER_URL",
     "NBEX_USERS_FILE",
 )
-
-
-def nbexchange(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess:
-    """Run ``python -m nbexchange`` with a clean environment (plus ``env``)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "nbexchange", *args],
-        cwd=cwd,
-        env={**clean, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def has_log(db_file: Path) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects import sqlite
 
@@ -59,3 +59,31 @@ def test_sqlite_moments_are_sqlalchemys_text_of_the_utc_time_and_read_back_as_it
     moment = None if value is None else as_utc(value)
     assert write(value) == stock(moment)
     assert read(write(value)) == moment
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(max_size=60)
+    | st.builds(
+        lambda day, offset, sep, suffix: day.isoformat(sep) + offset + suffix,
+        st.datetimes(),
+        st.sampled_from(["", "Z", "+23:59", "-23:59", "+00:00:01", "-00:00:00.000001", "+24:00", "+99:99"]),
+        st.sampled_from(["T", " "]),
+        st.sampled_from(["", " UTC", " Z"]),
+    )
+)
+def test_parse_timestamp_gives_a_utc_moment_or_value_error(text):
+    """Whatever a client sends, the one parser answers a moment in UTC or ValueError (a 400), never another error."""
+    try:
+        moment = parse_timestamp(text)
+    except ValueError:
+        return
+    assert moment.tzinfo is timezone.utc
+
+
+@pytest.mark.parametrize(
+    "text", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+00:00:01", "0001-01-01 00:00+01:00 UTC"]
+)
+def test_offsets_past_the_calendar_are_value_errors(text):
+    with pytest.raises(ValueError, match="outside the years 1 to 9999"):
+        parse_timestamp(text)

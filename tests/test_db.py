@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -15,6 +18,7 @@ from builders import release, submit
 import nbexchange.projections  # noqa: F401  (registers the projections' tables)
 from nbexchange import db
 from nbexchange.db import current_revision, make_engine, metadata, upgrade, write_transaction
+from nbexchange.errors import Unavailable
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.projections import PROJECTIONS, catch_up_all, snapshot
 from nbexchange.projections.collections import get_submission, list_submissions
@@ -29,6 +33,58 @@ def test_migrations_create_exactly_the_declared_schema(db_url):
     assert current_revision(engine) == "0006"
     upgrade(engine)  # a second upgrade is a no-op
     assert current_revision(engine) == "0006"
+    engine.dispose()
+
+
+@pytest.mark.timeout(60)  # unserialized, threads' migrations can deadlock on alembic's import of env.py
+def test_upgrades_started_together_on_an_empty_database_all_succeed(db_url):
+    """Replicas migrate on start: one creates the schema, the others wait for its lock and find it current."""
+    engines = [make_engine(db_url) for _ in range(4)]
+    start = threading.Barrier(len(engines))
+
+    def migrate(engine: sa.Engine) -> str | None:
+        start.wait()
+        upgrade(engine)
+        return current_revision(engine)
+
+    with ThreadPoolExecutor(len(engines)) as pool:
+        revisions = list(pool.map(migrate, engines))
+    assert revisions == [db.head_revision()] * len(engines)
+    with engines[0].connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
+    for engine in engines:
+        engine.dispose()
+
+
+def test_an_upgrade_waits_for_the_migration_lock(db_url):
+    """While one process holds the lock, another's upgrade (even one with nothing to do) waits for it."""
+    first, second = make_engine(db_url), make_engine(db_url)
+    upgrade(first)
+    pool = ThreadPoolExecutor(1)
+    try:
+        with db.migration_lock(first):
+            upgrading = pool.submit(upgrade, second)
+            time.sleep(1.0)
+            assert not upgrading.done(), "the second upgrade did not wait for the lock"
+        upgrading.result(timeout=60)
+    finally:
+        pool.shutdown()
+    assert current_revision(second) == db.head_revision()
+    first.dispose()
+    second.dispose()
+
+
+def test_waiting_for_a_database_that_never_answers_ends_in_unavailable():
+    """A process started before its database waits for it, but not forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing")
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        db.wait_until_reachable(engine, timeout=1.0)
+    assert 0.5 < time.monotonic() - started < 5
     engine.dispose()
 
 

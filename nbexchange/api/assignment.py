@@ -27,7 +27,7 @@ class AssignmentHandler(UploadHandler):
 
     async def post(self) -> None:
         """Release the uploaded archive to the course; appends ``released``."""
-        notebooks = [self.check_id("notebooks", notebook) for notebook in self.form_list("notebooks")]
+        notebooks = self.form_list("notebooks")
         stored = await self.stored_upload()
         written = await self.run(
             self.exchange.release,

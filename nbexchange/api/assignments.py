@@ -7,6 +7,7 @@ from nbexchange.api.base import BaseHandler
 
 class AssignmentsHandler(BaseHandler):
     route_name = "assignments"
+    lists = True
 
     async def get(self) -> None:
         """List items for the caller: each released assignment, and each of their own actions."""

@@ -8,15 +8,17 @@ import json
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from tornado import web
 
 from nbexchange.clock import parse_timestamp
-from nbexchange.errors import ExchangeError, Invalid, Unauthorized, Unavailable
+from nbexchange.errors import ExchangeError, Forbidden, Invalid, TooLarge, Unauthorized, Unavailable
 from nbexchange.exchange import Download, Exchange
 from nbexchange.identity.base import User, UserPlugin
 from nbexchange.metrics import REQUEST_LATENCY
@@ -27,19 +29,77 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Control characters and path separators never belong in an id.
-_BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\]")
+#: The longest id, in bytes of UTF-8: a file name's limit, since ids name folders in nbgrader's course tree.
 MAX_ID = 255
 #: Seconds a read waits for the workers to reach its ``min_position`` before catching up itself.
 CATCH_UP_AFTER = 0.5
+#: Unicode categories no id may hold: controls, format characters (U+200B, U+202E…), line and paragraph
+#: separators; and space separators other than the plain space (U+00A0, U+3000…), checked apart.
+_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+#: The largest whole number a parameter may hold: positions and counts are 64-bit signed in the database.
+MAX_INT = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]+")
 
 
+def check_id(name: str, value: str) -> str:
+    """``value`` in NFC if it is a safe id, else ``Invalid`` naming the parameter and the rule it breaks.
+
+    A safe id is not empty nor ``.``; has no control, format or separator
+    character (Unicode categories Cc, Cf, Zl, Zp, and Zs but the plain
+    space), no leading or trailing whitespace, no ``/``, ``\\`` or ``..``;
+    and is at most 255 bytes of UTF-8. An id sent decomposed (NFD) is the
+    same id as composed: it is returned in NFC.
+    """
+    value = unicodedata.normalize("NFC", value)
+    for char in value:
+        category = unicodedata.category(char)
+        if category in _BAD_CATEGORIES or (category == "Zs" and char != " "):
+            what = unicodedata.name(char, "a control character").lower()
+            raise Invalid(
+                f"The parameter {name!r} contains U+{ord(char):04X} ({what}): ids may not hold control, "
+                "format or separator characters."
+            )
+    if value != value.strip():
+        raise Invalid(f"The parameter {name!r} may not begin or end with whitespace.")
+    if "/" in value or "\\" in value or ".." in value or value in ("", "."):
+        raise Invalid(f"The parameter {name!r} may not be empty or '.', nor contain '/', '\\' or '..'.")
+    if len(value.encode("utf-8")) > MAX_ID:
+        raise Invalid(f"The parameter {name!r} is longer than {MAX_ID} bytes of UTF-8.")
+    return value
+
+
+def error_json(note: str, lists: bool = False) -> str:
+    """The body of every refusal: ``{"success": false, "note": ...}``, and ``"value": []`` on a list route.
+
+    Clients of the earlier service index ``value`` in any answer of a list route.
+    """
+    body: dict[str, Any] = {"success": False, "note": note}
+    if lists:
+        body["value"] = []
+    return json.dumps(body)
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header for any id-made file name: an ASCII fallback and the exact UTF-8 name (RFC 6266)."""
+    # Header values are Latin-1 on the wire: a Unicode id would otherwise fail the answer.
+    fallback = re.sub(r'[^\x20-\x7e]|["\\]', "_", filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+# Streaming on every route, not only uploads: tornado then calls ``prepare``
+# (the size check and authentication) before it reads any of the body, where
+# a buffered handler would hold the whole body in memory first.
+@web.stream_request_body
 class BaseHandler(web.RequestHandler):
     """Every route's base: authenticates, parses, runs blocking work in threads, answers JSON."""
 
     #: Health routes set this to False.
     auth_required = True
     route_name = ""
+    #: Whether the route answers a list in ``value`` (its refusals then carry ``"value": []``).
+    lists = False
+    #: The one method of this route that takes a large (streamed) body; uploads set it.
+    upload_method: str | None = None
 
     @property
     def exchange(self) -> Exchange:
@@ -71,14 +131,35 @@ class BaseHandler(web.RequestHandler):
         """API clients send tokens, not forms: no XSRF check."""
 
     async def prepare(self) -> None:
-        """Authenticate the caller; 401 for no or invalid credentials."""
+        """Bound the body, then authenticate the caller; 413 for a body too large, 401 for no or invalid credentials."""
         self._started = time.perf_counter()
+        self.limit_body()
         if not self.auth_required:
             return
         user = await self.user_plugin.authenticate(self.request)
         if user is None:
-            raise Unauthorized()
+            raise self.user_plugin.unauthenticated(self.request)
         self.current_user = user
+
+    def limit_body(self) -> None:
+        """Refuse (413) a declared body over ``max_body_size``, unless this is the route's upload method.
+
+        Only the declared length is looked at here, before a byte of the body is
+        read; a chunked body is counted as it arrives by the connection, whose
+        limit is ``max_body_size`` (uploads raise it for their own request).
+        """
+        connection = self.request.connection
+        if self.request.method == self.upload_method:
+            connection.set_body_timeout(self.settings["upload_timeout"])  # type: ignore[union-attr]
+            return
+        limit: int = self.settings["max_body_size"]
+        declared = self.request.headers.get("Content-Length", "0")
+        # tornado has already refused a Content-Length that is not digits.
+        if declared.isdigit() and int(declared) > limit:
+            raise TooLarge(f"This request may carry a body of at most {limit} bytes; only uploads may be larger.")
+
+    def data_received(self, chunk: bytes) -> None:
+        """A small body that no route reads (within ``max_body_size``): dropped."""
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work (database, disk) in the executor."""
@@ -100,37 +181,28 @@ class BaseHandler(web.RequestHandler):
             raise Invalid(f"The parameter {name!r} is not valid UTF-8.") from None
 
     def id_param(self, name: str, required: bool = True) -> str:
-        """A course, assignment, notebook or user id: no ``/``, ``..`` or control characters; ≤ 255 chars."""
+        """A course, assignment, notebook or user id, in NFC; ``Invalid`` unless :func:`check_id` accepts it."""
         value = self.param(name, required)
         if value is None:
             return ""
-        return self.check_id(name, value)
-
-    @staticmethod
-    def check_id(name: str, value: str) -> str:
-        """``value`` if it is a safe id, else ``Invalid`` naming the parameter."""
-        if len(value) > MAX_ID:
-            raise Invalid(f"The parameter {name!r} is longer than {MAX_ID} characters.")
-        if _BAD_ID.search(value) or ".." in value or value.strip() in ("", "."):
-            raise Invalid(f"The parameter {name!r} may not contain '/', '\\', '..' or control characters.")
-        return value
+        return check_id(name, value)
 
     def optional_id(self, name: str) -> str | None:
         """An id parameter that may be absent."""
         return self.id_param(name, required=False) or None
 
-    def int_param(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-        """A whole-number parameter within bounds."""
+    def int_param(self, name: str, default: int, minimum: int = 0, maximum: int = MAX_INT) -> int:
+        """A whole-number parameter (ASCII digits) within bounds, never past a 64-bit integer."""
         text = self.param(name, required=False)
         if text is None:
             return default
-        try:
-            value = int(text)
-        except ValueError:
-            raise Invalid(f"The parameter {name!r} must be a whole number.") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-            raise Invalid(f"The parameter {name!r} must be {bound}.")
+        # Only ASCII digits: int() would also take signs, '_', spaces and other scripts' digits.
+        if not _DIGITS.fullmatch(text) and not (text.startswith("-") and _DIGITS.fullmatch(text[1:])):
+            raise Invalid(f"The parameter {name!r} must be a whole number.")
+        # Compared as text first: a huge number is refused without converting a million digits.
+        value = int(text) if len(text) <= 20 else (MAX_INT + 1 if text[0] != "-" else -1)
+        if not minimum <= value <= maximum:
+            raise Invalid(f"The parameter {name!r} must be between {minimum} and {maximum}.")
         return value
 
     def timestamp_param(self, name: str = "timestamp") -> datetime:
@@ -203,7 +275,7 @@ class BaseHandler(web.RequestHandler):
         """Stream a stored archive in chunks (read in a thread), never whole in memory."""
         self.set_header("Content-Type", "application/gzip")
         self.set_header("Content-Length", str(download.size))
-        self.set_header("Content-Disposition", f'attachment; filename="{filename}"')
+        self.set_header("Content-Disposition", content_disposition(filename))
         self.set_header("X-Nbexchange-Position", str(download.event.position))
         with download.file as f:
             while chunk := await self.run(f.read, CHUNK_SIZE):
@@ -218,6 +290,10 @@ class BaseHandler(web.RequestHandler):
             status_code, note = exc.status_code, exc.note
             if isinstance(exc, Unavailable):
                 self.set_header("Retry-After", str(exc.retry_after))
+            elif isinstance(exc, Unauthorized):
+                self.set_header("WWW-Authenticate", "token")
+            elif isinstance(exc, Forbidden):
+                note = self.user_plugin.explain_forbidden(note)
         elif isinstance(exc, web.HTTPError):
             note = exc.log_message or self._reason
             if status_code == 405:
@@ -232,7 +308,7 @@ class BaseHandler(web.RequestHandler):
         self.clear_header("X-Nbexchange-Position")
         self.set_status(status_code)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"success": False, "note": note}))
+        self.finish(error_json(note, lists=self.lists))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Expected refusals are one line; anything else gets its traceback."""
@@ -257,4 +333,5 @@ class NotFoundHandler(BaseHandler):
     auth_required = False
 
     def prepare(self) -> None:  # type: ignore[override]
+        self.limit_body()
         raise web.HTTPError(404, "There is no such route; see the API documentation.")

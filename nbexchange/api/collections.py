@@ -7,6 +7,7 @@ from nbexchange.api.base import BaseHandler
 
 class CollectionsHandler(BaseHandler):
     route_name = "collections"
+    lists = True
 
     async def get(self) -> None:
         """Every submission of the assignment (or of ``user_id``), oldest first."""

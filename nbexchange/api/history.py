@@ -9,6 +9,7 @@ from nbexchange.events.domain import EVENT_TYPES
 
 class HistoryHandler(BaseHandler):
     route_name = "history"
+    lists = True
 
     async def get(self) -> None:
         """The caller's actions (all actions, for an Instructor), grouped by course and assignment."""
@@ -25,6 +26,7 @@ class HistoryHandler(BaseHandler):
 
 class EventsHandler(BaseHandler):
     route_name = "events"
+    lists = True
 
     async def get(self) -> None:
         """A page of a course's raw events with their hashes: ``after`` a position, at most ``limit``."""

@@ -10,18 +10,19 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY
 from tornado import web
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from nbexchange.api import default_handlers
 from nbexchange.api.base import NotFoundHandler
+from nbexchange.api.connection import JSONErrorHTTPServer
 from nbexchange.exchange import Exchange
 from nbexchange.identity.base import UserPlugin
 from nbexchange.metrics import StateCollector
 from nbexchange.projections import NAMES, lag
 from nbexchange.runtime import Runtime
+from nbexchange.storage import CHUNK_SIZE
 from nbexchange.tuning import tune_gc
-from nbexchange.workers.app import EmbeddedWorker, Sweeper
+from nbexchange.workers.app import EmbeddedWorker, Sweeper, shown_url
 
 if TYPE_CHECKING:
     from nbexchange.app import NbExchange
@@ -44,6 +45,9 @@ def make_app(
         user_plugin=user_plugin,
         executor=executor,
         max_upload_size=settings.max_upload_size,
+        max_feedback_size=settings.max_feedback_size,
+        max_body_size=settings.max_body_size,
+        upload_timeout=settings.upload_timeout,
         metrics_require_auth=settings.metrics_require_auth,
         log_function=_log_request,
     )
@@ -98,9 +102,19 @@ def serve(settings: NbExchange) -> None:
     async def main() -> None:
         # 1 MiB body chunks, not tornado's 64 KiB: a quarter of the per-chunk work on
         # the accept path (measured +48 % accepted/s in bench/deadline.py).
-        server = HTTPServer(app, xheaders=True, max_buffer_size=64 * 1024 * 1024, chunk_size=1024 * 1024)
+        server = JSONErrorHTTPServer(
+            app,
+            xheaders=True,
+            chunk_size=CHUNK_SIZE,
+            # A read buffer of a few chunks; what bounds a request's body is max_body_size.
+            max_buffer_size=8 * CHUNK_SIZE,
+            max_body_size=settings.max_body_size,
+            max_header_size=settings.max_header_size,
+            idle_connection_timeout=settings.idle_connection_timeout,
+            body_timeout=settings.body_timeout,
+        )
         server.add_sockets(bind_sockets(settings.port, settings.ip, reuse_port=settings.reuse_port))
-        mode = "embedded (in-process broker and worker)" if settings.embedded else f"broker {settings.broker_url}"
+        mode = "embedded (in-process broker and worker)" if settings.embedded else f"broker {shown_url(settings.broker_url)}"
         log.info("nbexchange listening on http://%s:%d%s, %s", settings.ip, settings.port, settings.base_url, mode)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

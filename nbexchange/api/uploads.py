@@ -7,7 +7,7 @@ from typing import Protocol
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from nbexchange.api.base import BaseHandler
+from nbexchange.api.base import BaseHandler, check_id
 from nbexchange.errors import Invalid, TooLarge, UnsupportedMedia
 from nbexchange.storage import StoredArchive, Upload
 from nbexchange.workers.archives import GZIP_MAGIC
@@ -149,12 +149,15 @@ class UploadHandler(BaseHandler):
     encoding) is refused as soon as it does.
     """
 
+    upload_method = "POST"
     #: The multipart field that carries the file.
     file_field = "assignment"
     #: Whether the file must be a gzip'd tar (feedback is HTML).
     gzip_required = True
-    #: Repeated text fields to collect, by name.
+    #: Repeated id fields to collect, by name.
     list_fields: tuple[str, ...] = ()
+    #: The application setting that bounds this route's upload, in bytes.
+    limit_setting = "max_upload_size"
 
     _upload: Upload | None = None
     _failure: Exception | None = None
@@ -164,7 +167,7 @@ class UploadHandler(BaseHandler):
         await super().prepare()
         if self.request.method != "POST":
             return
-        limit: int = self.settings["max_upload_size"]
+        limit: int = self.settings[self.limit_setting]
         declared = self.request.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > limit + _ENVELOPE:
             raise TooLarge(f"The upload is {int(declared)} bytes; this exchange accepts at most {limit} bytes.")
@@ -193,6 +196,7 @@ class UploadHandler(BaseHandler):
         if self._upload is None or self._failure is not None:
             return
         self._received += len(chunk)
+        self.runtime.upload_received()
         try:
             if self._received > self._limit + _ENVELOPE:
                 raise TooLarge(f"The upload is larger than {self._limit} bytes, the most this exchange accepts.")
@@ -211,8 +215,12 @@ class UploadHandler(BaseHandler):
             self._upload.abort()
 
     def form_list(self, name: str) -> list[str]:
-        """The values of a repeated text field, in order."""
-        return [v.decode("utf-8", "replace") for v in self._lists[name].values]
+        """The values of a repeated id field (``notebooks``), in order, each in NFC; ``Invalid`` for one
+        that is not UTF-8 or breaks the id rule (:func:`check_id`)."""
+        try:
+            return [check_id(name, value.decode("utf-8")) for value in self._lists[name].values]
+        except UnicodeDecodeError:
+            raise Invalid(f"A value of the form field {name!r} is not valid UTF-8.") from None
 
     async def stored_upload(self) -> StoredArchive:
         """Durably store the received file (fsync, in a thread) and return it."""

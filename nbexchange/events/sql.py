@@ -38,11 +38,16 @@ from nbexchange.events.store import (
     verify_chain,
 )
 
+STREAM = sa.String(1024).with_variant(sa.String(1024, collation="C"), "postgresql")
+
 events_table = sa.Table(
     "events",
     metadata,
     sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("stream", sa.String(1024), nullable=False),
+    # In byte order on PostgreSQL too (collation "C", migration 0006), as SQLite's
+    # BINARY is: the events route's exact prefix match is then a range of the
+    # unique index, whatever the database's own collation.
+    sa.Column("stream", STREAM, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("type", sa.String(64), nullable=False),
     sa.Column("schema", sa.Integer, nullable=False),
@@ -337,8 +342,14 @@ class SQLEventStore:
     def read_streams(
         self, streams: Sequence[str] = (), prefixes: Sequence[str] = (), after: int = 0, limit: int = 100
     ) -> list[RecordedEvent]:
-        """A page of events in any of ``streams`` or in a stream starting with one of ``prefixes``."""
-        matches = [events_table.c.stream.like(_like_prefix(p), escape="\\") for p in prefixes]
+        """A page of events in any of ``streams`` or in a stream starting with one of ``prefixes``.
+
+        Both compare exactly, byte for byte, on every backend: ``PHYS101/`` is not a prefix of ``phys101/…``.
+        """
+        # SQLite's LIKE ignores ASCII case, and PostgreSQL's collation may be linguistic (a range
+        # there would miss streams or take in others): prefixes compare in the bytes' own order.
+        binary = "BINARY" if self.engine.dialect.name == "sqlite" else "C"
+        matches = [_starts_with(events_table.c.stream, p, binary) for p in prefixes]
         if streams:
             matches.append(events_table.c.stream.in_(list(streams)))
         query = (
@@ -413,6 +424,20 @@ def read_events(
     return [_row_to_event(row) for row in conn.execute(query).all()]
 
 
-def _like_prefix(prefix: str) -> str:
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
+def _starts_with(column: sa.ColumnElement[str], prefix: str, collation: str) -> sa.ColumnElement[bool]:
+    """``column`` starts with ``prefix``, exactly: a range in ``collation``, a binary order an index can serve."""
+    text = column.collate(collation)
+    above = _successor(prefix)
+    return text >= prefix if above is None else sa.and_(text >= prefix, text < above)
+
+
+def _successor(prefix: str) -> str | None:
+    """The least string, in code point order, above every string that starts with ``prefix`` (None: no bound)."""
+    while prefix:
+        code = ord(prefix[-1]) + 1
+        if 0xD800 <= code <= 0xDFFF:
+            code = 0xE000  # surrogates are not characters and cannot be stored as UTF-8
+        if code <= 0x10FFFF:
+            return prefix[:-1] + chr(code)
+        prefix = prefix[:-1]
+    return None

@@ -10,13 +10,21 @@ from types import MappingProxyType
 from tornado.httputil import HTTPServerRequest
 from traitlets.config import LoggingConfigurable
 
-from nbexchange.errors import Invalid
+from nbexchange.errors import Invalid, Unauthorized
 
 INSTRUCTOR = "Instructor"
 STUDENT = "Student"
 
 #: The schemes accepted in an ``Authorization`` header, lower-cased.
 TOKEN_SCHEMES = frozenset({"token", "bearer"})
+
+#: What a 401 says, by what the request carried: nothing, a header of another form, or a token not accepted.
+NO_TOKEN = "No API token was sent: send the header 'Authorization: token <your API token>'."
+NOT_A_TOKEN = "The Authorization header is not of the form 'token <your API token>' (or 'Bearer <token>')."
+TOKEN_REFUSED = (
+    "The API token sent was not accepted: it is wrong, expired or revoked. Check the token your client "
+    "is configured with, or ask for a new one."
+)
 
 
 def normalise_role(text: object) -> str:
@@ -84,3 +92,19 @@ class UserPlugin(LoggingConfigurable):
         outage is never mistaken for an anonymous caller.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement authenticate()")
+
+    def unauthenticated(self, request: HTTPServerRequest) -> Unauthorized:
+        """The 401 for a request ``authenticate`` found no user in, saying what was wrong with it."""
+        if self.has_credentials(request):
+            return Unauthorized(TOKEN_REFUSED)
+        if request.headers.get("Authorization", "").strip():
+            return Unauthorized(NOT_A_TOKEN)
+        return Unauthorized(NO_TOKEN)
+
+    def has_credentials(self, request: HTTPServerRequest) -> bool:
+        """Whether the request carries credentials this plugin reads (they may still be refused)."""
+        return token_from_request(request) is not None
+
+    def explain_forbidden(self, note: str) -> str:
+        """A 403's note, with what the user should know about where their course roles come from."""
+        return note

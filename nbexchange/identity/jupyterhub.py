@@ -216,6 +216,23 @@ class JupyterHubPlugin(UserPlugin):
             email=_text(model, "email"),
         )
 
+    def has_credentials(self, request: HTTPServerRequest) -> bool:
+        """Whether the request carries a token or the hub's OAuth cookie."""
+        return super().has_credentials(request) or self._token_from_cookie(request) is not None
+
+    def explain_forbidden(self, note: str) -> str:
+        """The note, and that roles come from hub groups, as they stood up to ``cache_ttl`` seconds ago."""
+        where = (
+            " Course roles come from your JupyterHub groups (formgrade-<course> for Instructors, "
+            "nbgrader-<course> for Students)"
+        )
+        if self.cache_ttl <= 0:
+            return f"{note}{where}, read from JupyterHub on every request."
+        return (
+            f"{note}{where}, which the exchange refreshes every {self.cache_ttl:g} seconds: "
+            f"a group you were added to just now applies within {self.cache_ttl:g} seconds."
+        )
+
     def _token_from_cookie(self, request: HTTPServerRequest) -> str | None:
         if not self.cookie_secret or not request.cookies or self._hub_cookie_name is None:
             return None

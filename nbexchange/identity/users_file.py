@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 from tornado.httputil import HTTPServerRequest
-from traitlets import Unicode
+from traitlets import Bool, Unicode
 
 from nbexchange.errors import Invalid
 from nbexchange.identity.base import (
@@ -54,7 +54,7 @@ def _optional_text(entry: Mapping[str, Any], key: str, where: str, *, numbers_to
     # LMS ids are often numeric, and YAML turns an unquoted 42 into an int.
     if numbers_too and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise Invalid(f"{where}: '{key}' must be a string, not {value!r}.")
+    raise Invalid(f"{where}: '{key}' must be a string, not {_kind(value)}.")
 
 
 def _parse_courses(value: object, where: str) -> dict[str, str]:
@@ -90,7 +90,7 @@ def _parse_entry(entry: object, where: str) -> tuple[str, User]:
         raise Invalid(f"{where}: 'token' is missing or not a string (quote it in YAML).")
     org_id = entry.get("org_id", DEFAULT_ORG_ID)
     if not isinstance(org_id, int) or isinstance(org_id, bool):
-        raise Invalid(f"{where}: 'org_id' must be an integer, not {org_id!r}.")
+        raise Invalid(f"{where}: 'org_id' must be an integer, not {_kind(org_id)}.")
     user = User(
         name=name,
         org_id=org_id,
@@ -102,13 +102,19 @@ def _parse_entry(entry: object, where: str) -> tuple[str, User]:
     return token, user
 
 
+def _kind(value: object) -> str:
+    """What a misplaced value is, without the value: it may be a token in the wrong place."""
+    return f"a {type(value).__name__}"
+
+
 def _yaml_problem(error: yaml.YAMLError) -> str:
-    # Only the position and the problem: PyYAML's own message quotes the
-    # offending line, which may be someone's token.
+    # Only the position: PyYAML's message quotes the offending line, and even its
+    # short "problem" can quote the file (an alias name, an escape character).
     if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
         mark = error.problem_mark
-        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
-    return type(error).__name__
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"the error is at {where} (its text is not shown: it may hold a token)"
+    return "it could not be parsed"
 
 
 def load_users(path: Path) -> dict[str, User]:
@@ -122,7 +128,8 @@ def load_users(path: Path) -> dict[str, User]:
     except (OSError, UnicodeDecodeError) as e:
         raise Invalid(f"Cannot read the users file {path}: {e}") from e
     except yaml.YAMLError as e:
-        raise Invalid(f"The users file {path} is neither valid YAML nor JSON: {_yaml_problem(e)}") from e
+        # ``from None``: a traceback of the cause would print PyYAML's quote of the line.
+        raise Invalid(f"The users file {path} is neither valid YAML nor JSON: {_yaml_problem(e)}.") from None
     if not isinstance(document, Mapping) or not isinstance(document.get("users"), list):
         raise Invalid(f"The users file {path} must be a mapping with a 'users' list.")
 
@@ -154,7 +161,19 @@ class UsersFilePlugin(UserPlugin):
         Each entry of its ``users`` list has ``name``, ``token``, ``courses``
         ({course_id: Instructor|Student}) and optionally ``org_id`` (default 1),
         ``full_name``, ``email`` and ``lms_user_id``. The file is re-read when it
-        changes; keep it readable by the service's user only.
+        changes. It must be readable by the service's user only (mode 0600): one
+        readable by its group or others is refused (see allow_readable_users_file).
+        """,
+    ).tag(config=True)
+
+    allow_readable_users_file = Bool(
+        False,
+        help="""Accept a users file that its group or others may read or write (a warning is logged instead).
+
+        The file holds every user's API token, so by default the service refuses to
+        start with one (``chmod 600`` it), and keeps the users last read if it
+        changes to such a mode. Set this only where the group is the service's own,
+        e.g. a secret mounted by an orchestrator with a fixed group.
         """,
     ).tag(config=True)
 
@@ -169,8 +188,8 @@ class UsersFilePlugin(UserPlugin):
             self._signature: Signature | None = _signature(self._path)
         except OSError as e:
             raise Invalid(f"Cannot read the users file {self._path}: {e}") from e
+        self._check_private()
         self._users = load_users(self._path)
-        self._warn_if_exposed()
 
     async def authenticate(self, request: HTTPServerRequest) -> User | None:
         """The user whose token the request carries, or None."""
@@ -191,21 +210,28 @@ class UsersFilePlugin(UserPlugin):
         # file is reported once rather than re-parsed on every request.
         self._signature = signature
         try:
+            self._check_private()
             self._users = load_users(self._path)
         except Invalid as e:
             # An admin's half-saved edit must not lock every user out mid-term.
             self.log.error("%s Keeping the users last read.", e.note)
             return
         self.log.info("Reloaded %d users from %s.", len(self._users), self._path)
-        self._warn_if_exposed()
 
-    def _warn_if_exposed(self) -> None:
+    def _check_private(self) -> None:
+        """``Invalid`` if others than the service's user may read or write the file (unless allowed)."""
         try:
             mode = stat.S_IMODE(self._path.stat().st_mode)
         except OSError:
+            return  # load_users says why
+        if not mode & 0o077:
             return
-        if mode & 0o077:
-            self.log.warning("Users file %s holds API tokens but has mode %o; chmod 600 it.", self._path, mode)
+        exposed = f"The users file {self._path} holds API tokens but its group or others may read or write it"
+        if not self.allow_readable_users_file:
+            raise Invalid(
+                f"{exposed} (mode {mode:o}): chmod 600 it, or set UsersFilePlugin.allow_readable_users_file = True."
+            )
+        self.log.warning("%s (mode %o); accepted because allow_readable_users_file is set.", exposed, mode)
 
 
 def create_demo_users_file(path: Path) -> Path:

@@ -11,7 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
+from kombu.utils.url import maybe_sanitize_url
 
+from nbexchange.errors import Unavailable
 from nbexchange.events.store import RecordedEvent
 from nbexchange.workers import tasks
 from nbexchange.workers.tasks import WorkerContext
@@ -24,6 +26,8 @@ EMBEDDED_BROKER = "memory://localhost/"
 CHECK_ARCHIVES = "nbexchange.check_archives"
 #: Archives per check message: fewer messages in a burst, still spread over workers.
 CHECKS_PER_MESSAGE = 8
+#: The longest wait (seconds) before a check the database could not serve is tried again.
+CHECK_RETRY_MAX = 5
 #: How often (seconds) held check messages look whether they may go.
 HOLD_POLL = 0.05
 #: While the process receives uploads, catch-up starts at most this often (seconds).
@@ -35,6 +39,14 @@ SWEEP = "nbexchange.sweep"
 
 #: The queue the exchange's tasks travel on, unless ``queue_name`` says otherwise.
 QUEUE = "nbexchange"
+
+
+def shown_url(url: str) -> str:
+    """A broker URL as it may be logged: the password of each URL (of a ``;`` failover list too) masked."""
+    try:
+        return ";".join(maybe_sanitize_url(part) for part in url.split(";"))
+    except ValueError:  # kombu cannot parse it: show nothing of it rather than a secret
+        return "(a broker URL that cannot be parsed, not shown)"
 
 
 def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Celery:
@@ -63,7 +75,27 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
         task_default_queue=queue,
     )
 
-    @app.task(name=CHECK_ARCHIVES)  # type: ignore[untyped-decorator]
+    # With a broker, a check the database could not serve (down, restarting,
+    # failing over) goes back to the queue and is tried again, sooner at
+    # first, then every few seconds until the database answers (the delays
+    # are random up to 1, 2, 4, then CHECK_RETRY_MAX seconds, so a backlog
+    # does not come back all at once), however long the outage lasts.
+    # Acknowledged as failed, it would wait for the sweep. Every check is
+    # idempotent: the positions already done are found done. Embedded, a
+    # failed check is still left to the sweep (every sweep_interval): kombu's
+    # in-process transport never delivered the message a task republishes to
+    # retry itself (seen with kombu 5.7), which would be lost silently.
+    retry_on_outage: dict[str, Any] = {}
+    if broker_url:
+        retry_on_outage = {
+            "autoretry_for": (Unavailable,),
+            "retry_backoff": 1,
+            "retry_backoff_max": CHECK_RETRY_MAX,
+            "retry_jitter": True,
+            "max_retries": None,
+        }
+
+    @app.task(name=CHECK_ARCHIVES, **retry_on_outage)  # type: ignore[untyped-decorator]
     def check_archives(positions: list[int]) -> None:
         for position in positions:
             tasks.check_archive(ctx, position)
@@ -77,6 +109,33 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
         tasks.sweep(ctx)
 
     return app
+
+
+class OutageLog:
+    """Logs an outage once when it begins (with its traceback) and once when it ends, however often it is met.
+
+    Each of the dispatcher, the projector and the sweeper meets an outage at
+    every try (several a second for the first two): a line per try would
+    bury the one that matters.
+    """
+
+    def __init__(self, began: str, ended: str, level: int = logging.WARNING) -> None:
+        self.began = began
+        self.ended = ended
+        self.level = level
+        self.down = False
+
+    def failed(self, error: BaseException) -> None:
+        """A try failed; logged if it is the outage's first."""
+        if not self.down:
+            log.log(self.level, self.began, error, exc_info=error)
+        self.down = True
+
+    def worked(self) -> None:
+        """A try worked; logged if it ends an outage."""
+        if self.down:
+            log.warning(self.ended)
+        self.down = False
 
 
 class Dispatcher:
@@ -113,7 +172,10 @@ class Dispatcher:
         self.hold_max = hold_max
         self.catch_up = catch_up
         self.catch_up_interval = catch_up_interval
-        self._down = False
+        self._outage = OutageLog(
+            "Could not reach the broker (%s); until it answers, the sweep picks up what is committed",
+            "The broker answers again",
+        )
         self._queue: queue.Queue[Sequence[RecordedEvent] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="nbexchange-dispatcher", daemon=True)
         self._thread.start()
@@ -178,15 +240,10 @@ class Dispatcher:
                 for start in range(0, len(positions), CHECKS_PER_MESSAGE):
                     self._send(CHECK_ARCHIVES, (positions[start : start + CHECKS_PER_MESSAGE],))
             except Exception as e:
-                # One traceback per outage is enough; the sweep does the work meanwhile.
-                log.warning(
-                    "Could not reach the broker (%s); the sweep will pick these events up", e, exc_info=not self._down
-                )
-                self._down = True
+                # Once per outage, not per commit batch; the sweep does the work meanwhile.
+                self._outage.failed(e)
             else:
-                if self._down:
-                    log.warning("The broker answers again")
-                self._down = False
+                self._outage.worked()
 
 
 class Projector:
@@ -217,21 +274,20 @@ class Projector:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        failing = False
+        outage = OutageLog(
+            "Catch-up failed (%s); it is tried again at each wake-up until it works",
+            "Catch-up works again",
+            logging.ERROR,
+        )
         while True:
             self._wake.wait(self.poll)
             self._wake.clear()
             try:
                 tasks.catch_up(self.ctx)
-            except Exception:
-                # Once per outage: following the log, it tries ten times a second.
-                if not failing:
-                    log.exception("Catch-up failed; it is tried again at each wake-up until it works")
-                failing = True
+            except Exception as e:
+                outage.failed(e)
             else:
-                if failing:
-                    log.warning("Catch-up works again")
-                failing = False
+                outage.worked()
             if self._stopping:
                 return
 
@@ -259,11 +315,18 @@ class Sweeper:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        outage = OutageLog(
+            f"Sweep failed (%s); it is tried again every {self.interval} s until it works",
+            "The sweep works again",
+            logging.ERROR,
+        )
         while not self._stop.is_set():
             try:
                 tasks.sweep(self.ctx)
-            except Exception:
-                log.exception("Sweep failed; trying again in %s s", self.interval)
+            except Exception as e:
+                outage.failed(e)
+            else:
+                outage.worked()
             self._stop.wait(self.interval)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import shutil
@@ -27,6 +26,11 @@ GZIP_MAGIC = b"\x1f\x8b"
 #: a pax header for a long name, and the padding of its data to 512 bytes.
 HEADER_ALLOWANCE = 1024 * 1024
 HEADER_ALLOWANCE_PER_MEMBER = 4096
+
+#: Compressed bytes read from the upload at a time.
+INFLATE_PIECE = 16 * 1024
+#: zlib's window bits for a gzip header and trailer (CRC-32 and length checked).
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 #: Linux's limits on one name and on a whole path, in bytes.
 MAX_NAME_BYTES = 255
@@ -105,6 +109,7 @@ class _Checker:
     def __init__(self, limits: ArchiveLimits, compressed_size: int) -> None:
         self.limits = limits
         self.compressed_size = compressed_size
+        self.inflater: _Inflater | None = None  # set once the archive's stream is opened
         self.members = 0
         self.total_size = 0
         self.last_name = ""
@@ -122,10 +127,10 @@ class _Checker:
             )
         name = _normalise(raw)
         self.last_name = name
-        if member.type in _REFUSED_TYPES:
-            raise UnsafeArchive(
-                f"Member {raw!r} is {_REFUSED_TYPES[member.type]}: only regular files and folders are allowed."
-            )
+        if member.type in _REFUSED_TYPES or member.issparse():
+            # A pax header can make a member of the regular type sparse (GNU.sparse.map).
+            kind = _REFUSED_TYPES.get(member.type, _REFUSED_TYPES[tarfile.GNUTYPE_SPARSE])
+            raise UnsafeArchive(f"Member {raw!r} is {kind}: only regular files and folders are allowed.")
         is_dir = member.type == tarfile.DIRTYPE
         if not is_dir and member.type not in _FILE_TYPES:
             raise UnsafeArchive(
@@ -141,9 +146,12 @@ class _Checker:
         return name
 
     def count(self, raw: str, size: int) -> None:
-        """Add bytes actually read from a member, stopping as soon as a limit is passed.
+        """Add bytes actually read from a member, before they are written; UnsafeArchive past a limit.
 
         Counting what is read, rather than trusting headers, bounds the work a bomb can cause.
+        The ratio is taken against the compressed bytes used so far, not the whole file's
+        size: a bomb followed by incompressible padding would otherwise be written out
+        up to the ratio times the whole file before the padding is reached.
         """
         self.total_size += size
         limits = self.limits
@@ -152,10 +160,11 @@ class _Checker:
                 f"Member {raw!r} takes the archive past the {limits.max_total_size} bytes it may "
                 f"unpack to ({self.total_size} bytes so far)."
             )
-        if self.total_size > limits.max_ratio * self.compressed_size:
+        consumed = self.inflater.consumed if self.inflater is not None else self.compressed_size
+        if self.total_size > limits.max_ratio * consumed:
             raise UnsafeArchive(
                 f"Member {raw!r} takes the archive past its allowed compression ratio: "
-                f"{self.total_size} bytes so far from {self.compressed_size} compressed, "
+                f"{self.total_size} bytes so far from {consumed} compressed bytes, "
                 f"more than {limits.max_ratio:g} times."
             )
 
@@ -194,7 +203,7 @@ class _BoundedStream(io.RawIOBase):
 
     def __init__(self, compressed: BinaryIO, checker: _Checker) -> None:
         super().__init__()
-        self._gzip = gzip.GzipFile(fileobj=compressed, mode="rb")
+        self._inflater = checker.inflater = _Inflater(compressed)
         self._checker = checker
         limits = checker.limits
         data_bound = min(limits.max_total_size, int(limits.max_ratio * checker.compressed_size))
@@ -206,13 +215,60 @@ class _BoundedStream(io.RawIOBase):
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         with memoryview(buffer) as view:
-            count = self._gzip.readinto(view[:CHUNK_SIZE])
+            count = self._inflater.readinto(view[:CHUNK_SIZE])
         self._read += count
         if self._read > self._bound:
             after = self._checker.last_name
             where = f"after member {after!r}" if after else "before its first member"
             raise UnsafeArchive(f"The archive's headers unpack to more than {self._bound} bytes {where}.")
         return count
+
+
+class _Inflater(io.RawIOBase):
+    """A gzip stream's decompressed bytes, counting exactly the compressed bytes they took.
+
+    ``gzip.GzipFile`` reads ahead of what it has inflated; this feeds zlib small
+    pieces and counts what zlib used, so a ratio taken against ``consumed`` is
+    the ratio of the bytes unpacked so far.
+    """
+
+    def __init__(self, compressed: BinaryIO) -> None:
+        super().__init__()
+        self._source = compressed
+        self._zlib = zlib.decompressobj(_GZIP_WBITS)
+        self._input = b""
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        with memoryview(buffer) as view:
+            while True:
+                if self._zlib.eof:
+                    if not self._next_member():
+                        return 0
+                if not self._input:
+                    self._input = self._source.read(INFLATE_PIECE)
+                # At the end of the file zlib may still hold output it had no room for; only then is it cut short.
+                out = self._zlib.decompress(self._input, len(view))
+                if not out and not self._input and not self._zlib.eof:
+                    raise EOFError("the gzip stream is cut short")
+                left = self._zlib.unconsumed_tail or self._zlib.unused_data
+                self.consumed += len(self._input) - len(left)
+                self._input = left
+                if out:
+                    view[: len(out)] = out
+                    return len(out)
+
+    def _next_member(self) -> bool:
+        """Start the gzip member that follows the one just ended (``cat a.gz b.gz``); False at the end."""
+        if not self._input:
+            self._input = self._source.read(INFLATE_PIECE)
+        if not self._input:
+            return False
+        self._zlib = zlib.decompressobj(_GZIP_WBITS)
+        return True
 
 
 def _walk(path: Path, limits: ArchiveLimits, dest: Path | None) -> ArchiveReport:
@@ -237,7 +293,7 @@ def _walk(path: Path, limits: ArchiveLimits, dest: Path | None) -> ArchiveReport
                     else:
                         make_dirs((dest / name).parent)
                         _write_file(source, dest / name, member.name, checker)
-        except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as e:
+        except (tarfile.TarError, EOFError, zlib.error) as e:
             raise UnsupportedMedia(f"{path.name} is not a readable gzip'd tar: {e}") from e
     return checker.report()
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import socket
 import time
 import uuid
 
 import pytest
 import requests
 from builders import make_archive, make_symlink_archive
-from httpclient import COURSE, get, ok, refused, release, submit, until
+from httpclient import COURSE, get, headers_only, ok, refused, release, submit, until
 from service import collect
 
 
@@ -111,18 +110,8 @@ def test_uploads_must_be_multipart_gzip_with_a_file(svc):
 
 def test_oversized_upload_is_refused_before_its_body_is_read(svc):
     """Send only the headers of a 100 GB upload: the 413 arrives without a byte of body."""
-    host, port = "127.0.0.1", int(svc.url.split(":")[2].split("/")[0])
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.sendall(
-            (
-                f"POST {svc.url.split(str(port))[1]}submission?course_id={COURSE}&assignment_id=ps1"
-                f"&timestamp=2026-01-01%2000:00:00%20UTC HTTP/1.1\r\nHost: {host}\r\n"
-                f"Authorization: token {svc.tokens['s1']}\r\n"
-                "Content-Type: multipart/form-data; boundary=xyz\r\n"
-                f"Content-Length: {100 * 1024**3}\r\n\r\n"
-            ).encode()
-        )
-        reply = s.recv(65536).decode()
+    query = f"submission?course_id={COURSE}&assignment_id=ps1&timestamp=2026-01-01%2000:00:00%20UTC"
+    reply = headers_only(svc, "s1", query, 100 * 1024**3)
     assert reply.startswith("HTTP/1.1 413"), reply
     assert '"success": false' in reply and "at most" in reply
 
@@ -170,9 +159,12 @@ def test_release_fetch_submit_collect_feedback(svc):
     collected = get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path=latest["path"])
     assert collected.status_code == 200 and collected.content == make_archive({"nb1.ipynb": b"s1"})
     refused(get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path="f" * 64), 404, "no submission")
-    lookalikes = ("0x" + latest["path"][2:], latest["path"].upper(), latest["path"][:15], "  " + latest["path"][2:])
+    lookalikes = ("0x" + latest["path"][2:], latest["path"].upper(), latest["path"][:15], "0 " + latest["path"][2:])
     for wrong in ("g" * 64, *lookalikes):  # not a number: must not reach int(..., 16)
         refused(get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path=wrong), 404, "no submission")
+    # Leading whitespace is refused by the id rule before any lookup.
+    spaced = "  " + latest["path"][2:]
+    refused(get(svc, "collection", "ada", course_id=COURSE, assignment_id="ps1", path=spaced), 400, "whitespace")
 
     def feedback(who, student, stamp, html=b"<html>well done</html>"):
         return requests.post(
@@ -388,3 +380,21 @@ def test_retried_release_and_unrelease_get_their_first_answer(svc):
     gone = ok(withdraw(gone_key))
     assert ok(withdraw(gone_key))["position"] == gone["position"]
     refused(withdraw(str(uuid.uuid4()), after=gone["position"]), 404, "not released")
+
+
+@pytest.mark.parametrize("route", ["assignments", "collections", "history", "events"])
+def test_refusals_on_list_routes_carry_an_empty_value(svc, route):
+    """Clients of the earlier service index ``value`` in any answer of a list route."""
+    params = {"course_id": COURSE, "assignment_id": "ps1"}
+    answers = [
+        requests.get(url(svc, route), params=params, timeout=10),  # 401
+        get(svc, route, "stranger", **params),  # 403
+        get(svc, route, "ada", **{**params, "course_id": "a/b"}),  # 400
+        # 503 once a read's wait for its position gives up; events take no position: 400.
+        get(svc, route, "ada", **params, **({"after": "-1"} if route == "events" else {"min_position": 10**12})),
+    ]
+    for answer in answers:
+        assert answer.status_code >= 400, answer.text
+        assert refused(answer, answer.status_code)["value"] == []
+    # Other routes' refusals have no value to index.
+    assert "value" not in refused(get(svc, "assignment", "stranger", **params), 403)

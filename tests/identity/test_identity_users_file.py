@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import stat
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,11 +33,16 @@ users:
 """
 
 
+def write_private(path: Path, text: str, mode: int = 0o600) -> Path:
+    """Write a users file as an admin should: readable by its owner only (unless ``mode`` says otherwise)."""
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
 @pytest.fixture
 def users_path(tmp_path: Path) -> Path:
-    path = tmp_path / "users.yaml"
-    path.write_text(USERS_YAML)
-    return path
+    return write_private(tmp_path / "users.yaml", USERS_YAML)
 
 
 def authenticate(plugin: UsersFilePlugin, make_request: RequestFactory, **headers: str) -> User | None:
@@ -72,7 +78,7 @@ def test_missing_fields_take_their_defaults(users_path: Path, make_request: Requ
 def test_json_file_is_read_too(tmp_path: Path, make_request: RequestFactory) -> None:
     path = tmp_path / "users.json"
     entry = {"name": "bo", "token": "json-token", "lms_user_id": 7, "courses": {"bio1": "instructor"}}
-    path.write_text(json.dumps({"users": [entry]}))
+    write_private(path, json.dumps({"users": [entry]}))
     bo = authenticate(UsersFilePlugin(users_file=str(path)), make_request, Authorization="token json-token")
     assert bo is not None
     assert bo.name == "bo" and bo.is_instructor("bio1") and bo.lms_user_id == "7"
@@ -132,7 +138,7 @@ MALFORMED = {
     "course id not a string": ('users:\n  - {name: a, token: "t1", courses: {101: Student}}\n', ["101", "quote"]),
     "courses not a mapping": ('users:\n  - {name: a, token: "t1", courses: [phys101]}\n', ["'courses'"]),
     "misspelt key": ('users:\n  - {name: a, token: "t1", course: {phys101: Student}}\n', ["users[0] ('a')", "course"]),
-    "org_id not an integer": ('users:\n  - {name: a, token: "t1", org_id: one}\n', ["'org_id'", "'one'"]),
+    "org_id not an integer": ('users:\n  - {name: a, token: "t1", org_id: one}\n', ["'org_id'", "not a str"]),
     "email not a string": ('users:\n  - {name: a, token: "t1", email: [a, b]}\n', ["'email'"]),
     "entry not a mapping": ("users:\n  - ada\n", ["users[0]", "mapping"]),
     "no users list": ("people: []\n", ["'users' list"]),
@@ -145,8 +151,7 @@ MALFORMED = {
 def test_malformed_file_fails_at_start_with_a_note_naming_file_and_entry(
     tmp_path: Path, text: str, expected: list[str]
 ) -> None:
-    path = tmp_path / "users.yaml"
-    path.write_text(text)
+    path = write_private(tmp_path / "users.yaml", text)
     with pytest.raises(Invalid) as raised:
         UsersFilePlugin(users_file=str(path))
     note = raised.value.note
@@ -155,20 +160,86 @@ def test_malformed_file_fails_at_start_with_a_note_naming_file_and_entry(
         assert part in note
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        'users:\n  - {name: a, token: "s3cr3t-value"}\n  - {name: b, token: "s3cr3t-value"}\n',
-        'users:\n  - {name: a, token: "s3cr3t-value}\n',
-    ],
-    ids=["duplicate token", "unclosed quote"],
+SECRET = "s3cr3t-value"
+#: Users files that are wrong right next to a token: each note must place the fault without quoting it.
+TOKEN_NEAR_THE_FAULT = {
+    "duplicate token": f'users:\n  - {{name: a, token: "{SECRET}"}}\n  - {{name: b, token: "{SECRET}"}}\n',
+    "unclosed quote": f'users:\n  - {{name: a, token: "{SECRET}}}\n',
+    "junk after the quote": f'users:\n  - name: a\n    token: "{SECRET}" junk\n',
+    "token as an alias": f"users:\n  - name: a\n    token: *{SECRET}\n",
+    "bad escape in the token": f'users:\n  - name: a\n    token: "{SECRET}\\q"\n',
+    "tab before the token": f"users:\n  - name: a\n\ttoken: {SECRET}\n",
+    "token in org_id": f"users:\n  - {{name: a, token: t1, org_id: {SECRET}}}\n",
+    "token in email": f"users:\n  - {{name: a, token: t1, email: [{SECRET}]}}\n",
+    "token as a mapping": f"users:\n  - {{name: a, token: {{{SECRET}: 1}}}}\n",
+    "token as an entry": f"users:\n  - {SECRET}\n",
+}
+
+
+@pytest.mark.hostile(
+    "Identity and secrets",
+    "a users file malformed next to a token (unclosed quote, junk after it, an alias, a bad escape, a tab, the "
+    "token in another field's place, duplicated)",
+    "the service refuses to start naming the file, the entry or the line and column; the token appears in no "
+    "note, traceback or log line",
 )
-def test_a_note_about_a_bad_file_never_shows_a_token(tmp_path: Path, text: str) -> None:
-    path = tmp_path / "users.yaml"
-    path.write_text(text)
+@pytest.mark.parametrize("text", TOKEN_NEAR_THE_FAULT.values(), ids=TOKEN_NEAR_THE_FAULT.keys())
+def test_a_note_about_a_bad_file_never_shows_a_token(
+    tmp_path: Path, make_request: RequestFactory, caplog: pytest.LogCaptureFixture, text: str
+) -> None:
+    path = write_private(tmp_path / "users.yaml", text)
     with pytest.raises(Invalid) as raised:
         UsersFilePlugin(users_file=str(path))
-    assert "s3cr3t-value" not in raised.value.note
+    assert str(path) in raised.value.note
+    assert SECRET not in "".join(traceback.format_exception(raised.value))  # the causes too
+    # The same file, arriving as an edit, is logged without the token either.
+    write_private(path, USERS_YAML)
+    plugin = UsersFilePlugin(users_file=str(path))
+    rewrite(path, text)
+    with caplog.at_level(logging.DEBUG):
+        assert authenticate(plugin, make_request, Authorization=f"token {ADA_TOKEN}") is not None
+    assert "Keeping the users last read" in caplog.text and SECRET not in caplog.text
+
+
+def test_a_yaml_error_names_its_line(tmp_path: Path) -> None:
+    path = write_private(tmp_path / "users.yaml", TOKEN_NEAR_THE_FAULT["junk after the quote"])
+    with pytest.raises(Invalid) as raised:
+        UsersFilePlugin(users_file=str(path))
+    assert "line 3, column" in raised.value.note and "not shown" in raised.value.note
+
+
+@pytest.mark.hostile(
+    "Identity and secrets",
+    "a users file its group or others may read or write (modes 640, 604, 620, 660, 644, 666)",
+    "refused at start (and on reload the users last read are kept), naming chmod 600 and "
+    "allow_readable_users_file; accepted with a warning when that setting is on",
+)
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o660, 0o644, 0o666], ids=lambda m: f"{m:o}")
+def test_a_users_file_others_may_read_is_refused(
+    tmp_path: Path, make_request: RequestFactory, caplog: pytest.LogCaptureFixture, mode: int
+) -> None:
+    path = write_private(tmp_path / "users.yaml", USERS_YAML, mode)
+    with pytest.raises(Invalid) as raised:
+        UsersFilePlugin(users_file=str(path))
+    note = raised.value.note
+    assert str(path) in note and f"mode {mode:o}" in note
+    assert "chmod 600" in note and "allow_readable_users_file" in note
+
+    with caplog.at_level(logging.WARNING):
+        allowed = UsersFilePlugin(users_file=str(path), allow_readable_users_file=True)
+    assert "allow_readable_users_file is set" in caplog.text
+    assert authenticate(allowed, make_request, Authorization=f"token {ADA_TOKEN}") is not None
+
+    # A private file that becomes readable by others is not reloaded: the users last read stay.
+    path.chmod(0o600)
+    plugin = UsersFilePlugin(users_file=str(path))
+    rewrite(path, 'users:\n  - {name: eve, token: "eve-token", courses: {}}\n')
+    path.chmod(mode)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert authenticate(plugin, make_request, Authorization="token eve-token") is None
+    assert authenticate(plugin, make_request, Authorization=f"token {ADA_TOKEN}") is not None
+    assert "chmod 600" in caplog.text and "Keeping the users last read" in caplog.text
 
 
 def test_missing_file_fails_at_start(tmp_path: Path) -> None:

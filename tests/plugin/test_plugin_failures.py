@@ -17,12 +17,14 @@ def test_a_bad_token_or_a_stopped_service_fails_with_the_reason(classroom):
     student.configure("c.Exchange.api_token = 'not-a-token'")
     log = student.nbgrader("list", retcode=1)
     assert "Listing the assignments of course101 failed: " in log
-    assert "(HTTP 401)" in log
+    assert "The API token sent was not accepted" in log and "(HTTP 401)" in log
+    assert "c.Exchange.api_token" in log and "NBEX_API_TOKEN" in log  # where to fix it
+    assert "not-a-token" not in log
     assert "nbgrader list failed" in log
 
     student.configure("c.Exchange.api_token = ''")
     log = student.nbgrader("fetch_assignment", "ps1", retcode=1)
-    assert "No API token for the exchange" in log
+    assert "No API token for the exchange" in log and "NBEX_API_TOKEN" in log
 
     student.configure("c.Exchange.max_retries = 2")
     classroom.service.stop()

@@ -164,6 +164,18 @@ def test_an_empty_archive_is_safe(tmp_path: Path) -> None:
     assert inspect_archive(archive, LIMITS) == ArchiveReport(0, 0, (), ())
 
 
+def pax_sparse(name: str, data: bytes) -> Member:
+    """A member of the regular type that pax headers make sparse (GNU sparse format 0.1)."""
+    info, _ = entry(name, data)
+    info.pax_headers = {
+        "GNU.sparse.major": "0",
+        "GNU.sparse.minor": "1",
+        "GNU.sparse.map": f"0,{len(data)}",
+        "GNU.sparse.size": str(len(data) + 4096),
+    }
+    return info, data
+
+
 UNSAFE: dict[str, tuple[list[Member], str]] = {
     "absolute path": ([entry("/etc/passwd", b"x")], "'/etc/passwd'"),
     "dot-dot": ([entry("../evil.py", b"x")], "'../evil.py'"),
@@ -179,6 +191,8 @@ UNSAFE: dict[str, tuple[list[Member], str]] = {
     "block device": ([entry("sda", None, tarfile.BLKTYPE)], "'sda'"),
     "fifo": ([entry("pipe", None, tarfile.FIFOTYPE)], "'pipe'"),
     "contiguous file": ([entry("contig", b"x", tarfile.CONTTYPE)], "'contig'"),
+    "GNU sparse file": ([entry("holes.bin", b"x", tarfile.GNUTYPE_SPARSE)], "'holes.bin' is a sparse file"),
+    "pax sparse file": ([pax_sparse("holes.bin", b"x")], "'holes.bin' is a sparse file"),
     "duplicate file": ([entry("a.txt", b"one"), entry("a.txt", b"two")], "'a.txt'"),
     "duplicate after ./": ([entry("a.txt", b"one"), entry("./a.txt", b"two")], "'./a.txt'"),
     "duplicate folder": ([folder("ps1"), folder("ps1/")], "'ps1'"),
@@ -195,6 +209,13 @@ UNSAFE: dict[str, tuple[list[Member], str]] = {
 }
 
 
+@pytest.mark.hostile(
+    "Archives",
+    "members that are absolute, hold '..', are symlinks, hard links, devices, FIFOs, contiguous files, "
+    "duplicates (also after './'), a file over or under a folder, names with control characters or NUL, "
+    "names too long, files with no name",
+    "422 naming the member, in inspection and unpacking; nothing left behind",
+)
 @pytest.mark.parametrize("case", sorted(UNSAFE))
 def test_unsafe_archives_are_refused(tmp_path: Path, case: str) -> None:
     members, named = UNSAFE[case]
@@ -306,6 +327,9 @@ def test_ratio_counts_against_the_compressed_size(tmp_path: Path) -> None:
     assert "'a.txt'" in caught.value.note
 
 
+@pytest.mark.hostile(
+    "Archives", "a 20 MiB pax header on a one-byte file", "422 'headers unpack to more than', read no further"
+)
 def test_header_bomb_is_stopped_before_it_is_read_whole(tmp_path: Path) -> None:
     info, data = entry("ps1/small.txt", b"x")
     info.pax_headers = {"comment": "c" * (20 * 1024 * 1024)}
@@ -328,6 +352,9 @@ def test_plain_tar_is_not_gzip(tmp_path: Path) -> None:
     assert "not gzip" in caught.value.note
 
 
+@pytest.mark.hostile(
+    "Archives", "an empty file, a zip, a gzip of text, a gzip of nothing, a broken gzip", "415, nothing left behind"
+)
 @pytest.mark.parametrize(
     "content",
     [
@@ -348,6 +375,7 @@ def test_not_a_gzipped_tar(tmp_path: Path, content: bytes) -> None:
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.hostile("Archives", "an archive cut in half", "415, nothing left behind")
 def test_truncated_archive_is_unsupported(tmp_path: Path) -> None:
     archive = build(tmp_path / "whole.tar.gz", [entry("a.bin", bytes(range(256)) * 400)])
     cut = tmp_path / "cut.tar.gz"
@@ -355,3 +383,115 @@ def test_truncated_archive_is_unsupported(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedMedia):
         unpack_archive(cut, tmp_path / "tree", LIMITS)
     assert not (tmp_path / "tree").exists()
+
+
+# -- bombs: stopped before the bytes that pass a limit are written -----------------------
+
+
+def bomb_then_padding(path: Path, zeros: int, padding: int) -> Path:
+    """A member of ``zeros`` zero bytes (a bomb), then ``padding`` incompressible bytes that dilute its ratio."""
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("ps1/zeros.bin")
+        info.size = zeros
+        tar.addfile(info, io.BufferedReader(_Zeros(zeros)))
+        noise = tarfile.TarInfo("ps1/noise.bin")
+        noise.size = padding
+        tar.addfile(noise, io.BytesIO(os.urandom(padding)))
+    return path
+
+
+#: Runs ``unpack_archive`` in a child process that may write at most ``max_file`` bytes to any one file
+#: (RLIMIT_FSIZE), and prints what came of it: the kernel, not the code under test, counts what is written.
+_CHILD = """
+import json, resource, signal, sys
+from pathlib import Path
+from nbexchange.workers.archives import ArchiveLimits, unpack_archive
+archive, dest, max_file, limits = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
+try:
+    report = unpack_archive(Path(archive), Path(dest), ArchiveLimits(**limits))
+    print(json.dumps({"outcome": "unpacked", "total": report.total_size}))
+except Exception as e:
+    print(json.dumps({"outcome": type(e).__name__, "note": str(e)}))
+"""
+
+
+def unpack_with_a_write_limit(archive: Path, dest: Path, max_file: int, **limits: object) -> dict[str, object]:
+    """What ``unpack_archive`` did where no file may grow past ``max_file`` bytes."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(archive), str(dest), str(max_file), json.dumps(limits)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    outcome: dict[str, object] = json.loads(done.stdout)
+    return outcome
+
+
+@pytest.mark.hostile(
+    "Archives",
+    "a ratio bomb (64 MiB of zeros in 64 KiB) followed by 2 MiB of incompressible padding that brings the whole "
+    "file's ratio under the limit",
+    "422 'past its allowed compression ratio', stopped before its first MiB is written (the ratio is taken "
+    "against the compressed bytes used so far)",
+)
+def test_a_bomb_hidden_by_padding_is_stopped_before_it_is_written(tmp_path: Path) -> None:
+    size = 64 * 1024 * 1024
+    archive = bomb_then_padding(tmp_path / "bomb.tar.gz", size, 2 * 1024 * 1024)
+    whole_ratio = (size + 2 * 1024 * 1024) / archive.stat().st_size
+    assert 25 < whole_ratio < 40  # the whole file looks harmless under a ratio of 40
+    dest = tmp_path / "out" / "tree"
+    outcome = unpack_with_a_write_limit(archive, dest, 1024 * 1024, max_ratio=40.0)
+    assert outcome["outcome"] == "UnsafeArchive", outcome
+    assert "'ps1/zeros.bin'" in str(outcome["note"]) and "compression ratio" in str(outcome["note"])
+    assert list(dest.parent.iterdir()) == []  # nothing left behind, staging included
+
+
+@pytest.mark.hostile(
+    "Archives",
+    "an archive that unpacks past max_total_size (64 MiB of zeros, 3 MiB allowed, any ratio)",
+    "422 naming the limit, stopped before the byte past it is written",
+)
+def test_total_size_stops_before_the_bytes_past_it_are_written(tmp_path: Path) -> None:
+    archive = bomb_then_padding(tmp_path / "big.tar.gz", 64 * 1024 * 1024, 1024)
+    dest = tmp_path / "out" / "tree"
+    limit = 3 * 1024 * 1024
+    outcome = unpack_with_a_write_limit(archive, dest, limit, max_total_size=limit, max_ratio=1e9)
+    assert outcome["outcome"] == "UnsafeArchive", outcome
+    assert f"past the {limit} bytes" in str(outcome["note"])
+    assert list(dest.parent.iterdir()) == []
+    # Within the limit the same writer is happy: the child's write limit is not what stopped it.
+    fine = bomb_then_padding(tmp_path / "fine.tar.gz", limit - 1024, 1024)
+    assert unpack_with_a_write_limit(fine, tmp_path / "ok" / "tree", limit, max_total_size=limit, max_ratio=1e9) == {
+        "outcome": "unpacked",
+        "total": limit,
+    }
+
+
+def test_the_ratio_is_counted_against_the_compressed_bytes_used(tmp_path: Path) -> None:
+    data = os.urandom(256 * 1024)
+    squeezed = gzip.compress(data) + gzip.compress(bytes(1024 * 1024))  # two gzip members, as `cat` makes
+    path = tmp_path / "two.gz"
+    path.write_bytes(squeezed)
+    with open(path, "rb") as f:
+        inflater = archives._Inflater(f)
+        got = bytearray()
+        used_at_noise_end = None
+        while chunk := inflater.read(64 * 1024):
+            got += chunk
+            if len(got) == len(data):
+                used_at_noise_end = inflater.consumed
+    assert bytes(got) == data + bytes(1024 * 1024)
+    assert inflater.consumed == len(squeezed)
+    # After the incompressible part, about as many compressed bytes were used as it holds, not the whole file.
+    assert used_at_noise_end is not None and len(data) <= used_at_noise_end < len(data) + 20 * 1024
+    with open(path, "rb") as f, pytest.raises(EOFError):
+        cut = archives._Inflater(io.BytesIO(f.read()[:-5000]))
+        while cut.read(64 * 1024):
+            pass

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import threading
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
@@ -103,21 +106,71 @@ def _state(svc: Service, position: int) -> str:
     return str(item["archive"]["state"])
 
 
-def test_a_check_waits_while_this_process_receives_an_upload(exchange_service):
+@contextlib.contextmanager
+def _trickling(conn: http.client.HTTPConnection, every: float = 0.1) -> Iterator[None]:
+    """Keep the slow upload's body arriving, a byte every ``every`` seconds, until the block ends."""
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(every):
+            conn.send(b"\0")
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.fixture
+def deferring(exchange_service: Any) -> Service:
+    """A service whose checks may wait 60 s behind uploads, with ``ps1`` released to ``s1``."""
     # The sweep (its grace is 1 s in tests) would check the archive itself: hold it off.
-    svc = exchange_service(USERS, extra=["--NbExchange.check_defer_max=60", "--NbExchange.sweep_grace=120"])
+    svc: Service = exchange_service(USERS, extra=["--NbExchange.check_defer_max=60", "--NbExchange.sweep_grace=120"])
     ok(release(svc, "ada", "ps1"), 201)
     until(lambda: get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps1").status_code == 200)
-    slow = _start_slow_upload(svc, "s2")
+    return svc
+
+
+def _checked_within(svc: Service, position: int, since: float, seconds: float) -> None:
+    """The archive at ``position`` is unpacked, ``seconds`` at most after ``since`` (well under the 60 s hold)."""
+    until(lambda: _state(svc, position) == "unpacked", 30, "the stalled upload held the check")
+    took = time.monotonic() - since
+    assert took < seconds, f"the check took {took:.1f} s behind a stalled upload"
+
+
+def test_a_check_waits_while_this_process_receives_an_upload(deferring):
+    slow = _start_slow_upload(deferring, "s2")
     try:
-        accepted = ok(submit(svc, "s1", "ps1"), 201)
-        # Listed at once (catch-up does not wait), its check pending behind the upload in flight.
-        assert _state(svc, accepted["position"]) == "pending"
-        time.sleep(2)
-        assert _state(svc, accepted["position"]) == "pending"
+        with _trickling(slow):
+            accepted = ok(submit(deferring, "s1", "ps1"), 201)
+            # Listed at once (catch-up does not wait), its check pending while the upload's bytes arrive.
+            assert _state(deferring, accepted["position"]) == "pending"
+            time.sleep(2)
+            assert _state(deferring, accepted["position"]) == "pending"
+        # The upload stalls, its connection still open: the check goes (UPLOAD_GAP, 1 s, after the last byte).
+        _checked_within(deferring, accepted["position"], since=time.monotonic(), seconds=15)
     finally:
         slow.close()
-    until(lambda: _state(svc, accepted["position"]) == "unpacked")
+
+
+@pytest.mark.hostile(
+    "Stalled uploads",
+    "an upload's headers and part of its body, then nothing, its connection left open (within upload_timeout)",
+    "other students' archive checks are not held for it: done in seconds, not after check_defer_max",
+)
+def test_a_stalled_upload_does_not_hold_other_checks_back(deferring):
+    """An upload whose bytes stopped (headers and part of a body sent, the connection left open) is not receiving."""
+    stalled = _start_slow_upload(deferring, "s2")
+    try:
+        sent = time.monotonic()
+        accepted = ok(submit(deferring, "s1", "ps1"), 201)  # another student's submission, after the stall began
+        _checked_within(deferring, accepted["position"], since=sent, seconds=15)
+        stalled.send(b"\0")  # the connection was open all along: it still takes bytes
+    finally:
+        stalled.close()
 
 
 def test_with_a_broker_checks_go_at_once_by_default(exchange_service):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -26,9 +24,11 @@ import service as service_module
 import sqlalchemy as sa
 from builders import make_archive, student
 from httpclient import COURSE, course_events, get, ok, release, submit, until
-from service import TEST_BROKER_URL, TEST_DB_URL, Service, free_port
+from servers import PostgresServer, RedisServer, redis_answers
+from service import TEST_BROKER_URL, TEST_DB_URL, Service
 
 from nbexchange.clock import format_timestamp
+from nbexchange.db import make_engine, upgrade
 from nbexchange.events.domain import INSTRUCTOR, Actor, Released, Submitted
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import AppendRequest, RecordedEvent
@@ -63,16 +63,6 @@ def _postgres_problem() -> str | None:
     return None
 
 
-def _redis_answers(host: str, port: int) -> bool:
-    """Whether a Redis server answers PING at ``host:port``."""
-    try:
-        with socket.create_connection((host, port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def _require_production_pass() -> None:
     """Skip unless this is the PostgreSQL+Redis pass and PostgreSQL answers."""
     if not TEST_BROKER_URL:
@@ -85,7 +75,7 @@ def _require_production_pass() -> None:
 def _require_shared_redis() -> str:
     """The shared broker's URL; skip if it does not answer."""
     parts = urlsplit(TEST_BROKER_URL)
-    if not _redis_answers(parts.hostname or "127.0.0.1", parts.port or 6379):
+    if not redis_answers(parts.hostname or "127.0.0.1", parts.port or 6379):
         pytest.skip(f"Redis does not answer at {TEST_BROKER_URL}")
     return TEST_BROKER_URL
 
@@ -102,50 +92,6 @@ def production(monkeypatch: pytest.MonkeyPatch, exchange_service: Callable[..., 
         return exchange_service(USERS, broker_url=broker_url, extra=["--NbExchange.consistency_timeout=2"], **kwargs)
 
     return start
-
-
-class RedisServer:
-    """A ``redis-server`` of the test's own, on a free port, that can be killed and started again."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        """Start it (nothing persisted: a restart begins empty) and wait until it answers."""
-        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - handed to the child for its lifetime
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            + ["--daemonize", "no", "--dir", str(self.folder)],
-            cwd=self.folder,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        until(lambda: _redis_answers("127.0.0.1", self.port), 10, f"redis-server on port {self.port} did not answer")
-
-    def kill(self) -> None:
-        """SIGKILL it: every queued message is lost."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private Redis (never the shared one on 6379, which other tests and sessions use)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 # -- submitting many, and checking the outcome -------------------------------------
@@ -363,7 +309,102 @@ def test_restarted_redis_costs_latency_not_work(production: Callable[..., Servic
     assert all(p.poll() is None for p in svc.procs), f"a process died with the broker:\n{svc.log_text()[-4000:]}"
 
 
-# -- 4. embedded mode: the task functions called directly ----------------------------------
+# -- 4. PostgreSQL restarted: the checks it failed are retried, not left to the sweep ---------
+
+
+def _log_of(svc: Service, proc: subprocess.Popen[bytes]) -> str:
+    """What one of the service's processes logged."""
+    return svc.logs[svc.procs.index(proc)].read_text(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_checks_failed_by_a_database_outage_are_retried_soon_after_it_ends(
+    own_postgres: PostgresServer,
+    own_redis: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    exchange_service: Callable[..., Service],
+) -> None:
+    # (The servers come first: they must outlive the service and its schema.)
+    # fresh_db_url makes the service's schema in this module global's database: the test's own cluster.
+    monkeypatch.setattr(service_module, "TEST_DB_URL", own_postgres.url)
+    # The sweep runs at the worker's start, then every 10 minutes: it cannot be what checks these archives.
+    extra = ["--NbExchange.sweep_interval=600", "--NbExchange.log_level=INFO"]
+    svc = exchange_service(USERS, broker_url=own_redis.url, workers=1, extra=extra)
+    (worker,) = [p for p in svc.procs if "worker" in p.args]  # type: ignore[operator]
+    release_position = release_and_wait(svc, "ps-db")
+    until(lambda: any(e["type"] in OUTCOMES for e in course_events(svc, "ada", assignment_id="ps-db")), 30)
+
+    # Frozen, the worker takes no check before the database is gone; the messages wait for it.
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        accepted = submit_all(svc, "ps-db", make_jobs(8), threads=4)
+        own_postgres.stop()
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    try:
+        # Each check fails on the outage and goes back to the queue, again and again while it lasts.
+        until(
+            lambda: _log_of(svc, worker).count("retry: Retry in") >= 3,
+            30,
+            lambda: f"the failed checks were not retried\n{_log_of(svc, worker)[-4000:]}",
+        )
+    finally:
+        own_postgres.start()
+    back = time.monotonic()
+    items = settle(svc, "ps-db", accepted, timeout=60)
+    took = time.monotonic() - back
+    # Retried within CHECK_RETRY_MAX (5 s) of each other, with room for a slow machine; the sweep is 600 s away.
+    assert took < 20, f"the checks finished {took:.1f} s after the database came back"
+    assert_listed_once(items, accepted)
+    assert_checked_once(svc, "ps-db", accepted, release_position)
+    assert worker.poll() is None, f"the worker died with the database:\n{_log_of(svc, worker)[-4000:]}"
+
+
+# -- 5. Redis down: the API says so once, and once when it is back -------------------------
+
+
+def _problems(text: str) -> list[str]:
+    """The log lines at WARNING or above (the format's ``[W``, ``[E``, ``[C``), tracebacks left out."""
+    return [line for line in text.splitlines() if line.startswith(("[W ", "[E ", "[C "))]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_broker_outage_is_logged_once_and_its_end_once(
+    own_redis: RedisServer, exchange_service: Callable[..., Service]
+) -> None:
+    svc = exchange_service(USERS, broker_url=own_redis.url, workers=1)
+    (api,) = [p for p in svc.procs if "worker" not in p.args]  # type: ignore[operator]
+    release_and_wait(svc, "ps-broker")
+    accepted = submit_all(svc, "ps-broker", make_jobs(4), threads=1)
+    before = len(_problems(_log_of(svc, api)))
+
+    own_redis.kill()
+    # Many commit batches while the broker is away: spread over several seconds, then a burst.
+    jobs = make_jobs(40, start=4)
+    for job in jobs[:10]:
+        accepted |= submit_all(svc, "ps-broker", [job], threads=1)
+        time.sleep(0.5)
+    accepted |= submit_all(svc, "ps-broker", jobs[10:30], threads=8)
+    own_redis.start()
+    # The outage's end shows at the first message sent after it: a few more commits.
+    accepted |= submit_all(svc, "ps-broker", jobs[30:], threads=1)
+
+    def logged() -> list[str]:
+        return _problems(_log_of(svc, api))[before:]
+
+    until(lambda: any("answers again" in line for line in logged()), 15, lambda: "\n".join(logged()))
+    lines = logged()
+    down = [line for line in lines if "Could not reach the broker" in line]
+    back = [line for line in lines if "The broker answers again" in line]
+    assert len(down) == 1 and len(back) == 1, "\n".join(lines)
+    assert lines == [*down, *back], "other warnings during the outage:\n" + "\n".join(lines)
+    # What the broker did not carry, the sweep checked: nothing was lost.
+    assert_listed_once(settle(svc, "ps-broker", accepted, timeout=60), accepted)
+
+
+# -- 6. embedded mode: the task functions called directly ----------------------------------
 
 T0 = datetime(2026, 1, 31, 23, 0, tzinfo=timezone.utc)
 TEACHER = Actor(name="ada", role=INSTRUCTOR)
@@ -524,27 +565,33 @@ def test_a_worker_projector_follows_the_log_without_being_told(ctx: Context) -> 
         projector.stop()
 
 
-def test_a_following_projector_reports_an_outage_once(
-    ctx: Context, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.timeout(120)
+def test_a_database_outage_is_logged_once_each_way_by_the_projector_and_the_sweeper(
+    own_postgres: PostgresServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    calls: list[int] = []
-    real = tasks.catch_up
-
-    def failing_for_a_while(context: object) -> None:
-        calls.append(1)
-        if len(calls) <= 10:
-            raise RuntimeError("database down")
-        real(ctx)
-
-    monkeypatch.setattr(tasks, "catch_up", failing_for_a_while)
-    projector = Projector(ctx, poll=0.02)
+    """They try ten and twenty times a second here: a line per try would bury the outage's one."""
+    engine = make_engine(own_postgres.url)
+    upgrade(engine)
+    store = SQLEventStore(engine)
+    ctx = Context(engine, store, store, ArchiveStore(tmp_path / "store"), ArchiveLimits(), sweep_grace=0)
+    projector, sweeper = Projector(ctx, poll=0.05), Sweeper(ctx, interval=0.1)
+    sweeper.start()
     try:
-        until(lambda: len(calls) > 12, 10, "the projector stopped trying")
+        own_postgres.stop()
+        time.sleep(2)  # some 40 catch-ups and 20 sweeps fail
+        own_postgres.start()
+        submitted = append_submission(ctx, "s1", b"after the outage")
+        until(lambda: outcomes_of(ctx, submitted.position), 15, "the sweeper never came back")
+        until(lambda: checkpoints(ctx.engine).get("collections", 0) >= submitted.position, 15, "nor the projector")
     finally:
+        sweeper.stop()
         projector.stop()
-    failures = [r for r in caplog.records if r.getMessage().startswith("Catch-up failed")]
-    assert len(failures) == 1 and failures[0].exc_info is not None
-    assert any(r.getMessage() == "Catch-up works again" for r in caplog.records)
+        engine.dispose()
+    lines = [r.getMessage() for r in caplog.records]
+    for began, ended in [("Catch-up failed", "Catch-up works again"), ("Sweep failed", "The sweep works again")]:
+        failures = [r for r in caplog.records if r.getMessage().startswith(began)]
+        assert len(failures) == 1 and failures[0].exc_info is not None, lines
+        assert lines.count(ended) == 1, lines
 
 
 def test_a_failing_check_does_not_stop_the_projections(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:

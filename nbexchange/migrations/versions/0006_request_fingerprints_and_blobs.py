@@ -1,5 +1,9 @@
 """Idempotency keys keep their request's fingerprint; the blobs read model names what the log still owns.
 
+On PostgreSQL, streams take the "C" collation (byte order, as SQLite's
+BINARY): the events route's exact prefix match is then a range of the unique
+``(stream, version)`` index.
+
 ``events.request_hash`` is filled for new events only (outside the hash
 chain: no stored hash changes). ``proj_blob_refs`` starts empty at
 checkpoint 0: the next catch-up fills it from the log, as for any new read
@@ -19,6 +23,8 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
+
+_BYTE_ORDER = sa.String(1024, collation="C")
 
 #: The read model's checkpoint: it starts (again) from position 0 with its table.
 _CHECKPOINT = sa.text("DELETE FROM projection_checkpoints WHERE name = 'blobs'")
@@ -43,9 +49,16 @@ def upgrade() -> None:
     op.create_index(
         "ix_proj_blob_refs_assignment", "proj_blob_refs", ["org_id", "course_id", "assignment_id", "kind"]
     )
+    if op.get_bind().dialect.name == "postgresql":
+        # Streams in byte order (SQLite's BINARY is already): the events
+        # route's exact prefix match is then a range of the unique index.
+        # Equality is unchanged; the table and its indexes are rewritten once.
+        op.alter_column("events", "stream", type_=_BYTE_ORDER, existing_type=sa.String(1024), existing_nullable=False)
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.alter_column("events", "stream", type_=sa.String(1024), existing_type=_BYTE_ORDER, existing_nullable=False)
     op.drop_table("proj_blob_refs")
     op.execute(_CHECKPOINT)
     with op.batch_alter_table("events") as batch_op:

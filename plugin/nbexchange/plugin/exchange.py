@@ -37,6 +37,10 @@ HUB_TIMEOUT = 10.0
 TRY_LATER = "Try again in a few minutes; if it keeps failing, tell your instructor."
 #: Answers worth another try: the service (or the proxy before it) is briefly unavailable.
 RETRY_STATUSES = frozenset({503})
+#: Where the API token comes from, named whenever the token is missing or refused.
+TOKEN_SETTINGS = (
+    "c.Exchange.api_token, or the environment variable NBEX_API_TOKEN (JUPYTERHUB_API_TOKEN under JupyterHub)"
+)
 RETRY_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
@@ -143,10 +147,7 @@ class Exchange(ABCExchange):
         if self.coursedir is None:
             self.coursedir = CourseDirectory(parent=self)
         if not self.api_token:
-            self.fail(
-                "No API token for the exchange: set c.Exchange.api_token, or the environment "
-                "variable NBEX_API_TOKEN (JUPYTERHUB_API_TOKEN under JupyterHub)."
-            )
+            self.fail(f"No API token for the exchange: set {TOKEN_SETTINGS}.")
         if not self.service_url:
             self.fail(self._service_url_problem or "The exchange's address is unknown: set NBEX_SERVICE_URL.")
         return super().start()
@@ -262,6 +263,8 @@ class Exchange(ABCExchange):
             ) as response:
                 if response.status_code in RETRY_STATUSES and not last:
                     return _Retry(_note(response), _retry_after(response))
+                if response.status_code == 401:
+                    self.fail(f"{action} failed: {_note(response)} The token comes from {TOKEN_SETTINGS}.")
                 if response.status_code >= 400:
                     self.fail(f"{action} failed: {_note(response)}")
                 if download is not None:

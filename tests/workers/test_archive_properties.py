@@ -1,0 +1,230 @@
+"""Property: the archive checker unpacks exactly the safe regular files and folders, or refuses and leaves nothing.
+
+Hypothesis writes real gzip'd tars of members of every type (regular, folder,
+symlink, hard link, character and block device, FIFO, contiguous, GNU and pax
+sparse), under names that are absolute, hold ``..`` or ``.``, are unicode, very
+long (pax and GNU long names), not UTF-8, duplicated, or a file shadowing a
+folder, with sizes up to a small bomb, under small limits. The suite runs a
+fixed budget of a few seconds; a long run is::
+
+    NBEX_HYPOTHESIS_PROFILE=long python -m pytest --timeout=0 tests/workers/test_archive_properties.py
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import os
+import stat
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+
+from nbexchange.errors import UnsafeArchive, UnsupportedMedia
+from nbexchange.workers import archives
+from nbexchange.workers.archives import ArchiveLimits, unpack_archive
+
+settings.register_profile("archives-ci", max_examples=300, deadline=None)
+settings.register_profile("archives-long", max_examples=20_000, deadline=None)
+PROFILE = settings.get_profile("archives-" + os.environ.get("NBEX_HYPOTHESIS_PROFILE", "ci"))
+
+FILE = (tarfile.REGTYPE, tarfile.AREGTYPE)
+PAX_SPARSE = b"pax-sparse"  # a regular member made sparse by pax headers (GNU sparse 0.1)
+KINDS = [
+    tarfile.REGTYPE,
+    tarfile.AREGTYPE,
+    tarfile.DIRTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+    tarfile.CHRTYPE,
+    tarfile.BLKTYPE,
+    tarfile.FIFOTYPE,
+    tarfile.CONTTYPE,
+    tarfile.GNUTYPE_SPARSE,
+    PAX_SPARSE,
+]
+#: Path components that each break, or come close to breaking, a rule.
+PARTS = [
+    "ps1",
+    "a.ipynb",
+    "données",
+    "日本語",
+    "..",
+    ".",
+    "",
+    "x" * 120,  # past ustar's 100 bytes: a pax header or a GNU long name
+    "n" * 256,  # past a file name's 255 bytes
+    "\x00",
+    "\x1b[31m",
+    "a\u202eb",
+    "\udcff",  # a byte that is not UTF-8, as tarfile decodes it
+    "\u0085",
+]
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    kind: bytes
+    data: bytes
+    link: str
+
+
+hostile_names = st.builds(
+    lambda lead, parts, trail: lead + "/".join(parts) + trail,
+    st.sampled_from(["", "", "/", "./"]),
+    st.lists(st.sampled_from(PARTS) | st.text(st.characters(exclude_categories=["Cc", "Cs"]), min_size=1, max_size=8), min_size=1, max_size=4),
+    st.sampled_from(["", "", "/"]),
+)
+# Safe names (often colliding, or a file under another file) keep enough archives acceptable to test unpacking.
+safe_names = st.lists(st.sampled_from(["ps1", "a.ipynb", "données", "x" * 120]), min_size=1, max_size=3).map("/".join)
+names = st.sampled_from([safe_names] * 3 + [hostile_names]).flatmap(lambda s: s)
+kinds = st.sampled_from([tarfile.REGTYPE] * 4 + [tarfile.DIRTYPE] * 2 + KINDS)
+# Mostly small bytes; one time in four, zeros up to a small bomb.
+contents = st.sampled_from([st.binary(max_size=512)] * 3 + [st.integers(0, 300_000).map(bytes)]).flatmap(lambda s: s)
+members = st.builds(Member, names, kinds, contents, names)
+limits = st.builds(
+    ArchiveLimits,
+    max_members=st.sampled_from([2, 12]),
+    max_total_size=st.sampled_from([1024, 64 * 1024, 1024 * 1024]),
+    max_ratio=st.sampled_from([2.0, 200.0, 1000.0]),
+)
+
+
+def write(path: Path, chosen: list[Member], form: int) -> None:
+    """A real gzip'd tar holding ``chosen`` in order (``assume`` away what tarfile itself cannot write)."""
+    with tarfile.open(path, "w:gz", format=form) as tar:
+        for m in chosen:
+            info = tarfile.TarInfo(m.name)
+            info.type = tarfile.REGTYPE if m.kind == PAX_SPARSE else m.kind
+            info.linkname = m.link if m.kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            has_data = m.kind in (*FILE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE, PAX_SPARSE)
+            info.size = len(m.data) if has_data else 0
+            if m.kind == PAX_SPARSE:
+                info.pax_headers = {
+                    "GNU.sparse.major": "0",
+                    "GNU.sparse.minor": "1",
+                    "GNU.sparse.map": f"0,{len(m.data)}",
+                    "GNU.sparse.size": str(len(m.data) + 4096),
+                }
+            try:
+                tar.addfile(info, io.BytesIO(m.data) if has_data else None)
+            except (ValueError, UnicodeError):  # e.g. a NUL or an unencodable name in this format
+                assume(False)
+
+
+def canonical(name: str) -> str:
+    return "/".join(part for part in name.split("/") if part not in ("", "."))
+
+
+def read_back(path: Path) -> list[tuple[str, bytes, bytes]]:
+    """Each member as a tar reader sees it (name, type, bytes): the writer may have changed what was asked.
+
+    ustar cuts a name at a NUL, and a V7 file whose name ends in '/' is read as a folder (its data
+    then read as the next header).
+    """
+    with tarfile.open(path, "r|gz") as tar:
+        return [
+            (m.name, m.type, tar.extractfile(m).read() if m.isreg() and not m.issparse() else b"")  # type: ignore[union-attr]
+            for m in tar
+        ]
+
+
+def tree(root: Path) -> tuple[dict[str, bytes], set[str]]:
+    """Files (with bytes) and folders under ``root``; fails on anything else, links included."""
+    files: dict[str, bytes] = {}
+    folders: set[str] = set()
+    for folder, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            relative = path.relative_to(root).as_posix()
+            assert os.path.realpath(path).startswith(str(root.resolve()) + os.sep), relative
+            if stat.S_ISDIR(mode):
+                folders.add(relative)
+            else:
+                assert stat.S_ISREG(mode), f"{relative} is neither a file nor a folder"
+                assert stat.S_IMODE(mode) & 0o7111 == 0, f"{relative} is executable or setuid"
+                files[relative] = path.read_bytes()
+    return files, folders
+
+
+@pytest.mark.hostile(
+    "Archives",
+    "generated archives (hypothesis): members of every type (file, folder, symlink, hard link, devices, FIFO, "
+    "contiguous, GNU and pax sparse) under absolute, '..', unicode, non-UTF-8, very long, duplicated and "
+    "shadowing names, sizes up to a small bomb, under small limits",
+    "unpacked to exactly its regular files and folders inside the destination, or refused with 415/422 leaving "
+    "nothing behind; never another error",
+)
+@settings(PROFILE, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(chosen=st.lists(members, max_size=6), bounds=limits, form=st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]))
+def test_unpacks_exactly_the_safe_files_or_refuses_leaving_nothing(
+    chosen: list[Member], bounds: ArchiveLimits, form: int
+) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        archive = root / "upload.tar.gz"
+        write(archive, chosen, form)
+        dest = root / "out" / "tree"
+        try:
+            report = unpack_archive(archive, dest, bounds)
+        except (UnsafeArchive, UnsupportedMedia) as e:
+            event(f"refused: {type(e).__name__}")
+            assert sorted(p.name for p in root.iterdir()) == ["out", "upload.tar.gz"]
+            assert list((root / "out").iterdir()) == []  # no tree, no staging folder
+            return
+        event("unpacked" if report.files else "unpacked, no files")
+        inside = read_back(archive)
+        kinds = {kind for _, kind, _ in inside}
+        assert kinds <= {*FILE, tarfile.DIRTYPE}, f"accepted members of the types {kinds}"
+        regular = [(name, data) for name, kind, data in inside if kind in FILE]
+        expected = {canonical(name): data for name, data in regular}
+        assert len(expected) == len(regular), "two members were unpacked to one path"
+        files, folders = tree(dest)
+        assert files == expected
+        assert folders == {canonical(name) for name, kind, _ in inside if kind == tarfile.DIRTYPE} - {""} | {
+            "/".join(name.split("/")[:i]) for name in [*files, *folders] for i in range(1, name.count("/") + 1)
+        }
+        assert report.files == tuple(sorted(expected))
+        assert report.total_size == sum(map(len, expected.values())) <= bounds.max_total_size
+        assert report.members <= bounds.max_members
+        for name in [*files, *folders]:
+            parts = name.split("/")
+            assert ".." not in parts and all(0 < len(p.encode()) <= 255 for p in parts)
+        assert sorted(p.name for p in (root / "out").iterdir()) == ["tree"]
+
+
+@settings(PROFILE)
+@given(
+    members=st.lists(st.binary(max_size=4096) | st.integers(0, 200_000).map(bytes), min_size=1, max_size=3),
+    level=st.integers(0, 9),
+    reads=st.lists(st.integers(1, 70_000), min_size=1, max_size=8),
+)
+def test_the_inflater_reads_what_gzip_wrote_and_counts_every_compressed_byte(
+    members: list[bytes], level: int, reads: list[int]
+) -> None:
+    compressed = b"".join(gzip.compress(data, compresslevel=level) for data in members)
+    inflater = archives._Inflater(io.BytesIO(compressed))
+    out = bytearray()
+    for size in itertools.cycle(reads):
+        piece = inflater.read(size)
+        if not piece:
+            break
+        assert len(piece) <= size
+        out += piece
+        # Never more unpacked than the compressed bytes used could hold (deflate's limit is 1032:1).
+        assert len(out) <= 1032 * inflater.consumed + 1032
+    assert bytes(out) == b"".join(members)
+    assert inflater.consumed == len(compressed)
+    with pytest.raises((EOFError, zlib.error)):
+        cut = archives._Inflater(io.BytesIO(compressed[:-1]))
+        while cut.read(65536):
+            pass
