@@ -205,6 +205,24 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     upload_timeout = Float(
         3600.0, config=True, help="Seconds an upload may take to send its whole body before the connection is closed."
     )
+    upload_stall_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds an upload's body may send nothing before it gets 408 and its connection is closed (its "
+        "upload discarded); upload_timeout bounds the whole body.",
+    )
+    max_uploads_per_user = Int(
+        4,
+        config=True,
+        help="Most uploads one user may have in progress at once in each API process; more get 429 with "
+        "Retry-After, before their body is read.",
+    )
+    max_uploads_total = Int(
+        256,
+        config=True,
+        help="Most uploads an API process receives at once; more get 503 with Retry-After, before their body "
+        "is read.",
+    )
     archive_max_members = Int(10_000, config=True, help="Most files and folders an archive may hold.")
     archive_max_total_size = Int(5 * 1024**3, config=True, help="Most bytes an archive may unpack to.")
     archive_max_ratio = Float(200.0, config=True, help="Highest unpacked-to-compressed size ratio (zip bombs).")

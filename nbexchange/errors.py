@@ -12,7 +12,12 @@
      ├── UnsupportedMedia         415  an upload that is not a gzip'd tar
      ├── UnsafeArchive            422  an archive that breaks the unpacking rules
      ├── KeyReused                422  an Idempotency-Key sent again with a different request
-     └── Unavailable              503  database or broker unreachable, or projections behind
+     ├── TooManyRequests          429  the caller has as many uploads in flight as allowed
+     ├── Unavailable              503  database or broker unreachable, projections behind, or uploads at capacity
+     └── InsufficientStorage      507  the archive store's disk (or quota) is full
+
+``TooManyRequests`` and ``Unavailable`` carry ``retry_after`` (seconds),
+answered as a ``Retry-After`` header.
 
 Each class carries its HTTP status so that the one place that answers HTTP
 (``api.base.BaseHandler.write_error``) needs no table of its own. The core
@@ -27,9 +32,13 @@ class ExchangeError(Exception):
 
     status_code: int = 500
     default_note: str = "The exchange failed unexpectedly."
+    #: Seconds after which a retry may succeed, for the ``Retry-After`` header; None: not worth retrying.
+    retry_after: int | None = None
 
-    def __init__(self, note: str | None = None) -> None:
+    def __init__(self, note: str | None = None, retry_after: int | None = None) -> None:
         self.note = note or self.default_note
+        if retry_after is not None:
+            self.retry_after = retry_after
         super().__init__(self.note)
 
 
@@ -94,13 +103,21 @@ class KeyReused(ExchangeError):
     )
 
 
+class TooManyRequests(ExchangeError):
+    status_code = 429
+    default_note = "You have as many uploads in progress as this exchange allows; retry when one has finished."
+    retry_after = 5
+
+
 class Unavailable(ExchangeError):
     status_code = 503
     default_note = "The exchange is temporarily unavailable; try again shortly."
+    retry_after = 5
 
-    def __init__(self, note: str | None = None, retry_after: int = 5) -> None:
-        self.retry_after = retry_after
-        super().__init__(note)
+
+class InsufficientStorage(ExchangeError):
+    status_code = 507
+    default_note = "The exchange's storage is full; nothing was stored. Tell the exchange's operators."
 
 
 class ChainBroken(ExchangeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from nbexchange.errors import NotFound, TooLarge
+from nbexchange.errors import InsufficientStorage, NotFound, TooLarge
 
 FILE_MODE = 0o640
 DIR_MODE = 0o750
@@ -175,7 +176,11 @@ class Upload:
         self._head = b""
         self._result: StoredArchive | None = None
         self._aborted = False
-        fd, name = tempfile.mkstemp(prefix="upload-", dir=store.tmp)
+        try:
+            fd, name = tempfile.mkstemp(prefix="upload-", dir=store.tmp)
+        except OSError as e:
+            raise_if_full(e)
+            raise
         self._temp = Path(name)
         try:
             os.fchmod(fd, FILE_MODE)
@@ -201,7 +206,12 @@ class Upload:
         if self._max_size is not None and self._size + len(chunk) > self._max_size:
             self.abort()
             raise TooLarge(f"The upload is larger than the {self._max_size} bytes this exchange accepts.")
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as e:
+            self.abort()
+            raise_if_full(e)
+            raise
         self._digest.update(chunk)
         if len(self._head) < 2:
             self._head += bytes(chunk[: 2 - len(self._head)])
@@ -237,7 +247,10 @@ class Upload:
         if self._aborted or self._result is not None:
             return
         self._aborted = True
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # a full disk refuses the buffered rest: it is being discarded anyway
         self._temp.unlink(missing_ok=True)
 
     def __enter__(self) -> Upload:
@@ -263,6 +276,19 @@ def _older(path: Path, cutoff: float) -> bool:
         return path.lstat().st_mtime < cutoff
     except FileNotFoundError:
         return False
+
+
+#: The errors that mean "no room": the disk is full, or the store's quota is used up.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def raise_if_full(error: OSError) -> None:
+    """``InsufficientStorage`` (from ``error``) if the store's disk or quota is full; otherwise nothing."""
+    if error.errno in _NO_SPACE:
+        raise InsufficientStorage(
+            "The exchange's storage is full, so the upload was not stored; try again later and tell "
+            "the exchange's operators."
+        ) from error
 
 
 def _is_digest(sha256: str) -> bool:

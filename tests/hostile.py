@@ -33,6 +33,18 @@ python -m pytest --collect-only -q --security-doc=docs/security.md
 and `tests/test_security_doc.py` fails while it is out of date. The limits an
 operator can set are in `docs/operations.md` ("Settings"); what each one
 bounds is named in the rows below.
+
+The "API schema" rows are property tests: schemathesis generates requests from
+`nbexchange/api/openapi.yaml` and sends them to a live service with every
+role's token. The suite runs a small fixed budget (6 examples per operation and
+role); the longer run, for a release or after changing the API, is
+
+```bash
+NBEX_FUZZ_EXAMPLES=500 python -m pytest -p no:cacheprovider tests/api/test_schema_fuzz.py
+```
+
+(add `NBEX_TEST_DB_URL=postgresql+psycopg://…` and `NBEX_TEST_BROKER_URL=redis://…`
+to run it against PostgreSQL and Redis).
 """
 
 

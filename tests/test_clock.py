@@ -61,6 +61,12 @@ def test_sqlite_moments_are_sqlalchemys_text_of_the_utc_time_and_read_back_as_it
     assert read(write(value)) == moment
 
 
+@pytest.mark.hostile(
+    "Numbers and timestamps",
+    "hypothesis over the one timestamp parser: any text, and ISO/nbgrader timestamps at datetime's limits with "
+    "offsets up to ±23:59, seconds and microseconds in the offset, 24:00 and 99:99",
+    "a timezone-aware moment in UTC, or ValueError (answered 400), never another exception",
+)
 @settings(max_examples=500, deadline=None)
 @given(
     st.text(max_size=60)

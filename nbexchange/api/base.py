@@ -18,7 +18,15 @@ from urllib.parse import quote
 from tornado import web
 
 from nbexchange.clock import parse_timestamp
-from nbexchange.errors import ExchangeError, Forbidden, Invalid, TooLarge, Unauthorized, Unavailable
+from nbexchange.errors import (
+    ExchangeError,
+    Forbidden,
+    InsufficientStorage,
+    Invalid,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
 from nbexchange.exchange import Download, Exchange
 from nbexchange.identity.base import User, UserPlugin
 from nbexchange.metrics import REQUEST_LATENCY
@@ -237,10 +245,17 @@ class BaseHandler(web.RequestHandler):
         deadline = started + self.exchange.consistency_timeout
         delay = 0.01
         caught_up = False
+        checked_head = False
         while True:
             current = await self.run(self.exchange.reached, wanted)
             if current is not None:
                 return current
+            if not checked_head:
+                # Not reached at once: a position past the log's head is the client's error, not worth a wait.
+                checked_head = True
+                head = await self.run(self.runtime.store.head)
+                if wanted > head:
+                    raise Invalid(f"The parameter 'min_position' ({wanted}) is past the log's last position ({head}).")
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"The exchange has not yet caught up to position {wanted}; retry shortly.", retry_after=2
@@ -288,7 +303,7 @@ class BaseHandler(web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ExchangeError):
             status_code, note = exc.status_code, exc.note
-            if isinstance(exc, Unavailable):
+            if exc.retry_after is not None:
                 self.set_header("Retry-After", str(exc.retry_after))
             elif isinstance(exc, Unauthorized):
                 self.set_header("WWW-Authenticate", "token")
@@ -314,8 +329,10 @@ class BaseHandler(web.RequestHandler):
         """Expected refusals are one line; anything else gets its traceback."""
         if isinstance(value, ExchangeError) and value.status_code < 500:
             log.info("%s %s -> %d: %s", self.request.method, self.request.path, value.status_code, value.note)
-        elif isinstance(value, Unavailable):
-            log.warning("%s %s -> 503: %s", self.request.method, self.request.path, value.note)
+        elif isinstance(value, (Unavailable, InsufficientStorage)):
+            # Known conditions of the deployment, not bugs: one line each, no traceback.
+            level = logging.ERROR if isinstance(value, InsufficientStorage) else logging.WARNING
+            log.log(level, "%s %s -> %d: %s", self.request.method, self.request.path, value.status_code, value.note)
         else:
             super().log_exception(typ, value, tb)
 

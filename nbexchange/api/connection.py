@@ -75,10 +75,10 @@ class _HeaderLimitStream(iostream.IOStream):
         try:
             super()._check_max_bytes(delimiter, size)
         except iostream.UnsatisfiableReadError:
-            # Only the request header is read up to a delimiter with a limit. The
-            # answer is written at once (once: tornado may check twice before it
-            # closes); the stream is closed by tornado right after.
-            if not self._refused:
+            # The request header is the one read up to a pattern with a limit (a chunk's size
+            # line is read up to bytes). The answer is written at once (once: tornado may
+            # check twice before it closes); the stream is closed by tornado right after.
+            if isinstance(delimiter, re.Pattern) and not self._refused:
                 self._refused = True
                 log.info("Request header over the limit from %s -> 431", _peer(self))
                 self.write(refusal(431, f"The request header is longer than {self._read_max_bytes} bytes."))

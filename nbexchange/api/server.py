@@ -15,6 +15,7 @@ from tornado.netutil import bind_sockets
 from nbexchange.api import default_handlers
 from nbexchange.api.base import NotFoundHandler
 from nbexchange.api.connection import JSONErrorHTTPServer
+from nbexchange.api.uploads import UploadSlots
 from nbexchange.exchange import Exchange
 from nbexchange.identity.base import UserPlugin
 from nbexchange.metrics import StateCollector
@@ -48,6 +49,8 @@ def make_app(
         max_feedback_size=settings.max_feedback_size,
         max_body_size=settings.max_body_size,
         upload_timeout=settings.upload_timeout,
+        upload_stall_timeout=settings.upload_stall_timeout,
+        upload_slots=UploadSlots(settings.max_uploads_per_user, settings.max_uploads_total),
         metrics_require_auth=settings.metrics_require_auth,
         log_function=_log_request,
     )

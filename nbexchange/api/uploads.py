@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+import time
+from collections import Counter
+from typing import Any, Protocol
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from tornado import web
+from tornado.ioloop import IOLoop
 
 from nbexchange.api.base import BaseHandler, check_id
-from nbexchange.errors import Invalid, TooLarge, UnsupportedMedia
-from nbexchange.storage import StoredArchive, Upload
+from nbexchange.errors import ExchangeError, Invalid, TooLarge, TooManyRequests, Unavailable, UnsupportedMedia
+from nbexchange.identity.base import User
+from nbexchange.storage import StoredArchive, Upload, raise_if_full
 from nbexchange.workers.archives import GZIP_MAGIC
+
+log = logging.getLogger(__name__)
 
 #: Room for the multipart envelope and small form fields around the file.
 _ENVELOPE = 1024 * 1024
@@ -44,8 +52,9 @@ class Part(Protocol):
 class FormStream:
     """Routes a streamed ``multipart/form-data`` body (parsed by python-multipart) to each field's ``Part``.
 
-    Parts of fields without a ``Part`` are skipped. ``Invalid`` for a
-    malformed body; ``complete`` once the closing boundary was read.
+    ``Invalid`` for a malformed body, and for a part of a field that has no
+    ``Part`` (a form holds exactly the documented fields); ``complete`` once
+    the closing boundary was read.
     """
 
     def __init__(self, boundary: bytes, parts: dict[str, Part]) -> None:
@@ -98,8 +107,11 @@ class FormStream:
             raise Invalid("The multipart body is malformed: a part is not form-data.")
         name = options.get(b"name", b"").decode("utf-8", "replace")
         self._part = self.parts.get(name)
-        if self._part is not None:
-            self._part.start()
+        if self._part is None:
+            # Nothing is skipped: what a client sends is either used or refused.
+            fields = ", ".join(repr(field) for field in self.parts)
+            raise Invalid(f"The form field {name[:80]!r} is not one this route takes (only {fields}).")
+        self._part.start()
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._part is not None:
@@ -110,13 +122,17 @@ class FormStream:
 
 
 class _FilePart:
-    """The file's part: written to the upload as it comes."""
+    """The file's part: written to the upload as it comes; one only."""
 
-    def __init__(self, upload: Upload) -> None:
+    def __init__(self, upload: Upload, field: str) -> None:
         self.upload = upload
+        self.field = field
         self.seen = False
 
     def start(self) -> None:
+        if self.seen:
+            # A second part would be appended to the first: the stored bytes would not be what either part was.
+            raise Invalid(f"The form field {self.field!r} holds a second file part; send exactly one file.")
         self.seen = True
 
     def data(self, chunk: memoryview) -> None:
@@ -138,6 +154,42 @@ class _ListPart:
         if self._size > _FIELD_LIMIT:
             raise Invalid(f"A form field is longer than {_FIELD_LIMIT} bytes.")
         self.values[-1] += chunk
+
+
+class UploadSlots:
+    """Uploads being received by this API process, per user and in total, within their caps.
+
+    Used from the event loop only, so plain counters suffice.
+    """
+
+    def __init__(self, per_user: int, total: int) -> None:
+        self.per_user = per_user
+        self.total = total
+        self._by_user: Counter[tuple[int, str]] = Counter()
+        self._count = 0
+
+    def take(self, user: User) -> None:
+        """Count one more upload of ``user``; ``TooManyRequests`` or ``Unavailable`` past a cap."""
+        key = (user.org_id, user.name)
+        if self._by_user[key] >= self.per_user:
+            raise TooManyRequests(
+                f"You already have {self._by_user[key]} uploads in progress, the most this exchange takes at once "
+                "from one user; retry when one has finished."
+            )
+        if self._count >= self.total:
+            raise Unavailable(
+                f"The exchange is receiving {self._count} uploads, as many as it takes at once; retry shortly."
+            )
+        self._by_user[key] += 1
+        self._count += 1
+
+    def give_back(self, user: User) -> None:
+        """One upload of ``user`` has ended."""
+        key = (user.org_id, user.name)
+        self._by_user[key] -= 1
+        if self._by_user[key] <= 0:
+            del self._by_user[key]
+        self._count -= 1
 
 
 class UploadHandler(BaseHandler):
@@ -162,6 +214,15 @@ class UploadHandler(BaseHandler):
     _upload: Upload | None = None
     _failure: Exception | None = None
     _receiving = False
+    #: Set while the upload is made durable (in a thread): a closing connection must not pull it away.
+    _finishing = False
+    #: The client closed the connection: a handler still running stores nothing.
+    _gone = False
+    #: Whose upload slot this request holds (given back once).
+    _slot_user: User | None = None
+    #: When the body last sent anything, and the timer that drops a body that stalls.
+    _last_chunk = 0.0
+    _stall_timer: Any = None
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -181,10 +242,11 @@ class UploadHandler(BaseHandler):
         self.request.connection.set_max_body_size(limit + _ENVELOPE)  # type: ignore[union-attr]
         self._received = 0
         self._limit = limit
+        self.take_upload_slot()
         self._upload = self.settings["archives"].new_upload(max_size=limit)
         self.runtime.upload_started()
         self._receiving = True
-        self._file = _FilePart(self._upload)
+        self._file = _FilePart(self._upload, self.file_field)
         self._lists = {name: _ListPart() for name in self.list_fields}
         self._parser = FormStream(boundary, {self.file_field: self._file, **self._lists})
 
@@ -192,8 +254,46 @@ class UploadHandler(BaseHandler):
         """Parse the upload's parameters and decide whether the caller may make it (each route its own)."""
         raise NotImplementedError
 
+    def take_upload_slot(self) -> None:
+        """Count this upload against ``max_uploads_per_user`` and ``max_uploads_total``, or refuse it (429, 503).
+
+        Decided before the body is read; the slot is given back when the request ends.
+        """
+        if self._gone:
+            # The client left while ``prepare`` awaited: nothing would give back a slot (or remove a temp file).
+            raise Invalid("The client closed the connection before its upload began.")
+        slots: UploadSlots = self.settings["upload_slots"]
+        slots.take(self.user)
+        self._slot_user = self.user
+
+    def limit_body(self) -> None:
+        """As every route's, and for the upload itself a watch on its body: one that stalls is dropped."""
+        super().limit_body()
+        if self.request.method == self.upload_method:
+            self._last_chunk = time.monotonic()
+            self._stall_timer = IOLoop.current().call_later(self.settings["upload_stall_timeout"], self._check_stall)
+
+    def _check_stall(self) -> None:
+        # upload_timeout bounds the whole body; this, each silence in it, so that a dead client
+        # does not hold its slot, its temp file and a connection for up to an hour.
+        self._stall_timer = None
+        if self._finished or (self._upload is not None and self._parser.complete):
+            return
+        limit: float = self.settings["upload_stall_timeout"]
+        silent = time.monotonic() - self._last_chunk
+        if silent < limit:
+            self._stall_timer = IOLoop.current().call_later(limit - silent, self._check_stall)
+            return
+        note = f"The upload sent nothing for {limit:g} seconds; it was discarded. Send it again."
+        log.info("%s %s -> 408: %s", self.request.method, self.request.path, note)
+        self._fail(Invalid(note))
+        self.send_error(408, exc_info=(web.HTTPError, web.HTTPError(408, note), None))
+        self.request.connection.close()  # type: ignore[union-attr]
+
     def data_received(self, chunk: bytes) -> None:
+        self._last_chunk = time.monotonic()
         if self._upload is None or self._failure is not None:
+            # After a refusal the rest of the body is read and dropped, so that the client gets the answer.
             return
         self._received += len(chunk)
         self.runtime.upload_received()
@@ -206,7 +306,8 @@ class UploadHandler(BaseHandler):
             # Answer now and stop reading: the rest of the body is not worth receiving.
             self.send_error(413, exc_info=(type(e), e, None))
             self.request.connection.close()  # type: ignore[union-attr]
-        except Invalid as e:
+        except ExchangeError as e:
+            # Malformed (400) or the disk is full (507): answered once the body is in.
             self._fail(e)
 
     def _fail(self, error: Exception) -> None:
@@ -224,6 +325,9 @@ class UploadHandler(BaseHandler):
 
     async def stored_upload(self) -> StoredArchive:
         """Durably store the received file (fsync, in a thread) and return it."""
+        if self._gone:
+            # Answered to no one; one line in the log, not a traceback.
+            raise Invalid("The client closed the connection before its upload was stored; nothing was stored.")
         if self._failure is not None:
             raise self._failure
         upload = self._upload
@@ -237,17 +341,31 @@ class UploadHandler(BaseHandler):
         if self.gzip_required and upload.head != GZIP_MAGIC:
             upload.abort()
             raise UnsupportedMedia("The upload is not a gzip'd tar archive (.tar.gz).")
-        return await self.run(upload.finish)
+        self._finishing = True
+        try:
+            return await self.run(upload.finish)
+        except OSError as e:
+            upload.abort()
+            raise_if_full(e)
+            raise
 
     def _received_all(self) -> None:
         # Once per request, whichever of finishing or a closed connection comes first.
+        if self._stall_timer is not None:
+            IOLoop.current().remove_timeout(self._stall_timer)
+            self._stall_timer = None
         if self._receiving:
             self._receiving = False
             self.runtime.upload_ended()
+        if self._slot_user is not None:
+            self.settings["upload_slots"].give_back(self._slot_user)
+            self._slot_user = None
 
     def on_connection_close(self) -> None:
         self._received_all()
-        if self._upload is not None:
+        self._gone = True
+        # Once finishing, the request runs to its end (and answers no one); on_finish cleans up if it failed.
+        if self._upload is not None and not self._finishing:
             self._upload.abort()
         super().on_connection_close()
 

@@ -31,6 +31,13 @@ def breaks_the_rule(value: str) -> bool:
     )
 
 
+@pytest.mark.hostile(
+    "Ids",
+    "hypothesis over the id checker: any Unicode text up to 300 characters (and long multi-byte texts near the "
+    "255-byte limit), composed and decomposed",
+    "refused exactly when it breaks the rule, with a note naming the parameter; else returned in NFC, the same "
+    "for its NFD spelling",
+)
 @settings(max_examples=1000, deadline=None)
 @given(st.text(max_size=300) | st.text(st.characters(codec="utf-8"), min_size=60, max_size=130))
 def test_the_id_rule(value):

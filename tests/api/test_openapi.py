@@ -143,7 +143,8 @@ def test_each_operation_documents_its_refusals(path, method):
     if "503" in statuses:
         assert "Retry-After" in op["responses"]["503"]["headers"]
     if method == "post" and issubclass(handler, UploadHandler):
-        assert {"201", "200", "413", "415"} <= statuses
+        assert {"201", "200", "413", "415", "429", "503", "507"} <= statuses
+        assert "Retry-After" in op["responses"]["429"]["headers"]
         form = op["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert form["required"] == [handler.file_field]
         assert set(form["properties"]) == {handler.file_field, *handler.list_fields}

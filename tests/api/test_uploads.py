@@ -27,7 +27,6 @@ def body(file: bytes, notebooks: list[bytes]) -> bytes:
     out = b""
     for nb in notebooks:
         out += b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="notebooks"\r\n\r\n' + nb + b"\r\n"
-    out += b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="other"\r\n\r\nignored\r\n'
     out += (
         b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="assignment"; filename="a.tar.gz"\r\n'
         b"Content-Type: application/gzip\r\n\r\n" + file + b"\r\n--" + BOUNDARY + b"--\r\n"
@@ -70,6 +69,24 @@ def test_a_truncated_body_is_not_complete():
 def test_a_malformed_body_is_invalid():
     with pytest.raises(Invalid, match="malformed"):
         parse(b"--" + BOUNDARY + b"\r\nno colon here\r\n\r\n", [])
+
+
+def part(name: bytes, value: bytes, filename: bytes = b"") -> bytes:
+    disposition = b'form-data; name="' + name + b'"' + (b'; filename="' + filename + b'"' if filename else b"")
+    return b"--" + BOUNDARY + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + value + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "parts, words",
+    [
+        ([part(b"other", b"x"), part(b"assignment", b"a", b"a.tar.gz")], "'other'"),
+        ([part(b"assignment", b"a", b"a.tar.gz"), part(b"extra", b"x", b"x.bin")], "'extra'"),
+        ([part(b"", b"x")], "''"),
+    ],
+)
+def test_only_the_documented_fields_are_taken(parts, words):
+    with pytest.raises(Invalid, match=words):
+        parse(b"".join(parts) + b"--" + BOUNDARY + b"--\r\n", [])
 
 
 def test_boundary_comes_from_the_content_type():
