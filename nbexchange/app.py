@@ -99,7 +99,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "port": "NbExchange.port",
         "ip": "NbExchange.ip",
         "config": "NbExchange.config_file",
-        "log-level": "Application.log_level",
+        "log-level": "NbExchange.log_level",
         "output": "NbExchange.output",
         "until-position": "NbExchange.until_position",
         "until-time": "NbExchange.until_time",
@@ -437,6 +437,28 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     @default("log_level")
     def _default_log_level(self) -> int:
         return logging.INFO
+
+    @classmethod
+    def class_get_trait_help(cls, trait: Any, inst: Any = None, helptext: str | None = None) -> str:
+        """A setting's help; a default computed at start-up (from the environment, from another setting)
+        is shown as computed now, where traitlets would show an empty one."""
+        text: str = super().class_get_trait_help(trait, inst, helptext)
+        if inst is not None or trait.name not in cls._trait_default_generators:
+            return text
+        value = getattr(cls(), trait.name)
+        if trait.name == "log_level":
+            value = logging.getLevelName(value)
+        elif isinstance(value, type):
+            value = f"{value.__module__}.{value.__qualname__}"
+        lines = [line for line in text.splitlines() if not line.startswith("    Default: ")]
+        return "\n".join([*lines, f"    Default: {value!r}"])
+
+    def _classes_with_config_traits(self, classes: Any = None) -> Any:
+        """Every class with settings but traitlets' ``Application``: its settings are listed under ours,
+        where their defaults are the ones this command uses."""
+        for cls in super()._classes_with_config_traits(classes):
+            if cls is not Application:
+                yield cls
 
     @property
     def embedded(self) -> bool:

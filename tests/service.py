@@ -54,6 +54,32 @@ def drop_db(token: object) -> None:
     admin.dispose()
 
 
+#: nbgrader's settings that make it use the plugin, one class per action.
+PLUGIN_FACTORY_CONFIG = """\
+c.ExchangeFactory.collect = 'nbexchange.plugin.ExchangeCollect'
+c.ExchangeFactory.exchange = 'nbexchange.plugin.Exchange'
+c.ExchangeFactory.fetch_assignment = 'nbexchange.plugin.ExchangeFetchAssignment'
+c.ExchangeFactory.fetch_feedback = 'nbexchange.plugin.ExchangeFetchFeedback'
+c.ExchangeFactory.list = 'nbexchange.plugin.ExchangeList'
+c.ExchangeFactory.release_assignment = 'nbexchange.plugin.ExchangeReleaseAssignment'
+c.ExchangeFactory.release_feedback = 'nbexchange.plugin.ExchangeReleaseFeedback'
+c.ExchangeFactory.submit = 'nbexchange.plugin.ExchangeSubmit'
+"""
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 20) -> None:
+    """Stop processes: SIGTERM to all, then SIGKILL to any still running after ``timeout`` seconds."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:
@@ -90,15 +116,7 @@ class Service:
 
     def stop(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL)."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
         self.procs.clear()
 
     def log_text(self) -> str:

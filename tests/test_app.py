@@ -80,6 +80,41 @@ def test_help_all_lists_every_setting_with_its_help():
     assert "--JupyterHubPlugin.hub_api_url=" in result.stdout
 
 
+def trait_help(text: str, option: str) -> list[str]:
+    """The lines ``--help-all`` prints for ``option``, up to the next option."""
+    lines = text.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith(option + "=")))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("--")), len(lines))
+    return lines[start:end]
+
+
+def test_help_all_shows_the_defaults_computed_at_start_up(tmp_path):
+    """Defaults computed from the environment or from another setting show as this command would use them."""
+    shown = nbexchange("--help-all").stdout
+    expected = {
+        "--NbExchange.log_level": "'INFO'",
+        "--log-level": "'INFO'",
+        "--NbExchange.base_url": "'/services/nbexchange/'",
+        "--NbExchange.base_storage_location": "'/tmp/courses'",
+        "--NbExchange.db_url": "'sqlite:////tmp/courses/nbexchange.sqlite'",
+        "--NbExchange.broker_url": "''",
+        "--NbExchange.user_plugin_class": "'nbexchange.identity.users_file.UsersFilePlugin'",
+    }
+    for option, default in expected.items():
+        assert f"    Default: {default}" in trait_help(shown, option), (option, trait_help(shown, option))
+    # traitlets' Application is not listed apart with its own (WARN) default: its settings are NbExchange's.
+    assert not [line for line in shown.splitlines() if line.startswith("--Application.")]
+
+    store = str(tmp_path / "store")
+    env = {"NBEX_BASE_STORE": store, "JUPYTERHUB_SERVICE_PREFIX": "/jhub/services/x", "JUPYTERHUB_API_TOKEN": "t"}
+    shown = nbexchange("--help-all", env=env).stdout
+    assert f"    Default: 'sqlite:///{store}/nbexchange.sqlite'" in trait_help(shown, "--NbExchange.db_url")
+    assert "    Default: '/jhub/services/x/'" in trait_help(shown, "--NbExchange.base_url")
+    assert "    Default: 'nbexchange.identity.jupyterhub.JupyterHubPlugin'" in trait_help(
+        shown, "--NbExchange.user_plugin_class"
+    )
+
+
 def test_unknown_command_exits_2_naming_the_commands():
     result = nbexchange("frobnicate")
     assert result.returncode == 2

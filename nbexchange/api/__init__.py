@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nbexchange.api import (
+    about,
     assignment,
     assignments,
     collections,
@@ -29,4 +30,5 @@ default_handlers: list[tuple[str, Any]] = [
     *health.default_handlers,
     *head.default_handlers,
     *report.default_handlers,
+    *about.default_handlers,
 ]

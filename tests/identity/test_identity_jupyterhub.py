@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import logging
 import sys
 import types
 from collections.abc import AsyncIterator, Callable
@@ -321,15 +321,21 @@ def oauth_cookie(token: str, secret: bytes = COOKIE_SECRET) -> str:
     return f"{COOKIE_NAME}={create_signed_value(secret, COOKIE_NAME, token).decode()}"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jupyterhub") is not None, reason="jupyterhub is installed")
-def test_without_jupyterhub_a_cookie_only_request_gives_no_user(make_request: RequestFactory) -> None:
+def test_without_jupyterhub_a_cookie_only_request_gives_no_user(
+    make_request: RequestFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The test extra installs jupyterhub (tests/hub): make it absent, as on a service host without it.
+    monkeypatch.setitem(sys.modules, "jupyterhub.services.auth", None)
+
     async def scenario() -> None:
         async with running_hub(a=ADA) as hub:
             plugin = plugin_for(hub, cookie_secret=COOKIE_SECRET)
             assert await plugin.authenticate(make_request(Cookie=oauth_cookie("a"))) is None
             assert hub.calls == 0
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    assert "The jupyterhub package is not installed: browser cookies are not accepted." in caplog.text
 
 
 def test_a_browser_hub_oauth_cookie_is_checked_with_the_hub(

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +25,7 @@ if str(PLUGIN_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGIN_DIR))
 
 from nbformat import write as write_notebook  # noqa: E402
+from service import PLUGIN_FACTORY_CONFIG  # noqa: E402
 from nbformat.v4 import new_notebook  # noqa: E402
 from nbgrader.tests import create_grade_cell, create_solution_cell, run_nbgrader  # noqa: E402
 from traitlets.config.loader import PyFileConfigLoader  # noqa: E402
@@ -31,16 +36,7 @@ USERS = {
     "student2": {"course101": "Student"},
 }
 
-CONFIG = """\
-c = get_config()
-c.ExchangeFactory.collect = 'nbexchange.plugin.ExchangeCollect'
-c.ExchangeFactory.exchange = 'nbexchange.plugin.Exchange'
-c.ExchangeFactory.fetch_assignment = 'nbexchange.plugin.ExchangeFetchAssignment'
-c.ExchangeFactory.fetch_feedback = 'nbexchange.plugin.ExchangeFetchFeedback'
-c.ExchangeFactory.list = 'nbexchange.plugin.ExchangeList'
-c.ExchangeFactory.release_assignment = 'nbexchange.plugin.ExchangeReleaseAssignment'
-c.ExchangeFactory.release_feedback = 'nbexchange.plugin.ExchangeReleaseFeedback'
-c.ExchangeFactory.submit = 'nbexchange.plugin.ExchangeSubmit'
+CONFIG = "c = get_config()\n" + PLUGIN_FACTORY_CONFIG.replace("{", "{{").replace("}", "}}") + """\
 c.Exchange.service_url = {service_url!r}
 c.Exchange.api_token = {token!r}
 c.Exchange.cache = {cache!r}
@@ -48,6 +44,9 @@ c.Exchange.retry_backoff = 0.1
 c.CourseDirectory.course_id = {course_id!r}
 c.CourseDirectory.root = {root!r}
 """
+
+#: The service's prefix, as the scripted stand-in serves it.
+BASE = "/services/nbexchange/"
 
 SUBMITTED_AS = re.compile(r"Submitted as: (\S+) (\S+) (.+ UTC)$", re.MULTILINE)
 
@@ -214,3 +213,55 @@ def classroom(exchange_service, tmp_path):
     turn = SimpleNamespace(last=None)
     people = {name: Person(name, service.tokens[name], service.url, tmp_path / name, turn) for name in USERS}
     return SimpleNamespace(service=service, **people)
+
+
+class Script(BaseHTTPRequestHandler):
+    """Answers each request with the next scripted (status, headers, body) and records what it got."""
+
+    def do_GET(self):
+        self._answer()
+
+    def do_POST(self):
+        self._answer()
+
+    def _answer(self):
+        server = self.server
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        url = urlsplit(self.path)
+        server.seen.append(
+            {
+                "method": self.command,
+                "path": url.path,
+                "route": url.path[len(BASE) :],
+                "query": {key: values[0] for key, values in parse_qs(url.query).items()},
+                "headers": dict(self.headers),
+                "body": body,
+                "at": time.monotonic(),
+            }
+        )
+        status, headers, payload = server.answers.pop(0)
+        if isinstance(payload, (dict, list)):
+            payload = json.dumps(payload).encode()
+            headers = {"Content-Type": "application/json", **headers}
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Script)
+    server.seen, server.answers = [], []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}{BASE}"
+    yield server
+    server.shutdown()
+    server.server_close()

@@ -13,6 +13,7 @@ PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugin"
 def test_a_bad_token_or_a_stopped_service_fails_with_the_reason(classroom):
     classroom.instructor.release("ps1")
     student = classroom.student1
+    student.nbgrader("fetch_assignment", "ps1")
     student.configure("c.Exchange.api_token = 'not-a-token'")
     log = student.nbgrader("list", retcode=1)
     assert "Listing the assignments of course101 failed: " in log
@@ -27,12 +28,24 @@ def test_a_bad_token_or_a_stopped_service_fails_with_the_reason(classroom):
 
     student.configure("c.Exchange.max_retries = 2")
     classroom.service.stop()
-    log = student.nbgrader("fetch_assignment", "ps1", retcode=1)
-    assert log.count("the exchange cannot be reached") == 2
+    log = student.nbgrader("fetch_assignment", "ps1", "--Exchange.path_includes_course=True", retcode=1)
+    assert log.count("the exchange cannot be reached (Connection refused)") == 2
     assert "Fetching course101 ps1 failed: the exchange at " in log
-    assert not (student.home / "ps1").exists()
+    assert not (student.home / "course101" / "ps1").exists()
     log = student.nbgrader_process("list", retcode=1)
     assert "cannot be reached" in log
+
+    # What a student reads when submitting to an exchange that is down: that nothing was
+    # submitted and what to do, on one line, in the real command's output.
+    log = student.nbgrader_process("submit", "ps1", retcode=1)
+    (final,) = [line for line in log.splitlines() if "CRITICAL" in line]
+    assert final.endswith(
+        "course101 ps1 was NOT submitted. Listing the assignments of course101 failed: the exchange at "
+        f"{classroom.service.url} cannot be reached (Connection refused). "
+        "Try again in a few minutes; if it keeps failing, tell your instructor."
+    )
+    assert "Traceback" not in log and "HTTPConnection" not in log and "Max retries" not in log
+    assert not (student.cache / "course101").exists()
 
 
 BLOCKED_IMPORT_CHECK = textwrap.dedent(

@@ -7,15 +7,10 @@ checks use a small scripted HTTP server; everything else runs against the real o
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import socket
 import tarfile
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from nbgrader.coursedir import CourseDirectory
@@ -25,57 +20,6 @@ from nbexchange.plugin import Exchange
 from nbexchange.plugin.transfer import Upload
 
 BASE = "/services/nbexchange/"
-
-
-class Script(BaseHTTPRequestHandler):
-    """Answers each request with the next scripted (status, headers, body) and records what it got."""
-
-    def do_GET(self):
-        self._answer()
-
-    def do_POST(self):
-        self._answer()
-
-    def _answer(self):
-        server = self.server
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        url = urlsplit(self.path)
-        server.seen.append(
-            {
-                "method": self.command,
-                "route": url.path[len(BASE) :],
-                "query": {key: values[0] for key, values in parse_qs(url.query).items()},
-                "headers": dict(self.headers),
-                "body": body,
-                "at": time.monotonic(),
-            }
-        )
-        status, headers, payload = server.answers.pop(0)
-        if isinstance(payload, dict):
-            payload = json.dumps(payload).encode()
-            headers = {"Content-Type": "application/json", **headers}
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def stub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Script)
-    server.seen, server.answers = [], []
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}{BASE}"
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture
@@ -154,6 +98,42 @@ def test_no_service_fails_after_retrying(tmp_path, log, caplog):
     with pytest.raises(ExchangeError, match="Listing failed: the exchange at .* cannot be reached"):
         exchange.api_request("GET", "assignments", "Listing")
     assert caplog.text.count("the exchange cannot be reached") == 2
+
+
+    assert "Max retries exceeded" not in caplog.text and "HTTPConnection" not in caplog.text
+    assert "(Connection refused)" in caplog.text
+
+
+HUB_PAGE = b"<!DOCTYPE HTML>\n<html><head><title>JupyterHub</title></head><body><h1>404 : Not Found</h1></body></html>"
+
+NOT_THE_EXCHANGE = [
+    # The hub's own port, as a plugin pointed at JUPYTERHUB_API_URL's host used to reach: 302, then 404 HTML.
+    pytest.param(302, {"Location": "/hub/services/nbexchange/assignments"}, b"", "302 Found", id="redirect"),
+    pytest.param(404, {"Content-Type": "text/html"}, HUB_PAGE, "404 Not Found (text/html)", id="html-404"),
+    pytest.param(200, {"Content-Type": "text/html"}, HUB_PAGE, "200 OK (text/html)", id="html-200"),
+    pytest.param(502, {"Content-Type": "text/plain"}, b"Bad Gateway", "502 Bad Gateway (text/plain)", id="proxy-502"),
+    pytest.param(500, {}, b"", "500 Internal Server Error (no content type)", id="empty-500"),
+    # JSON, but not the exchange's (the hub's API answers {status, message}).
+    pytest.param(404, {}, {"status": 404, "message": "Not found"}, "404 Not Found (application/json)", id="hub-json"),
+    pytest.param(200, {}, [1, 2], "200 OK (application/json)", id="json-list"),
+]
+
+
+@pytest.mark.parametrize(("status", "headers", "body", "said"), NOT_THE_EXCHANGE)
+def test_an_answer_that_is_not_the_exchanges_is_one_line_naming_the_url_and_status(
+    stub, tmp_path, log, status, headers, body, said
+):
+    stub.answers = [(status, headers, body)]
+    exchange = make_exchange(stub.url, tmp_path, log)
+    with pytest.raises(ExchangeError) as failure:
+        exchange.api_request("GET", "assignments", "Listing the assignments of phys101", {"course_id": "phys101"})
+    message = str(failure.value)
+    assert message.startswith(f"Listing the assignments of phys101 failed: {stub.url}assignments answered HTTP {said}")
+    assert "is the exchange's address right? Set NBEX_SERVICE_URL or c.Exchange.service_url." in message
+    assert "<" not in message and "\n" not in message and "course_id=" not in message
+    assert len(stub.seen) == 1  # neither retried nor redirected
+    if "Location" in headers:
+        assert "redirecting to /hub/services/nbexchange/assignments" in message
 
 
 def test_reads_after_a_write_ask_for_its_position_even_in_a_new_process(stub, tmp_path, log):

@@ -46,7 +46,7 @@ def test_strict_submit_fails_on_a_missing_notebook(classroom):
     (student.home / "ps1" / "p2.ipynb").unlink()
 
     log = student.nbgrader("submit", "ps1", "--strict", retcode=1)
-    assert "Assignment ps1 not submitted. There are missing notebooks for the submission:" in log
+    assert "course101 ps1 was NOT submitted. There are missing notebooks for the submission:" in log
     assert "p2.ipynb: MISSING" in log
     assert not (student.cache / "course101").exists()
     log = classroom.instructor.nbgrader("collect", "ps1")

@@ -15,7 +15,7 @@ import uuid
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from textwrap import dedent
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 from jupyter_core.paths import jupyter_data_dir
@@ -29,8 +29,12 @@ from .transfer import CHUNK_SIZE, Progress, pack, unpack
 
 #: nbgrader's timestamp format; the service takes and gives every time in it, in UTC.
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f %Z"
-SERVICE_PATH = "services/nbexchange/"
-FALLBACK_SERVICE_URL = "http://127.0.0.1:9000/" + SERVICE_PATH
+SERVICE_NAME = "nbexchange"
+FALLBACK_SERVICE_URL = f"http://127.0.0.1:9000/services/{SERVICE_NAME}/"
+#: Seconds to wait for JupyterHub's answer when asking it where the service is.
+HUB_TIMEOUT = 10.0
+#: What to tell a user whose exchange cannot be reached.
+TRY_LATER = "Try again in a few minutes; if it keeps failing, tell your instructor."
 #: Answers worth another try: the service (or the proxy before it) is briefly unavailable.
 RETRY_STATUSES = frozenset({503})
 #: Where the API token comes from, named whenever the token is missing or refused.
@@ -47,9 +51,12 @@ class Exchange(ABCExchange):
         help=dedent(
             """
             The nbexchange service's base URL, ending in '/services/nbexchange/'.
-            Defaults to $NBEX_SERVICE_URL; under JupyterHub, to the hub's address
-            (from $JUPYTERHUB_API_URL) plus '/services/nbexchange/'; else to
-            http://127.0.0.1:9000/services/nbexchange/.
+            Defaults to $NBEX_SERVICE_URL. Under JupyterHub ($JUPYTERHUB_API_URL set),
+            to the hub's public URL ($JUPYTERHUB_PUBLIC_HUB_URL, set when the hub has
+            JupyterHub.public_url) plus the service's prefix, else to the address in
+            the hub's record of the service (GET $JUPYTERHUB_API_URL/services/<name>,
+            which the server's token may read only if granted read:services).
+            Elsewhere, to http://127.0.0.1:9000/services/nbexchange/.
             """
         ).strip()
     ).tag(config=True)
@@ -58,13 +65,22 @@ class Exchange(ABCExchange):
     def _service_url_default(self):
         if os.environ.get("NBEX_SERVICE_URL"):
             return os.environ["NBEX_SERVICE_URL"]
-        hub_api = os.environ.get("JUPYTERHUB_API_URL")
-        if hub_api:
-            parts = urlsplit(hub_api)
-            # Hub services live under the hub's base URL, e.g. /jhub/services/nbexchange/.
-            prefix = "/".join(["", *filter(None, os.environ.get("JUPYTERHUB_BASE_URL", "/").split("/")), ""])
-            return f"{parts.scheme}://{parts.netloc}{prefix}{SERVICE_PATH}"
-        return FALLBACK_SERVICE_URL
+        if not os.environ.get("JUPYTERHUB_API_URL"):
+            return FALLBACK_SERVICE_URL
+        url, self._service_url_problem = hub_service_url(
+            os.environ["JUPYTERHUB_API_URL"],
+            os.environ.get("JUPYTERHUB_BASE_URL", "/"),
+            os.environ.get("JUPYTERHUB_PUBLIC_HUB_URL", ""),
+            self.service_name,
+            os.environ.get("JUPYTERHUB_API_TOKEN", ""),
+        )
+        if url:
+            self.log.debug("The exchange is at %s, as JupyterHub says.", url)
+        return url
+
+    service_name = Unicode(
+        SERVICE_NAME, help="The exchange's name among JupyterHub's services, used to find its address."
+    ).tag(config=True)
 
     api_token = Unicode(
         help="The token sent as 'Authorization: token ...'. Defaults to $NBEX_API_TOKEN, else $JUPYTERHUB_API_TOKEN."
@@ -122,6 +138,7 @@ class Exchange(ABCExchange):
 
     _session = None
     _position = None
+    _service_url_problem = ""
 
     # -- the command's frame ---------------------------------------------------------------
 
@@ -131,6 +148,8 @@ class Exchange(ABCExchange):
             self.coursedir = CourseDirectory(parent=self)
         if not self.api_token:
             self.fail(f"No API token for the exchange: set {TOKEN_SETTINGS}.")
+        if not self.service_url:
+            self.fail(self._service_url_problem or "The exchange's address is unknown: set NBEX_SERVICE_URL.")
         return super().start()
 
     def set_timestamp(self):
@@ -218,9 +237,14 @@ class Exchange(ABCExchange):
                 result = self._attempt(method, url, params, headers, upload, download, action, last)
             except RETRY_ERRORS as e:
                 if last:
-                    self.fail(f"{action} failed: the exchange at {self.service_url} cannot be reached ({e}).")
+                    self.fail(
+                        f"{action} failed: the exchange at {self.service_url} cannot be reached ({_reason(e)}). "
+                        + TRY_LATER
+                    )
                 wait = self._backoff(attempt)
-                self.log.warning("%s: the exchange cannot be reached (%s); trying again in %.1fs", action, e, wait)
+                self.log.warning(
+                    "%s: the exchange cannot be reached (%s); trying again in %.1fs", action, _reason(e), wait
+                )
             else:
                 if not isinstance(result, _Retry):
                     break
@@ -248,6 +272,8 @@ class Exchange(ABCExchange):
                 headers=headers,
                 data=body,
                 stream=True,
+                # The exchange never redirects: a redirect means the address is not the exchange's.
+                allow_redirects=False,
                 timeout=(self.connect_timeout, self.read_timeout),
             ) as response:
                 if response.status_code in RETRY_STATUSES and not last:
@@ -278,10 +304,11 @@ class Exchange(ABCExchange):
         try:
             answer = response.json()
         except ValueError:
-            self.fail(f"{action} failed: the exchange answered something other than JSON ({_note(response)}).")
-        if not isinstance(answer, dict) or not answer.get("success"):
-            note = answer.get("note") if isinstance(answer, dict) else None
-            self.fail(f"{action} failed: {note or 'the exchange did not say it succeeded'}")
+            answer = None
+        if not isinstance(answer, dict) or "success" not in answer:
+            self.fail(f"{action} failed: {_not_the_exchange(response)}")
+        if not answer.get("success"):
+            self.fail(f"{action} failed: {answer.get('note') or 'the exchange did not say it succeeded'}")
         return answer
 
     def _backoff(self, attempt):
@@ -421,16 +448,101 @@ class _Retry:
 
 
 def _note(response):
-    """The service's note on a failed answer, or what the body says if it is not the service's JSON."""
+    """The service's note on a failed answer; any other answer (a proxy's or hub's page) named by URL and status."""
     try:
         answer = response.json()
-        note = answer.get("note") if isinstance(answer, dict) else None
     except ValueError:
-        note = None
-    if not note:
-        text = " ".join((response.text or "").split())
-        note = text[:200] or response.reason or "no explanation given"
+        answer = None
+    note = answer.get("note") if isinstance(answer, dict) else None
+    if not isinstance(note, str) or not note:
+        return _not_the_exchange(response)
     return f"{note} (HTTP {response.status_code})"
+
+
+def _not_the_exchange(response):
+    """One line for an answer that is not the exchange's JSON: never the page itself, which users cannot act on."""
+    url = response.url.split("?", 1)[0]
+    kind = (response.headers.get("Content-Type") or "").split(";", 1)[0].strip() or "no content type"
+    moved = f", redirecting to {response.headers['Location']}" if response.headers.get("Location") else ""
+    return (
+        f"{url} answered HTTP {response.status_code} {response.reason or ''}".rstrip()
+        + f" ({kind}{moved}), which is not the exchange's answer: is the exchange's address right? "
+        "Set NBEX_SERVICE_URL or c.Exchange.service_url."
+    )
+
+
+def _reason(error):
+    """Why a connection failed, in a few words ("Connection refused"), not urllib3's nested repr."""
+    if isinstance(error, requests.Timeout):
+        return "no answer in time"
+    seen = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and isinstance(current.strerror, str) and current.strerror:
+            return current.strerror
+        # requests wraps urllib3's MaxRetryError, which holds the connection error as ``reason``.
+        pending.extend(
+            cause
+            for cause in (current.__cause__, current.__context__, getattr(current, "reason", None), *current.args)
+            if isinstance(cause, BaseException)
+        )
+    return type(error).__name__
+
+
+#: Addresses the hub gave, by what was asked: a notebook server's extension builds an exchange per request.
+#: Only answers are kept, so a hub that was briefly down is asked again.
+_HUB_ANSWERS: dict[tuple[str, ...], str] = {}
+
+
+def hub_service_url(hub_api_url, hub_base_url, public_hub_url, service_name, token):
+    """Where a hub service answers, as JupyterHub knows it: ``(url, "")``, or ``("", why it is unknown)``.
+
+    The hub's public URL (through its proxy, the way users reach every service) comes first;
+    else the hub's record of the service, which names the address the proxy forwards to.
+    """
+    key = (hub_api_url, hub_base_url, public_hub_url, service_name, hashlib.sha256(token.encode()).hexdigest())
+    if key not in _HUB_ANSWERS:
+        url, problem = _ask_hub(hub_api_url, hub_base_url, public_hub_url, service_name, token)
+        if not url:
+            return "", problem
+        _HUB_ANSWERS[key] = url
+    return _HUB_ANSWERS[key], ""
+
+
+def _ask_hub(hub_api_url, hub_base_url, public_hub_url, service_name, token):
+    """``hub_service_url``'s answer, found afresh."""
+    prefix = "/".join(["", *filter(None, hub_base_url.split("/")), "services", quote(service_name, safe=""), ""])
+    public = urlsplit(public_hub_url)
+    if public.scheme in ("http", "https") and public.netloc:
+        return f"{public.scheme}://{public.netloc}{prefix}", ""
+    record_url = f"{hub_api_url.rstrip('/')}/services/{quote(service_name, safe='')}"
+    advice = (
+        "set NBEX_SERVICE_URL (e.g. in c.Spawner.environment), set JupyterHub.public_url, "
+        f"or grant the user and server roles read:services!service={service_name} (see nbexchange's "
+        "docs/operations.md, 'How the plugin finds the exchange')."
+    )
+    try:
+        response = requests.get(
+            record_url, headers={"Authorization": f"token {token}"}, timeout=HUB_TIMEOUT, allow_redirects=False
+        )
+    except requests.RequestException as e:
+        return "", f"JupyterHub at {hub_api_url} cannot be reached to find the exchange ({_reason(e)}). " + TRY_LATER
+    try:
+        model = response.json()
+    except ValueError:
+        model = None
+    if response.status_code == 200 and isinstance(model, dict):
+        url, path = model.get("url"), model.get("prefix")
+        if isinstance(url, str) and url and isinstance(path, str) and path:
+            return url.rstrip("/") + "/" + path.lstrip("/"), ""
+    return "", (
+        f"The exchange's address is unknown: the hub has no public URL and {record_url} answered "
+        f"HTTP {response.status_code} without the service's address. Ask the hub's administrators to " + advice
+    )
 
 
 def _retry_after(response):

@@ -20,6 +20,11 @@ class ExchangeSubmit(Exchange, ABCExchangeSubmit):
         if not os.path.isdir(self.src_path):
             self.not_found(self.src_path, os.path.abspath(other_path))
 
+    def fail(self, msg):
+        """Fail, saying first that nothing was submitted: a student must never believe otherwise."""
+        what = " ".join(filter(None, [self.coursedir.course_id, self.coursedir.assignment_id])) or "The assignment"
+        super().fail(f"{what} was NOT submitted. {msg}")
+
     def init_dest(self):
         self.require_course()
         self.require_plain_student_id()
@@ -34,10 +39,7 @@ class ExchangeSubmit(Exchange, ABCExchangeSubmit):
             return
         diff_msg = "Expected:\n\t{}\nSubmitted:\n\t{}".format("\n\t".join(release_diff), "\n\t".join(submitted_diff))
         if missing and self.strict:
-            self.fail(
-                f"Assignment {self.coursedir.assignment_id} not submitted. "
-                f"There are missing notebooks for the submission:\n{diff_msg}"
-            )
+            self.fail(f"There are missing notebooks for the submission:\n{diff_msg}")
         self.log.warning(
             "Possible missing notebooks and/or extra notebooks submitted for assignment "
             f"{self.coursedir.assignment_id}:\n{diff_msg}"
