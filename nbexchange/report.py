@@ -302,7 +302,7 @@ def render_table(report: dict[str, Any]) -> str:
     rows = [[heading for heading, _ in COLUMNS]]
     rows += [[_cell(key, student[key]) for _, key in COLUMNS] for student in report["students"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(_heading(report) + [""] + lines) + "\n"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -247,10 +248,8 @@ class Upload:
         if self._aborted or self._result is not None:
             return
         self._aborted = True
-        try:
+        with contextlib.suppress(OSError):  # a full disk refuses the buffered rest: it is being discarded anyway
             self._file.close()
-        except OSError:
-            pass  # a full disk refuses the buffered rest: it is being discarded anyway
         self._temp.unlink(missing_ok=True)
 
     def __enter__(self) -> Upload:

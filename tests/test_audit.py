@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from builders import TEACHER, make_archive, release, student
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from builders import TEACHER, make_archive, release, student
 from test_app import nbexchange
 
+from nbexchange.clock import format_iso
 from nbexchange.db import make_engine, upgrade
 from nbexchange.events.domain import Collected, Submitted
 from nbexchange.events.sql import SQLEventStore
-from nbexchange.clock import format_iso
 from nbexchange.events.store import GENESIS, AppendRequest, RecordedEvent, canonical_json, chain_hash
 from nbexchange.projections import catch_up_all
 from nbexchange.storage import ArchiveStore
@@ -424,9 +424,8 @@ def test_the_audit_engine_cannot_write_on_either_backend(engine, db_url):
     reader = open_read_only(db_url)
     try:
         assert SQLEventStore(reader).head() == 1
-        with pytest.raises(sa.exc.DBAPIError, match="(?i)read-?only"):
-            with reader.begin() as conn:
-                conn.execute(sa.text("DELETE FROM events"))
+        with pytest.raises(sa.exc.DBAPIError, match="(?i)read-?only"), reader.begin() as conn:
+            conn.execute(sa.text("DELETE FROM events"))
     finally:
         reader.dispose()
     assert SQLEventStore(engine).head() == 1

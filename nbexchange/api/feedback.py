@@ -58,12 +58,12 @@ class FeedbackHandler(UploadHandler):
             for f in files
         ]
         # json.dumps writes ASCII only, so characters are bytes; base64 is 4 bytes per 3, padded.
-        length = len(opening) + sum(len(h) + 4 * ((f.size + 2) // 3) + 2 for h, f in zip(heads, files))
+        length = len(opening) + sum(len(h) + 4 * ((f.size + 2) // 3) + 2 for h, f in zip(heads, files, strict=True))
         length += 2 * max(len(files) - 1, 0) + 2
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Content-Length", str(length))
         self.write(opening)
-        for index, (head, feedback) in enumerate(zip(heads, files)):
+        for index, (head, feedback) in enumerate(zip(heads, files, strict=True)):
             self.write((", " if index else "") + head)
             while chunk := await self.run(feedback.file.read, BASE64_CHUNK):
                 self.write(base64.b64encode(chunk))

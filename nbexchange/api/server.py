@@ -123,7 +123,8 @@ def serve(settings: NbExchange) -> None:
             body_timeout=settings.body_timeout,
         )
         server.add_sockets(bind_sockets(settings.port, settings.ip, reuse_port=settings.reuse_port))
-        mode = "embedded (in-process broker and worker)" if settings.embedded else f"broker {shown_url(settings.broker_url)}"
+        embedded = "embedded (in-process broker and worker)"
+        mode = embedded if settings.embedded else f"broker {shown_url(settings.broker_url)}"
         log.info("nbexchange listening on http://%s:%d%s, %s", settings.ip, settings.port, settings.base_url, mode)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

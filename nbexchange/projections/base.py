@@ -15,8 +15,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from nbexchange.clock import utcnow
 from nbexchange.db import (
-    Moment,
     DriverInsert,
+    Moment,
     driver_insert,
     is_sqlite,
     make_engine,
@@ -235,12 +235,12 @@ def rebuild_many(engine: Engine, projections: Sequence[Projection], batch_size: 
             marks, read = _apply_next(conn, builders, batch_size, None)
             if read < batch_size:
                 break
-        for projection, builder in zip(projections, builders):
-            for live, new in zip(projection.tables, builder.tables):
+        for projection, builder in zip(projections, builders, strict=True):
+            for live, new in zip(projection.tables, builder.tables, strict=True):
                 _swap_in(conn, live, new)
             move_checkpoint(conn, projection.name, marks[builder.name])
             conn.execute(checkpoints_table.delete().where(checkpoints_table.c.name == builder.name))
-    return {p.name: marks[b.name] for p, b in zip(projections, builders)}
+    return {p.name: marks[b.name] for p, b in zip(projections, builders, strict=True)}
 
 
 #: Where a rebuild's new tables are declared, one collection per dialect

@@ -65,10 +65,10 @@ def test_writes_right_after_a_release_need_no_worker(no_worker: Service) -> None
             assignment = f"ps-now-{round_}"
             ok(release(svc, "ada", assignment), 201)
             fetches = list(
-                pool.map(lambda s: get(svc, "assignment", s, course_id=COURSE, assignment_id=assignment), STUDENTS)
+                pool.map(lambda s, a=assignment: get(svc, "assignment", s, course_id=COURSE, assignment_id=a), STUDENTS)
             )
             assert [r.status_code for r in fetches] == [200] * len(STUDENTS), {r.text for r in fetches}
-            answers = list(pool.map(lambda s: submit(svc, s, assignment), STUDENTS))
+            answers = list(pool.map(lambda s, a=assignment: submit(svc, s, a), STUDENTS))
             assert [r.status_code for r in answers] == [201] * len(STUDENTS), {r.text for r in answers}
     # A read naming its own write gets it too: with no worker, the API catches the read models up itself.
     last = max(r.json()["position"] for r in answers)
@@ -111,13 +111,16 @@ def test_an_unrelease_with_purge_racing_submissions_of_the_same_bytes(no_worker:
         same = make_archive({"nb1.ipynb": f"starter {round_}".encode()})
         ok(release(svc, "ada", assignment, archive=same), 201)
 
-        def withdraw(delay: float = 0.004 * (round_ % 5)) -> requests.Response:
+        def withdraw(assignment: str = assignment, delay: float = 0.004 * (round_ % 5)) -> requests.Response:
             time.sleep(delay)
             return unrelease(svc, assignment, purge=True)
 
+        def send(student: str, assignment: str = assignment, same: bytes = same) -> tuple[str, requests.Response]:
+            return student, submit(svc, student, assignment, archive=same)
+
         with ThreadPoolExecutor(21) as pool:
             gone = pool.submit(withdraw)
-            answers = list(pool.map(lambda s: (s, submit(svc, s, assignment, archive=same)), STUDENTS[:20]))
+            answers = list(pool.map(send, STUDENTS[:20]))
         ok(gone.result())
         for student, answer in answers:
             if answer.status_code == 404:
@@ -137,10 +140,11 @@ def test_an_unrelease_with_purge_racing_submissions_of_the_same_bytes(no_worker:
     # The collector (no grace here) keeps every blob an accepted submission owns.
     report = collect(svc)
     head = max(position for _, _, position in accepted)
-    for assignment, student, position in accepted:
-        (item,) = ok(
-            get(svc, "collections", "ada", course_id=COURSE, assignment_id=assignment, user_id=student, min_position=head)
-        )["value"]
+    for assignment, student, _ in accepted:
+        listed = get(
+            svc, "collections", "ada", course_id=COURSE, assignment_id=assignment, user_id=student, min_position=head
+        )
+        (item,) = ok(listed)["value"]
         download = get(svc, "collection", "ada", course_id=COURSE, assignment_id=assignment, path=item["path"])
         assert download.status_code == 200, download.text
         assert hashlib.sha256(download.content).hexdigest() not in report["blobs"]

@@ -7,9 +7,9 @@ import unicodedata
 import pytest
 import requests
 from builders import make_archive
+from httpclient import COURSE, STAMP, get, ok, refused, release, until
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from httpclient import COURSE, STAMP, get, ok, refused, release, until
 
 from nbexchange.api.base import MAX_ID, check_id
 from nbexchange.errors import Invalid

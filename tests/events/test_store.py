@@ -12,6 +12,7 @@ from builders import T0, TEACHER, release, submit
 
 from nbexchange.db import make_engine
 from nbexchange.errors import ConflictError, KeyReused, NotFound
+from nbexchange.events import sql
 from nbexchange.events.domain import (
     EVENT_TYPES,
     UPCASTERS,
@@ -23,7 +24,6 @@ from nbexchange.events.domain import (
     Upcasters,
     decode,
 )
-from nbexchange.events import sql
 from nbexchange.events.sql import SQLEventStore, events_table
 from nbexchange.events.store import GENESIS, AppendRequest, canonical_json
 

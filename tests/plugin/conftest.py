@@ -13,8 +13,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 from types import SimpleNamespace
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -25,9 +25,9 @@ if str(PLUGIN_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGIN_DIR))
 
 from nbformat import write as write_notebook  # noqa: E402
-from service import PLUGIN_FACTORY_CONFIG  # noqa: E402
 from nbformat.v4 import new_notebook  # noqa: E402
 from nbgrader.tests import create_grade_cell, create_solution_cell, run_nbgrader  # noqa: E402
+from service import PLUGIN_FACTORY_CONFIG  # noqa: E402
 from traitlets.config.loader import PyFileConfigLoader  # noqa: E402
 
 USERS = {

@@ -29,6 +29,7 @@ from nbexchange.events.sql import events_table
 from nbexchange.events.store import AppendRequest
 from nbexchange.projections import (
     PROJECTIONS,
+    base,
     catch_up,
     catch_up_all,
     checkpoints,
@@ -38,7 +39,6 @@ from nbexchange.projections import (
     replay,
     snapshot,
 )
-from nbexchange.projections import base
 from nbexchange.projections.assignments import course_releases, get_release, user_actions
 from nbexchange.projections.base import REBUILDING, checkpoints_table
 from nbexchange.projections.collections import get_submission, list_submissions
