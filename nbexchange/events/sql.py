@@ -122,6 +122,13 @@ def _read_head(conn: Connection, stream: str) -> tuple[int, str, datetime, int |
     return _head_query(conn.dialect).first(conn, stream)
 
 
+# A write decides on these, once or twice per request: built once, not per call.
+# One stream by (stream, version): the unique index serves it whole, whatever plan
+# a prepared statement settles on (ordering by position could walk the log).
+_STREAM = (
+    sa.select(events_table).where(events_table.c.stream == sa.bindparam("stream")).order_by(events_table.c.version)
+)
+_BY_KEY = sa.select(events_table).where(events_table.c.idempotency_key == sa.bindparam("key"))
 _BY_KEYS = sa.select(events_table).where(events_table.c.idempotency_key.in_(sa.bindparam("keys", expanding=True)))
 _VERSIONS = (
     sa.select(events_table.c.stream, sa.func.max(events_table.c.version))
@@ -386,16 +393,13 @@ class SQLEventStore:
 
     def read_stream(self, stream: str) -> list[RecordedEvent]:
         """Every event of one stream, in order: what a write on that stream is decided on."""
-        # By (stream, version): the unique index serves it whole, whatever plan a
-        # prepared statement settles on (ordering by position could walk the log).
-        query = sa.select(events_table).where(events_table.c.stream == stream).order_by(events_table.c.version)
         with translate_errors(), self.engine.connect() as conn:
-            return [_row_to_event(row) for row in conn.execute(query)]
+            return [_row_to_event(row) for row in conn.execute(_STREAM, {"stream": stream})]
 
     def by_idempotency_key(self, key: str) -> RecordedEvent | None:
         """The event appended with ``key``, if any."""
         with translate_errors(), self.engine.connect() as conn:
-            row = conn.execute(sa.select(events_table).where(events_table.c.idempotency_key == key)).first()
+            row = conn.execute(_BY_KEY, {"key": key}).first()
         return _row_to_event(row) if row else None
 
     def verify(self) -> VerifyReport:
