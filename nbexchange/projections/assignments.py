@@ -230,23 +230,3 @@ def user_actions(
         item["notebooks"] = tuple(orjson.loads(item["notebooks"]))
         out.append(item)
     return out
-
-
-def archive_used_elsewhere(conn: Connection, release: Release) -> bool:
-    """Whether another active release (in any course) uses this release's archive."""
-    count = conn.execute(
-        sa.select(sa.func.count())
-        .select_from(releases)
-        .where(
-            releases.c.archive_sha256 == release.archive_sha256,
-            releases.c.active.is_(True),
-            sa.not_(
-                sa.and_(
-                    releases.c.org_id == release.org_id,
-                    releases.c.course_id == release.course_id,
-                    releases.c.assignment_id == release.assignment_id,
-                )
-            ),
-        )
-    ).scalar_one()
-    return bool(count)

@@ -51,6 +51,7 @@ submissions = sa.Table(
     sa.Index("ix_proj_submissions_assignment", "org_id", "course_id", "assignment_id", "student_id"),
 )
 
+
 class CollectionsProjection:
     """Submissions, with who sent them, their archive's state and whether they were collected."""
 
@@ -229,14 +230,6 @@ def get_submission(
         )
     ).first()
     return _submission(row) if row else None
-
-
-def archive_submitted(conn: Connection, sha256: str) -> bool:
-    """Whether any submission (anywhere) is this archive's bytes."""
-    return (
-        conn.execute(sa.select(submissions.c.position).where(submissions.c.archive_sha256 == sha256).limit(1)).first()
-        is not None
-    )
 
 
 _ENTRIES = sa.select(

@@ -117,11 +117,3 @@ def student_feedback(
     for row in rows:
         out.append(dict(row._mapping))
     return out
-
-
-def file_in_feedback(conn: Connection, sha256: str) -> bool:
-    """Whether any feedback (anywhere) is this file's bytes."""
-    return (
-        conn.execute(sa.select(feedback.c.position).where(feedback.c.feedback_sha256 == sha256).limit(1)).first()
-        is not None
-    )
