@@ -571,6 +571,10 @@ class Exchange:
         marks = checkpoints(self.rt.engine)
         return min(marks.get(name, 0) for name in NAMES)
 
+    def head(self) -> int:
+        """The position of the log's last committed event."""
+        return self.rt.store.head()
+
     def catch_up_to(self, position: int) -> None:
         """Bring every read model to ``position`` in this process, whether or not a worker is running."""
         catch_up_all(self.rt.engine, until=position)

@@ -253,7 +253,7 @@ class BaseHandler(web.RequestHandler):
             if not checked_head:
                 # Not reached at once: a position past the log's head is the client's error, not worth a wait.
                 checked_head = True
-                head = await self.run(self.runtime.store.head)
+                head = await self.run(self.exchange.head)
                 if wanted > head:
                     raise Invalid(f"The parameter 'min_position' ({wanted}) is past the log's last position ({head}).")
             if time.monotonic() > deadline:
