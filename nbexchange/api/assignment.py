@@ -33,17 +33,10 @@ class AssignmentHandler(UploadHandler):
         """Release the uploaded archive to the course; appends ``released``."""
         notebooks = self.form_list("notebooks")
         due_date = self.due_date()
-        stored = await self.stored_upload()
-        written = await self.run(
-            self.exchange.release,
-            self.user,
-            self.course_id,
-            self.assignment_id,
-            notebooks,
-            stored,
-            self.key,
-            self.decided,
-            due_date,
+        written = await self.with_stored_upload(
+            lambda stored: self.exchange.release(
+                self.user, self.course_id, self.assignment_id, notebooks, stored, self.key, self.decided, due_date
+            )
         )
         self.answer({"note": "Released", "position": written.event.position}, status=200 if written.duplicate else 201)
 

@@ -89,19 +89,19 @@ class FeedbackHandler(UploadHandler):
 
     async def post(self) -> None:
         """Release feedback on one notebook of the submission made at ``timestamp``."""
-        stored = await self.stored_upload()
-        written = await self.run(
-            self.exchange.release_feedback,
-            self.user,
-            self.course_id,
-            self.assignment_id,
-            self.notebook_id,
-            self.student_id,
-            self.timestamp,
-            self.checksum,
-            stored,
-            self.key,
-            self.decided,
+        written = await self.with_stored_upload(
+            lambda stored: self.exchange.release_feedback(
+                self.user,
+                self.course_id,
+                self.assignment_id,
+                self.notebook_id,
+                self.student_id,
+                self.timestamp,
+                self.checksum,
+                stored,
+                self.key,
+                self.decided,
+            )
         )
         self.answer(
             {"note": "Feedback released", "position": written.event.position}, status=200 if written.duplicate else 201

@@ -23,16 +23,10 @@ class SubmissionHandler(UploadHandler):
 
     async def post(self) -> None:
         """Accept a submission; appends ``submitted`` once the archive is durably stored."""
-        stored = await self.stored_upload()
-        written = await self.run(
-            self.exchange.submit,
-            self.user,
-            self.course_id,
-            self.assignment_id,
-            self.timestamp,
-            stored,
-            self.key,
-            self.decided,
+        written = await self.with_stored_upload(
+            lambda stored: self.exchange.submit(
+                self.user, self.course_id, self.assignment_id, self.timestamp, stored, self.key, self.decided
+            )
         )
         self.answer({"note": "Submitted", "position": written.event.position}, status=200 if written.duplicate else 201)
 

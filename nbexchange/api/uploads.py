@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -17,6 +18,8 @@ from nbexchange.errors import ExchangeError, Invalid, TooLarge, TooManyRequests,
 from nbexchange.identity.base import User
 from nbexchange.storage import StoredArchive, Upload, raise_if_full
 from nbexchange.workers.archives import GZIP_MAGIC
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -323,8 +326,24 @@ class UploadHandler(BaseHandler):
         except UnicodeDecodeError:
             raise Invalid(f"A value of the form field {name!r} is not valid UTF-8.") from None
 
-    async def stored_upload(self) -> StoredArchive:
-        """Durably store the received file (fsync, in a thread) and return it."""
+    async def with_stored_upload(self, use: Callable[[StoredArchive], T]) -> T:
+        """Durably store the received file (fsync) and hand it to ``use`` (the append), in one executor call."""
+        upload = self._received_upload()
+        self._finishing = True
+
+        def store_and_use() -> T:
+            try:
+                stored = upload.finish()
+            except OSError as e:
+                upload.abort()
+                raise_if_full(e)
+                raise
+            return use(stored)
+
+        return await self.run(store_and_use)
+
+    def _received_upload(self) -> Upload:
+        """The upload, once its body arrived whole and well-formed; what is wrong with it otherwise."""
         if self._gone:
             # Answered to no one; one line in the log, not a traceback.
             raise Invalid("The client closed the connection before its upload was stored; nothing was stored.")
@@ -341,13 +360,7 @@ class UploadHandler(BaseHandler):
         if self.gzip_required and upload.head != GZIP_MAGIC:
             upload.abort()
             raise UnsupportedMedia("The upload is not a gzip'd tar archive (.tar.gz).")
-        self._finishing = True
-        try:
-            return await self.run(upload.finish)
-        except OSError as e:
-            upload.abort()
-            raise_if_full(e)
-            raise
+        return upload
 
     def _received_all(self) -> None:
         # Once per request, whichever of finishing or a closed connection comes first.
