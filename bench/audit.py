@@ -11,6 +11,11 @@ so its peak resident memory (``ru_maxrss`` of the child) is its own. The log:
 (one release each), plus one assignment with 2,000 students, each of whom
 fetched, submitted twice and was collected, for the report. Not part of the
 test suite: it prints figures for ``bench/README.md``.
+
+The commands run the code of the current folder (``python -m`` puts it
+first on the path): run it from the tree you measure, or from an exported
+copy (``git archive``) with that copy on ``PYTHONPATH`` to measure an older
+commit against the same seeded log.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -84,6 +90,20 @@ def seed(root: Path, events: int) -> None:
     engine.dispose()
 
 
+#: Each measured command's arguments, given the log's folder and its middle position.
+COMMANDS: dict[str, Callable[[Path, int], tuple[str, ...]]] = {
+    "verify": lambda root, middle: ("verify",),
+    "export": lambda root, middle: ("export", f"--output={root / 'export.jsonl'}"),
+    # One assignment as it stood at mid-log.
+    "replay": lambda root, middle: ("replay", f"--until-position={middle}", "--course=phys101", "--assignment=ps100"),
+    # The course (here, nearly the whole log) to mid-log, and every course at the head.
+    "replay-course": lambda root, middle: ("replay", f"--until-position={middle}", "--course=phys101"),
+    "replay-all": lambda root, middle: ("replay",),
+    "report": lambda root, middle: ("report", "--course=phys101", "--assignment=exam", "--format=csv"),
+    "rebuild": lambda root, middle: ("rebuild",),
+}
+
+
 def run(root: Path, *args: str) -> tuple[float, float, int]:
     """Seconds and peak RSS (MB) of one ``nbexchange`` command; its exit status."""
     flags = [
@@ -112,12 +132,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--dir", default=None, help="folder of the log (seeded once, reused if present)")
-    parser.add_argument("--commands", default="verify,export,replay,report", help="which to measure")
+    parser.add_argument(
+        "--commands",
+        default="verify,export,replay,replay-course,replay-all,report",
+        help="which to measure, of: "
+        + ", ".join(COMMANDS)
+        + " (rebuild writes the read models into the log's database)",
+    )
     args = parser.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="nbex-audit-"))
     root.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; commit {commit}")
+    print("load: the 1-minute load average before and after each command (other work on the machine)")
     if not (root / "nbexchange.sqlite").exists():
         start = time.perf_counter()
         seed(root, args.events)
@@ -125,16 +152,14 @@ def main() -> None:
     size = (root / "nbexchange.sqlite").stat().st_size / 1e6
     print(f"log: {root / 'nbexchange.sqlite'} ({size:.0f} MB)")
     middle = args.events // 2
-    commands = {
-        "verify": ("verify",),
-        "export": ("export", f"--output={root / 'export.jsonl'}"),
-        "replay": ("replay", f"--until-position={middle}", "--course=phys101", "--assignment=ps100"),
-        "report": ("report", "--course=phys101", "--assignment=exam", "--format=csv"),
-    }
     for name in args.commands.split(","):
         (root / "export.jsonl").unlink(missing_ok=True)
-        seconds, peak, status = run(root, *commands[name])
-        print(f"{name:8} {seconds:7.1f} s   peak RSS {peak:7.0f} MB   exit {status}")
+        load = os.getloadavg()[0]
+        seconds, peak, status = run(root, *COMMANDS[name](root, middle))
+        print(
+            f"{name:13} {seconds:7.1f} s   peak RSS {peak:7.0f} MB   exit {status}"
+            f"   load {load:.1f} -> {os.getloadavg()[0]:.1f}"
+        )
 
 
 if __name__ == "__main__":
