@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 from nbexchange.clock import utcnow
 from nbexchange.db import make_engine, upgrade
@@ -104,12 +106,29 @@ COMMANDS: dict[str, Callable[[Path, int], tuple[str, ...]]] = {
 }
 
 
-def run(root: Path, *args: str) -> tuple[float, float, int]:
-    """Seconds and peak RSS (MB) of one ``nbexchange`` command; its exit status."""
+class Measured(NamedTuple):
+    """One command's run: wall and CPU seconds, peak resident memory, peak temporary files, exit status."""
+
+    seconds: float
+    cpu: float
+    peak_mb: float
+    temp_mb: float
+    status: int
+
+
+def run(root: Path, *args: str) -> Measured:
+    """Run one ``nbexchange`` command on the log in ``root``, as an auditor would, and measure it.
+
+    CPU seconds (user and system, the command's own) compare across runs on
+    a shared machine where wall time does not; its temporary files (a
+    replay's private database) go to a folder of their own, whose size is
+    sampled while it runs.
+    """
     flags = [
         f"--NbExchange.db_url=sqlite:///{root / 'nbexchange.sqlite'}",
         f"--NbExchange.base_storage_location={root}",
     ]
+    temp = Path(tempfile.mkdtemp(prefix="nbex-audit-tmp-"))
     start = time.perf_counter()
     with open(os.devnull, "w") as sink:
         child = subprocess.Popen(
@@ -117,15 +136,23 @@ def run(root: Path, *args: str) -> tuple[float, float, int]:
             stdout=sink,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "TMPDIR": str(temp)},
         )
-        # wait4: this child's own peak resident memory, not the largest of any child so far.
-        _, status, usage = os.wait4(child.pid, 0)
+        temp_peak = 0
+        while True:
+            # wait4: this child's own peak resident memory, not the largest of any child so far.
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            temp_peak = max(temp_peak, sum(f.stat().st_size for f in temp.rglob("*") if f.is_file()))
+            time.sleep(0.5)
     seconds = time.perf_counter() - start
+    shutil.rmtree(temp, ignore_errors=True)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         assert child.stderr is not None
         print(f"  {args[0]} exited {code}: {child.stderr.read().strip()[-300:]}")
-    return seconds, usage.ru_maxrss / 1024, code
+    return Measured(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, temp_peak / 1e6, code)
 
 
 def main() -> None:
@@ -155,10 +182,10 @@ def main() -> None:
     for name in args.commands.split(","):
         (root / "export.jsonl").unlink(missing_ok=True)
         load = os.getloadavg()[0]
-        seconds, peak, status = run(root, *COMMANDS[name](root, middle))
+        m = run(root, *COMMANDS[name](root, middle))
         print(
-            f"{name:13} {seconds:7.1f} s   peak RSS {peak:7.0f} MB   exit {status}"
-            f"   load {load:.1f} -> {os.getloadavg()[0]:.1f}"
+            f"{name:13} {m.seconds:6.1f} s (cpu {m.cpu:6.1f} s)   peak RSS {m.peak_mb:5.0f} MB"
+            f"   temp files {m.temp_mb:5.0f} MB   exit {m.status}   load {load:.1f} -> {os.getloadavg()[0]:.1f}"
         )
 
 
