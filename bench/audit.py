@@ -11,6 +11,11 @@ so its peak resident memory (``ru_maxrss`` of the child) is its own. The log:
 (one release each), plus one assignment with 2,000 students, each of whom
 fetched, submitted twice and was collected, for the report. Not part of the
 test suite: it prints figures for ``bench/README.md``.
+
+The commands run the code of the current folder (``python -m`` puts it
+first on the path): run it from the tree you measure, or from an exported
+copy (``git archive``) with that copy on ``PYTHONPATH`` to measure an older
+commit against the same seeded log.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 from nbexchange.clock import utcnow
 from nbexchange.db import make_engine, upgrade
@@ -84,12 +92,43 @@ def seed(root: Path, events: int) -> None:
     engine.dispose()
 
 
-def run(root: Path, *args: str) -> tuple[float, float, int]:
-    """Seconds and peak RSS (MB) of one ``nbexchange`` command; its exit status."""
+#: Each measured command's arguments, given the log's folder and its middle position.
+COMMANDS: dict[str, Callable[[Path, int], tuple[str, ...]]] = {
+    "verify": lambda root, middle: ("verify",),
+    "export": lambda root, middle: ("export", f"--output={root / 'export.jsonl'}"),
+    # One assignment as it stood at mid-log.
+    "replay": lambda root, middle: ("replay", f"--until-position={middle}", "--course=phys101", "--assignment=ps100"),
+    # The course (here, nearly the whole log) to mid-log, and every course at the head.
+    "replay-course": lambda root, middle: ("replay", f"--until-position={middle}", "--course=phys101"),
+    "replay-all": lambda root, middle: ("replay",),
+    "report": lambda root, middle: ("report", "--course=phys101", "--assignment=exam", "--format=csv"),
+    "rebuild": lambda root, middle: ("rebuild",),
+}
+
+
+class Measured(NamedTuple):
+    """One command's run: wall and CPU seconds, peak resident memory, peak temporary files, exit status."""
+
+    seconds: float
+    cpu: float
+    peak_mb: float
+    temp_mb: float
+    status: int
+
+
+def run(root: Path, *args: str) -> Measured:
+    """Run one ``nbexchange`` command on the log in ``root``, as an auditor would, and measure it.
+
+    CPU seconds (user and system, the command's own) compare across runs on
+    a shared machine where wall time does not; its temporary files (a
+    replay's private database) go to a folder of their own, whose size is
+    sampled while it runs.
+    """
     flags = [
         f"--NbExchange.db_url=sqlite:///{root / 'nbexchange.sqlite'}",
         f"--NbExchange.base_storage_location={root}",
     ]
+    temp = Path(tempfile.mkdtemp(prefix="nbex-audit-tmp-"))
     start = time.perf_counter()
     with open(os.devnull, "w") as sink:
         child = subprocess.Popen(
@@ -97,27 +136,42 @@ def run(root: Path, *args: str) -> tuple[float, float, int]:
             stdout=sink,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "TMPDIR": str(temp)},
         )
-        # wait4: this child's own peak resident memory, not the largest of any child so far.
-        _, status, usage = os.wait4(child.pid, 0)
+        temp_peak = 0
+        while True:
+            # wait4: this child's own peak resident memory, not the largest of any child so far.
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            temp_peak = max(temp_peak, sum(f.stat().st_size for f in temp.rglob("*") if f.is_file()))
+            time.sleep(0.5)
     seconds = time.perf_counter() - start
+    shutil.rmtree(temp, ignore_errors=True)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         assert child.stderr is not None
         print(f"  {args[0]} exited {code}: {child.stderr.read().strip()[-300:]}")
-    return seconds, usage.ru_maxrss / 1024, code
+    return Measured(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, temp_peak / 1e6, code)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--dir", default=None, help="folder of the log (seeded once, reused if present)")
-    parser.add_argument("--commands", default="verify,export,replay,report", help="which to measure")
+    parser.add_argument(
+        "--commands",
+        default="verify,export,replay,replay-course,replay-all,report",
+        help="which to measure, of: "
+        + ", ".join(COMMANDS)
+        + " (rebuild writes the read models into the log's database)",
+    )
     args = parser.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="nbex-audit-"))
     root.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; commit {commit}")
+    print("load: the 1-minute load average before and after each command (other work on the machine)")
     if not (root / "nbexchange.sqlite").exists():
         start = time.perf_counter()
         seed(root, args.events)
@@ -125,16 +179,14 @@ def main() -> None:
     size = (root / "nbexchange.sqlite").stat().st_size / 1e6
     print(f"log: {root / 'nbexchange.sqlite'} ({size:.0f} MB)")
     middle = args.events // 2
-    commands = {
-        "verify": ("verify",),
-        "export": ("export", f"--output={root / 'export.jsonl'}"),
-        "replay": ("replay", f"--until-position={middle}", "--course=phys101", "--assignment=ps100"),
-        "report": ("report", "--course=phys101", "--assignment=exam", "--format=csv"),
-    }
     for name in args.commands.split(","):
         (root / "export.jsonl").unlink(missing_ok=True)
-        seconds, peak, status = run(root, *commands[name])
-        print(f"{name:8} {seconds:7.1f} s   peak RSS {peak:7.0f} MB   exit {status}")
+        load = os.getloadavg()[0]
+        m = run(root, *COMMANDS[name](root, middle))
+        print(
+            f"{name:13} {m.seconds:6.1f} s (cpu {m.cpu:6.1f} s)   peak RSS {m.peak_mb:5.0f} MB"
+            f"   temp files {m.temp_mb:5.0f} MB   exit {m.status}   load {load:.1f} -> {os.getloadavg()[0]:.1f}"
+        )
 
 
 if __name__ == "__main__":

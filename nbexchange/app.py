@@ -623,18 +623,18 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
             export(store, _utf8_stdout())
 
     def cmd_replay(self) -> None:
-        from nbexchange.audit import replay_view
+        from nbexchange.audit import write_replay
 
         engine, _ = self._open(audit=True)
-        view = replay_view(
+        write_replay(
             engine,
+            _utf8_stdout(),
             until_position=self.until_position or None,
             until_time=self.until_time or None,
             course_id=self.course_id or None,
             assignment_id=self.assignment_id or None,
             org_id=self.org_id,
         )
-        print(json.dumps(view, indent=2))
 
     def cmd_report(self) -> None:
         from nbexchange.clock import parse_timestamp

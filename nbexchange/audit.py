@@ -2,34 +2,48 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 from urllib.parse import quote
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from nbexchange.clock import format_iso, format_timestamp, parse_timestamp
 from nbexchange.errors import ExchangeError, Invalid
-from nbexchange.events.domain import Submitted, Unreleased, assignment_stream, check_stream, student_stream
-from nbexchange.events.sql import SQLEventStore
-from nbexchange.events.store import RecordedEvent, canonical_json, verify_chain
+from nbexchange.events.domain import (
+    Actor,
+    DomainEvent,
+    Submitted,
+    Unreleased,
+    assignment_stream,
+    check_stream,
+    decode,
+    student_stream,
+)
+from nbexchange.events.sql import SQLEventStore, StoredRow
+from nbexchange.events.store import RecordedEvent, canonical_json, check_links
 from nbexchange.projections import PROJECTIONS, Projection, checkpoints, replay, snapshot
-from nbexchange.projections.assignments import course_releases
+from nbexchange.projections.assignments import Release, course_releases
 from nbexchange.projections.blobs import RELEASED, owned_blob
 from nbexchange.projections.collections import list_submissions
 from nbexchange.projections.history import history
 from nbexchange.storage import ArchiveStore
 
+_T = TypeVar("_T")
+
 #: Payload fields that name a stored archive (or feedback file) by its sha256.
 _STORED = ("archive_sha256", "feedback_sha256")
+
+_BACKWARDS = "recorded_at is earlier than the previous event's"
 
 #: The SQLite file header's "write version" byte: 2 in WAL mode.
 _WAL_HEADER_OFFSET, _WAL = 18, 2
@@ -113,10 +127,11 @@ def verify(
 ) -> dict[str, Any]:
     """Recompute every hash of the chain, and the sha256 of every archive an event names.
 
-    Also checks that ``recorded_at`` never runs backwards, and that the
-    event at each of ``heads`` (recorded outside the log) still carries its
-    hash: a log rewritten with recomputed hashes, or cut short, is consistent
-    with itself but not with a head kept elsewhere.
+    Also checks that ``recorded_at`` never runs backwards, that every
+    payload decodes into its domain event, and that the event at each of
+    ``heads`` (recorded outside the log) still carries its hash: a log
+    rewritten with recomputed hashes, or cut short, is consistent with
+    itself but not with a head kept elsewhere.
 
     A missing archive is a fault unless no event owns it any more: the
     releases that owned it were purged (``unreleased`` with ``purge``) and
@@ -132,22 +147,31 @@ def verify(
     # A head past --until-position is outside what was asked to be checked.
     expected = {head.position: head for head in heads if until_position is None or head.position <= until_position}
     found: dict[int, str] = {}
-    previous: RecordedEvent | None = None
+    last: StoredRow | None = None
 
-    def audited() -> Iterator[RecordedEvent]:
-        # One pass over the log: the chain's check and these share each page read.
-        nonlocal previous
-        for event in store.read(until_position=until_position):
-            if previous is not None and event.recorded_at < previous.recorded_at:
-                reason = "recorded_at is earlier than the previous event's"
-                faults.append({"position": event.position, "reason": reason})
-            if event.position in expected:
-                found[event.position] = event.hash
-            _note_archives(event, named, owners, releases, faults)
-            previous = event
-            yield event
+    def links() -> Iterator[tuple[int, str, str, bool]]:
+        # One pass over the stored rows: the chain's check and these share each page read.
+        nonlocal last
+        for page in store.read_rows(until_position=until_position):
+            for row in page:
+                if last is not None and row.recorded_at < last.recorded_at:
+                    faults.append(
+                        {"position": row.position, "reason": "recorded_at is earlier than the previous event's"}
+                    )
+                if row.position in expected:
+                    found[row.position] = row.hash
+                try:
+                    payload = orjson.loads(row.payload)
+                    data = decode(row.type, row.schema, payload)
+                except (KeyError, TypeError, ValueError) as e:  # orjson's JSONDecodeError is a ValueError
+                    faults.append({"position": row.position, "reason": f"the payload does not decode: {e}"})
+                    yield row.position, row.prev_hash, row.hash, _decodes_and_matches(row)
+                else:
+                    _note_archives(row.position, row.type, payload, data, named, owners, releases)
+                    yield row.position, row.prev_hash, row.hash, hash_matches(row, payload)
+                last = row
 
-    chain = verify_chain(audited(), hash_matches)
+    chain = check_links(links())
     faults[:0] = [{"position": f.position, "reason": f.reason} for f in chain.faults]
     for position, head in sorted(expected.items()):
         if position not in found:
@@ -173,9 +197,9 @@ def verify(
         "ok": not faults,
         "events": chain.checked,
         "head": {
-            "position": previous.position if previous else 0,
+            "position": last.position if last else 0,
             "hash": chain.head_hash,
-            "recorded_at": format_iso(previous.recorded_at) if previous else None,
+            "recorded_at": format_iso(last.recorded_at) if last else None,
         },
         "head_hash": chain.head_hash,
         "heads_checked": len(expected),
@@ -186,31 +210,30 @@ def verify(
 
 
 def _note_archives(
-    event: RecordedEvent,
+    position: int,
+    type_: str,
+    payload: dict[str, Any],
+    data: DomainEvent,
     named: dict[str, int],
     owners: dict[str, set[int]],
     releases: dict[tuple[int, str, str], list[tuple[int, str]]],
-    faults: list[dict[str, Any]],
 ) -> None:
-    """Record which archives ``event`` names and owns, and which a purge disowned."""
-    for field in _STORED:
-        sha = event.payload.get(field)
-        if isinstance(sha, str) and event.type not in ("archive_unpacked", "archive_rejected"):
-            named.setdefault(sha, event.position)
-    try:
-        data, owned = event.data, owned_blob(event)
-    except (KeyError, TypeError, ValueError) as e:
-        faults.append({"position": event.position, "reason": f"the payload does not decode: {e}"})
-        return
+    """Record which archives an event names and owns, and which a purge disowned."""
+    if type_ not in ("archive_unpacked", "archive_rejected"):
+        for field in _STORED:
+            sha = payload.get(field)
+            if isinstance(sha, str):
+                named.setdefault(sha, position)
+    owned = owned_blob(data)
     assignment = (data.org_id, data.course_id, data.assignment_id)
     if owned is not None:
         sha, kind = owned
-        owners.setdefault(sha, set()).add(event.position)
+        owners.setdefault(sha, set()).add(position)
         if kind == RELEASED:
-            releases.setdefault(assignment, []).append((event.position, sha))
+            releases.setdefault(assignment, []).append((position, sha))
     elif isinstance(data, Unreleased) and data.purge:
-        for position, sha in releases.pop(assignment, []):
-            owners[sha].discard(position)
+        for released_at, sha in releases.pop(assignment, []):
+            owners[sha].discard(released_at)
 
 
 def verify_projections(engine: Engine, *, limit: int = 20) -> dict[str, Any]:
@@ -226,8 +249,7 @@ def verify_projections(engine: Engine, *, limit: int = 20) -> dict[str, Any]:
     for projection in PROJECTIONS:
         by_mark.setdefault(marks.get(projection.name, 0), []).append(projection)
     for mark, projections in sorted(by_mark.items()):
-        rebuilt = replay(engine, projections, until_position=mark)
-        try:
+        with replay(engine, projections, until_position=mark) as rebuilt:
             for projection in projections:
                 live, fresh = snapshot(engine, projection), snapshot(rebuilt, projection)
                 for table, rows in live.items():
@@ -247,8 +269,6 @@ def verify_projections(engine: Engine, *, limit: int = 20) -> dict[str, Any]:
                                 "rebuilt_rows": [_row(r) for r in only_rebuilt[:limit]],
                             }
                         )
-        finally:
-            rebuilt.dispose()
     return {"ok": not differences, "differences": differences}
 
 
@@ -289,37 +309,82 @@ def export(store: SQLEventStore, out: TextIO) -> int:
     as UTF-8), so a verifier may hash what it reads without re-encoding.
     """
     count = 0
-    for event in store.read():
-        if _fast_fields(event) is not None:
-            # orjson wrote these fields canonically (their hash proves it); the two
-            # hashes added are hex strings, which every encoder writes alike.
-            out.write(orjson.dumps(event.to_json(), option=orjson.OPT_SORT_KEYS).decode("utf-8") + "\n")
-        else:
-            out.write(canonical_json(event.to_json()) + "\n")
-        count += 1
+    for page in store.read_rows():
+        lines = []
+        for row in page:
+            payload = orjson.loads(row.payload)
+            fields = _fast_fields(row, payload)
+            if fields is not None:
+                # orjson wrote these fields canonically (their hash proves it); the two
+                # hashes added are hex strings, which every encoder writes alike.
+                fields.update(prev_hash=row.prev_hash, hash=row.hash)
+                lines.append(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS).decode("utf-8"))
+            else:
+                lines.append(canonical_json(row.event(payload).to_json()))
+        lines.append("")
+        out.write("\n".join(lines))
+        count += len(page)
     return count
 
 
-def hash_matches(event: RecordedEvent) -> bool:
-    """Whether the event's hash is the one its fields and ``prev_hash`` make: ``computed_hash() == hash``, faster.
+def hash_matches(row: StoredRow, payload: dict[str, Any]) -> bool:
+    """Whether the row's hash is the one its fields and ``prev_hash`` make: ``computed_hash() == hash``, faster.
 
-    orjson encodes the fields first, several times faster than the standard
-    library; its bytes hashing to the recorded hash proves they are the
-    canonical encoding (barring a SHA-256 collision). Any other outcome is
-    decided by the canonical encoder itself, so the answer is always that of
-    ``computed_hash``.
+    ``payload`` is the row's, decoded. orjson encodes the fields first,
+    several times faster than the standard library, the actor's as its
+    decoded value encodes (once per actor); those bytes hashing to the
+    recorded hash proves they are the canonical encoding (barring a SHA-256
+    collision). Any other outcome is decided by the canonical encoder
+    itself, so the answer is always that of ``computed_hash``.
     """
-    return _fast_fields(event) is not None or event.computed_hash() == event.hash
+    return _fast_fields(row, payload) is not None or row.event(payload).computed_hash() == row.hash
 
 
-def _fast_fields(event: RecordedEvent) -> str | None:
-    """The canonical encoding of the event's hashed fields if orjson's encoding hashes to ``hash``, else None."""
+def _decodes_and_matches(row: StoredRow) -> bool:
+    """:func:`hash_matches` for a row whose payload may not decode: one that does not has no hash to match."""
     try:
-        text = orjson.dumps(event.hashed_fields(), option=orjson.OPT_SORT_KEYS)
+        payload = orjson.loads(row.payload)
+    except ValueError:
+        return False
+    return hash_matches(row, payload)
+
+
+def _fast_fields(row: StoredRow, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The row's hashed fields if orjson's encoding of them hashes to ``hash``, else None.
+
+    The actor is there as its encoded text (an ``orjson.Fragment``): add to
+    the fields and encode them again with ``OPT_SORT_KEYS``.
+    """
+    actor = _actor_text(row.actor)
+    if actor is None:
+        return None
+    fields = {
+        "position": row.position,
+        "stream": row.stream,
+        "version": row.version,
+        "type": row.type,
+        "schema": row.schema,
+        "actor": actor,
+        "recorded_at": format_iso(row.recorded_at),
+        "idempotency_key": row.idempotency_key,
+        "payload": payload,
+    }
+    try:
+        text = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # beyond orjson (an integer over 64 bits): the canonical encoder decides
         return None
-    digest = hashlib.sha256(event.prev_hash.encode("ascii") + b"\n" + text).hexdigest()
-    return text.decode("utf-8") if digest == event.hash else None
+    digest = hashlib.sha256(row.prev_hash.encode("ascii") + b"\n" + text).hexdigest()
+    return fields if digest == row.hash else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _actor_text(stored: str) -> orjson.Fragment | None:
+    """The actor's encoding as the chain hashes it (its decoded value's), once per stored text; None if none."""
+    try:
+        actor = Actor.from_json(orjson.loads(stored))
+        return orjson.Fragment(orjson.dumps(actor.to_json(), option=orjson.OPT_SORT_KEYS))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _course_pages(
@@ -355,59 +420,86 @@ def _course_pages(
         after = events[-1].position
 
 
-def replay_view(
+def write_replay(
     engine: Engine,
+    out: TextIO,
     *,
     until_position: int | None = None,
     until_time: str | None = None,
     course_id: str | None = None,
     assignment_id: str | None = None,
     org_id: int = 1,
-) -> dict[str, Any]:
-    """The exchange as it stood at a moment: releases, submissions (by archive hash), feedback.
+) -> None:
+    """Write the exchange as it stood at a moment, as indented JSON: releases, submissions (by archive hash).
 
-    Built in a private in-memory database; replaying the same moment twice
-    gives the same answer.
+    The read models are rebuilt in a private database on disk (see
+    :func:`~nbexchange.projections.replay`) and written one assignment at a
+    time, so memory follows the largest assignment, not the log. The text is
+    ``json.dumps(view, indent=2)`` of the whole view; replaying the same
+    moment twice writes the same bytes.
     """
     moment = parse_timestamp(until_time) if until_time else None
     pages = None
     if course_id:
-        # Only the course's (or the assignment's) streams: memory and time follow its size, not the log's.
+        # Only the course's (or the assignment's) streams: time follows its size, not the log's.
         pages = _course_pages(SQLEventStore(engine), org_id, course_id, assignment_id, until_position, moment)
     then = replay(engine, PROJECTIONS, until_position=until_position, until_time=moment, pages=pages)
-    with then.connect() as conn:
-        courses = [course_id] if course_id else sorted({r.course_id for r in conn.execute(history.select())})
-        view: dict[str, Any] = {
-            "until_position": until_position,
-            "until_time": format_timestamp(moment) if moment else None,
-            "courses": [],
-        }
-        for course in courses:
-            entry: dict[str, Any] = {"course_id": course, "assignments": []}
-            for release in course_releases(conn, org_id, course):
-                if assignment_id and release.assignment_id != assignment_id:
-                    continue
-                subs = list_submissions(conn, org_id, course, release.assignment_id)
-                entry["assignments"].append(
-                    {
-                        "assignment_id": release.assignment_id,
-                        "released_at": format_timestamp(release.released_at),
-                        "archive_sha256": release.archive_sha256,
-                        "submissions": [
-                            {
-                                "student_id": s["student_id"],
-                                "timestamp": format_timestamp(s["timestamp"]),
-                                "recorded_at": format_timestamp(s["recorded_at"]),
-                                "position": s["position"],
-                                "archive_sha256": s["archive_sha256"],
-                                "archive_state": s["archive_state"],
-                                "collected": s["collected_count"],
-                                "latest": s["latest"],
-                            }
-                            for s in subs
-                        ],
-                    }
-                )
-            view["courses"].append(entry)
-    then.dispose()
-    return view
+    with then as private, private.connect() as conn:
+        courses = [course_id] if course_id else _replayed_courses(conn, org_id)
+        out.write(f'{{\n  "until_position": {json.dumps(until_position)},\n')
+        out.write(f'  "until_time": {json.dumps(format_timestamp(moment) if moment else None)},\n')
+        out.write('  "courses": ')
+        _write_list(out, courses, 1, lambda course: _write_course(out, conn, org_id, course, assignment_id))
+        out.write("\n}\n")
+
+
+def _replayed_courses(conn: Connection, org_id: int) -> list[str]:
+    """The organisation's courses with any event in the replayed read models, in code point order."""
+    query = sa.select(history.c.course_id).where(history.c.org_id == org_id).distinct()
+    return sorted(conn.scalars(query))
+
+
+def _write_course(out: TextIO, conn: Connection, org_id: int, course_id: str, assignment_id: str | None) -> None:
+    """One course's entry (at depth 2 of the view): its releases, each with its submissions."""
+    releases = [r for r in course_releases(conn, org_id, course_id) if assignment_id in (None, r.assignment_id)]
+
+    def write_assignment(release: Release) -> None:
+        entry = _assignment_entry(release, list_submissions(conn, org_id, course_id, release.assignment_id))
+        # JSON text has no raw newline inside a value: each line is indented as json.dumps nests it.
+        out.write(json.dumps(entry, indent=2).replace("\n", "\n" + "  " * 4))
+
+    out.write(f'{{\n      "course_id": {json.dumps(course_id)},\n      "assignments": ')
+    _write_list(out, releases, 3, write_assignment)
+    out.write("\n    }")
+
+
+def _write_list(out: TextIO, items: Iterable[_T], depth: int, write_item: Callable[[_T], None]) -> None:
+    """Write a list at ``depth`` of an indented JSON document as ``json.dumps(indent=2)`` does, item by item."""
+    first = True
+    for item in items:
+        out.write("[\n" if first else ",\n")
+        out.write("  " * (depth + 1))
+        write_item(item)
+        first = False
+    out.write("[]" if first else "\n" + "  " * depth + "]")
+
+
+def _assignment_entry(release: Release, submissions: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "assignment_id": release.assignment_id,
+        "released_at": format_timestamp(release.released_at),
+        "archive_sha256": release.archive_sha256,
+        "submissions": [
+            {
+                "student_id": s["student_id"],
+                "timestamp": format_timestamp(s["timestamp"]),
+                "recorded_at": format_timestamp(s["recorded_at"]),
+                "position": s["position"],
+                "archive_sha256": s["archive_sha256"],
+                "archive_state": s["archive_state"],
+                "collected": s["collected_count"],
+                "latest": s["latest"],
+            }
+            for s in submissions
+        ],
+    }

@@ -78,12 +78,16 @@ def _aware_utc(value: datetime | None) -> datetime | None:
 POSITION = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, scratch: bool = False, **kwargs: Any) -> Engine:
     """An engine for ``url``: SQLite in WAL mode with fsync'd commits, or PostgreSQL.
 
     On SQLite, transactions begin ``DEFERRED`` unless the connection's
     execution option ``sqlite_immediate`` is set, in which case they take the
     write lock at ``BEGIN`` (see :func:`write_transaction`).
+
+    ``scratch``: a private SQLite file that nothing needs after a crash (a
+    replay's): its journal is in memory and nothing is fsync'd, since
+    a replay need not wait on a disk other work shares.
     """
     sa_url = sa.make_url(url)
     if sa_url.get_backend_name() != "sqlite":
@@ -115,12 +119,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # Let SQLAlchemy's begin hook below decide how each transaction starts.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        if not in_memory:
-            cur.execute("PRAGMA journal_mode=WAL")
-        # FULL: every commit is fsync'd, so a 2xx answer survives power loss
-        # (the begin hook below relaxes it for derived rows only).
-        cur.execute("PRAGMA synchronous=FULL")
-        record.info["synchronous"] = "FULL"
+        if scratch:
+            cur.execute("PRAGMA journal_mode=MEMORY")
+            synchronous = "OFF"
+        else:
+            if not in_memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+            # FULL: every commit is fsync'd, so a 2xx answer survives power loss
+            # (the begin hook below relaxes it for derived rows only).
+            synchronous = "FULL"
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        record.info["synchronous"] = synchronous
         cur.execute("PRAGMA busy_timeout=60000")
         cur.execute("PRAGMA foreign_keys=ON")
         # Some builds (Debian's) zero every freed page, which writes a rebuild's
@@ -136,7 +145,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # statements need none of SQLAlchemy's compiling or result handling.
         options = conn.get_execution_options()
         cursor = conn.connection.cursor()
-        synchronous = "FULL" if options.get("durable", True) else "NORMAL"
+        synchronous = "OFF" if scratch else "FULL" if options.get("durable", True) else "NORMAL"
         # The setting outlives the transaction: remember it with the connection.
         if conn.connection.info.get("synchronous") != synchronous:
             cursor.execute(f"PRAGMA synchronous={synchronous}")

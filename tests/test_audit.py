@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import io
 import json
 import shutil
 import subprocess
@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from builders import TEACHER, make_archive, release, student
@@ -21,9 +22,9 @@ from test_app import nbexchange
 
 from nbexchange.clock import format_iso
 from nbexchange.db import make_engine, upgrade
-from nbexchange.events.domain import Collected, Submitted
-from nbexchange.events.sql import SQLEventStore
-from nbexchange.events.store import GENESIS, AppendRequest, RecordedEvent, canonical_json, chain_hash
+from nbexchange.events.domain import Actor, Collected, Submitted
+from nbexchange.events.sql import SQLEventStore, StoredRow
+from nbexchange.events.store import GENESIS, AppendRequest, canonical_json, chain_hash
 from nbexchange.projections import catch_up_all
 from nbexchange.storage import ArchiveStore
 
@@ -58,8 +59,9 @@ def make_log(root: Path) -> Backup:
     store.append(release(sha=released.sha256))
     for name in ("s1", "zoë"):
         work = archives.store_bytes(make_archive({"nb1.ipynb": name.encode()}))
-        event = Submitted(1, "phys101", "ps1", student_id=name, timestamp=DUE, archive_sha256=work.sha256,
-                          archive_size=work.size)
+        event = Submitted(
+            1, "phys101", "ps1", student_id=name, timestamp=DUE, archive_sha256=work.sha256, archive_size=work.size
+        )
         position = store.append(AppendRequest(event, student(name))).event.position
     store.append(AppendRequest(Collected(1, "phys101", "ps1", "zoë", position, work.sha256), TEACHER))
     catch_up_all(engine)
@@ -430,11 +432,18 @@ def test_the_audit_engine_cannot_write_on_either_backend(engine, db_url):
     assert SQLEventStore(engine).head() == 1
 
 
+def replayed(engine: sa.Engine, **moment: Any) -> dict[str, Any]:
+    """What ``nbexchange replay`` prints, parsed."""
+    from nbexchange.audit import write_replay
+
+    out = io.StringIO()
+    write_replay(engine, out, **moment)
+    return json.loads(out.getvalue())
+
+
 def test_a_course_replay_reads_only_its_streams_and_agrees_with_the_whole_log(engine):
     """Replaying one course (or assignment) reads its streams alone: the same answer as the whole log's."""
     from builders import submit
-
-    from nbexchange.audit import replay_view
 
     store = SQLEventStore(engine)
     for course, assignment in (("phys101", "ps1"), ("phys101", "ps2"), ("chem202", "ps1")):
@@ -443,35 +452,81 @@ def test_a_course_replay_reads_only_its_streams_and_agrees_with_the_whole_log(en
             store.append(submit(name, course=course, assignment=assignment, minutes=minute))
     middle = 7
     for until in (None, middle):
-        whole = replay_view(engine, until_position=until)
+        whole = replayed(engine, until_position=until)
         courses = {entry["course_id"]: entry for entry in whole["courses"]}
-        assert replay_view(engine, until_position=until, course_id="phys101")["courses"] == [courses["phys101"]]
-        (ps1,) = replay_view(engine, until_position=until, course_id="phys101", assignment_id="ps1")["courses"]
+        assert replayed(engine, until_position=until, course_id="phys101")["courses"] == [courses["phys101"]]
+        (ps1,) = replayed(engine, until_position=until, course_id="phys101", assignment_id="ps1")["courses"]
         assert ps1["assignments"] == [a for a in courses["phys101"]["assignments"] if a["assignment_id"] == "ps1"]
     moment = format_iso(store.get(middle).recorded_at)
-    by_time = replay_view(engine, until_time=moment, course_id="phys101")
-    assert by_time["courses"] == replay_view(engine, until_position=middle, course_id="phys101")["courses"]
+    by_time = replayed(engine, until_time=moment, course_id="phys101")
+    assert by_time["courses"] == replayed(engine, until_position=middle, course_id="phys101")["courses"]
+
+
+def test_a_replay_of_every_course_shows_only_the_organisations_own(engine):
+    """``--org`` chooses whose courses: another organisation's course of the same code is not listed."""
+    store = SQLEventStore(engine)
+    store.append(release(course="phys101", sha="a" * 64))
+    store.append(release(course="law9", sha="b" * 64, org=2))
+    assert [c["course_id"] for c in replayed(engine)["courses"]] == ["phys101"]
+    (law,) = replayed(engine, org_id=2)["courses"]
+    assert law["course_id"] == "law9" and law["assignments"][0]["archive_sha256"] == "b" * 64
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.text()
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.text()
     | st.floats(allow_nan=False, allow_infinity=False),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=8,
 )
 
 
+ACTORS = st.builds(
+    Actor,
+    name=st.text(min_size=1, max_size=5),
+    role=st.sampled_from(["Instructor", "Student", "system"]),
+    full_name=st.none() | st.text(max_size=5),
+    email=st.none() | st.text(max_size=5),
+)
+
+
 @settings(max_examples=300, deadline=None)
-@given(payload=st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4), tamper=st.booleans())
-def test_the_fast_hash_check_always_agrees_with_the_canonical_one(payload, tamper):
-    """orjson first, the canonical encoder whenever orjson's bytes do not give the hash: never another answer."""
+@given(
+    payload=st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4),
+    actor=ACTORS,
+    canonical=st.booleans(),
+    tamper=st.booleans(),
+)
+def test_the_fast_hash_check_always_agrees_with_the_canonical_one(payload, actor, canonical, tamper):
+    """orjson first, the canonical encoder whenever orjson's bytes do not give the hash: never another answer,
+    whether the row stores the canonical encodings or others (spaces, escaped non-ASCII)."""
     from nbexchange.audit import _fast_fields, hash_matches
 
-    event = RecordedEvent(1, "s", 1, "t", 1, TEACHER, DUE, None, payload, GENESIS, "")
-    event = dataclasses.replace(event, hash=event.computed_hash() if not tamper else "0" * 64)
-    assert hash_matches(event) == (event.computed_hash() == event.hash)
-    fast = _fast_fields(event)
-    assert fast is None or fast == canonical_json(event.hashed_fields())
+    encode = canonical_json if canonical else json.dumps
+    row = StoredRow(1, "s", 1, "t", 1, encode(actor.to_json()), DUE, None, encode(payload), GENESIS, "")
+    row = row._replace(hash=row.event().computed_hash() if not tamper else "0" * 64)
+    decoded = orjson.loads(row.payload)
+    assert hash_matches(row, decoded) == (row.event().computed_hash() == row.hash)
+    fast = _fast_fields(row, decoded)
+    assert fast is None or orjson.dumps(fast, option=orjson.OPT_SORT_KEYS).decode() == canonical_json(
+        row.event().hashed_fields()
+    )
+
+
+def test_verify_names_a_payload_that_is_not_json_and_goes_on(backup):
+    """A row whose payload text no longer parses is a changed event, reported at its position; the rest is checked."""
+    engine = sa.create_engine(f"sqlite:///{backup.db}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE events SET payload = '{\"org_id\": 1,' WHERE position = 2"))
+    engine.dispose()
+    status, report = verified(backup)
+    assert status == 1 and report["events"] == 4
+    assert [f["position"] for f in report["faults"]] == [2, 2]
+    reasons = sorted(f["reason"] for f in report["faults"])
+    assert reasons[0] == "hash does not match the event's contents (changed)"
+    assert reasons[1].startswith("the payload does not decode")
 
 
 def test_the_anchorer_appends_and_posts_each_new_head_once(engine, tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import sqlalchemy as sa
@@ -153,6 +153,65 @@ _WANTED_KEYS = sa.func.unnest(sa.bindparam("keys", type_=_TEXTS)).table_valued("
 # LIMIT keeps the planner from flattening the lookup into a join it may hash.
 _KEYED = sa.select(events_table).where(events_table.c.idempotency_key == _WANTED_KEYS.c.key).limit(1).lateral()
 _BY_KEYS_PG = sa.select(_KEYED).select_from(_WANTED_KEYS.join(_KEYED, sa.true()))
+
+
+class StoredRow(NamedTuple):
+    """One event's row as the log stores it: the actor and the payload as the JSON text the chain hashed."""
+
+    position: int
+    stream: str
+    version: int
+    type: str
+    schema: int
+    actor: str
+    recorded_at: datetime
+    idempotency_key: str | None
+    payload: str
+    prev_hash: str
+    hash: str
+
+    def event(self, payload: Mapping[str, Any] | None = None) -> RecordedEvent:
+        """The event this row holds (``payload``: the row's payload, if already decoded)."""
+        return RecordedEvent.stored(
+            position=self.position,
+            stream=self.stream,
+            version=self.version,
+            type=self.type,
+            schema=self.schema,
+            actor=_actor(self.actor),
+            recorded_at=self.recorded_at,
+            idempotency_key=self.idempotency_key,
+            payload=orjson.loads(self.payload) if payload is None else payload,
+            prev_hash=self.prev_hash,
+            hash=self.hash,
+        )
+
+
+#: An ``until_position`` past any log.
+_NO_LIMIT = 2**63 - 1
+
+
+class _RowsQuery:
+    """A page of stored rows by position, compiled once per dialect for the driver's own cursor."""
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        columns = [events_table.c[name] for name in StoredRow._fields]
+        statement = (
+            sa.select(*columns)
+            .where(
+                events_table.c.position > sa.bindparam("after", type_=sa.BigInteger),
+                events_table.c.position <= sa.bindparam("until", type_=sa.BigInteger),
+            )
+            .order_by(events_table.c.position)
+            .limit(sa.bindparam("size", type_=sa.Integer))
+        )
+        self.sql, self.constants = compile_named(dialect, statement)
+        self.recorded_at = Moment().result_processor(dialect, None)
+
+
+@functools.cache
+def _rows_query(dialect: sa.Dialect) -> _RowsQuery:
+    return _RowsQuery(dialect)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -346,6 +405,31 @@ class SQLEventStore:
             after = batch[-1].position
             if remaining is not None:
                 remaining -= len(batch)
+
+    def read_rows(
+        self, after: int = 0, *, until_position: int | None = None, page: int = 20000
+    ) -> Iterator[list[StoredRow]]:
+        """The log's rows after ``after`` in order, page by page, as stored: ``actor`` and ``payload`` undecoded.
+
+        For a pass over the whole log that checks or copies the stored
+        encodings (``verify``, ``export``): read on the driver's own cursor,
+        with no event built per row, it costs a third of :meth:`read` per
+        event. ``recorded_at`` is read back aware, in UTC, as :meth:`read` has it.
+        """
+        rows_query = _rows_query(self.engine.dialect)
+        until = _NO_LIMIT if until_position is None else until_position
+        with translate_errors(), self.engine.connect() as conn:
+            while True:
+                with driver_cursor(conn, rows_query.sql) as cursor:
+                    cursor.execute(rows_query.sql, {**rows_query.constants, "after": after, "until": until, "size": page})
+                    rows = cursor.fetchall()
+                if not rows:
+                    return
+                moment, make = rows_query.recorded_at, StoredRow._make
+                yield [make((*row[:6], moment(row[6]), *row[7:])) for row in rows]
+                if len(rows) < page:
+                    return
+                after = rows[-1][0]
 
     def read_streams(
         self, streams: Sequence[str] = (), prefixes: Sequence[str] = (), after: int = 0, limit: int = 100

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -209,38 +209,41 @@ class VerifyReport:
 
 
 def verify_chain(
-    events: Iterator[RecordedEvent], matches: Callable[[RecordedEvent], bool] | None = None
+    events: Iterable[RecordedEvent], matches: Callable[[RecordedEvent], bool] | None = None
 ) -> VerifyReport:
     """Recompute every hash and link; name each changed, removed or reordered event.
+
+    ``matches`` may replace the hash's check by a faster one that agrees with it.
+    """
+    check = matches or (lambda event: event.computed_hash() == event.hash)
+    return check_links((e.position, e.prev_hash, e.hash, check(e)) for e in events)
+
+
+def check_links(links: Iterable[tuple[int, str, str, bool]]) -> VerifyReport:
+    """The chain's rules over each event's ``(position, prev_hash, hash, whether hash matches its fields)``.
 
     Positions start at 1 and have no gaps (appends are serialised), so a
     missing position is a removed event; a ``prev_hash`` that is not the
     previous event's hash is a removal or a reordering; a hash that does not
-    match the event's own fields is a change. ``matches`` may replace the
-    hash's check by a faster one that agrees with it.
+    match the event's own fields is a change.
     """
     faults: list[ChainFault] = []
     expected_position = 1
     prev_hash = GENESIS
     checked = 0
-    for event in events:
+    for position, event_prev_hash, event_hash, hash_matches in links:
         checked += 1
-        if event.position != expected_position:
-            if event.position > expected_position:
-                faults.append(
-                    ChainFault(
-                        expected_position,
-                        f"events {expected_position}..{event.position - 1} are missing",
-                    )
-                )
+        if position != expected_position:
+            if position > expected_position:
+                faults.append(ChainFault(expected_position, f"events {expected_position}..{position - 1} are missing"))
             else:
-                faults.append(ChainFault(event.position, "position out of order"))
-        if event.prev_hash != prev_hash:
-            faults.append(ChainFault(event.position, "prev_hash does not match the previous event's hash"))
-        if not (matches(event) if matches else event.computed_hash() == event.hash):
-            faults.append(ChainFault(event.position, "hash does not match the event's contents (changed)"))
-        expected_position = event.position + 1
-        prev_hash = event.hash
+                faults.append(ChainFault(position, "position out of order"))
+        if event_prev_hash != prev_hash:
+            faults.append(ChainFault(position, "prev_hash does not match the previous event's hash"))
+        if not hash_matches:
+            faults.append(ChainFault(position, "hash does not match the event's contents (changed)"))
+        expected_position = position + 1
+        prev_hash = event_hash
     return VerifyReport(checked=checked, head_hash=prev_hash, faults=tuple(faults))
 
 

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from nbexchange.db import POSITION, metadata
-from nbexchange.events.domain import FeedbackReleased, Released, Submitted, Unreleased
+from nbexchange.events.domain import DomainEvent, FeedbackReleased, Released, Submitted, Unreleased
 from nbexchange.events.store import RecordedEvent
 from nbexchange.projections.base import USED_BY_APPLY, Rows
 
@@ -31,13 +31,12 @@ blob_refs = sa.Table(
 )
 
 
-def owned_blob(event: RecordedEvent) -> tuple[str, str] | None:
+def owned_blob(data: DomainEvent) -> tuple[str, str] | None:
     """The blob an event owns and how (``RELEASED``, ``SUBMITTED``, ``FEEDBACK``), if it owns one.
 
     Downloads (``fetched``, ``collected``) and archive checks name blobs
     others own; only these three keep one stored.
     """
-    data = event.data
     if isinstance(data, Released):
         return data.archive_sha256, RELEASED
     if isinstance(data, Submitted):
@@ -71,7 +70,7 @@ class BlobsProjection:
 
     def apply(self, rows: Rows, event: RecordedEvent) -> None:
         data = event.data
-        owned = owned_blob(event)
+        owned = owned_blob(data)
         if owned is not None:
             sha256, kind = owned
             rows.insert(

@@ -406,3 +406,18 @@ def test_a_stream_reads_whole_and_in_order(store, engine):
             cursor.execute(f"EXPLAIN {compiled}", {"s": "x"}, prepare=True)
             plan = "\n".join(row[0] for row in cursor.fetchall())
             assert "Index" in plan and "Sort" not in plan, plan
+
+
+@pytest.mark.parametrize(("page", "until"), [(3, None), (2, 5), (10, 7), (4, 0)])
+def test_stored_rows_are_the_events_read_gives_page_by_page(store, page, until):
+    """``read_rows``: the events ``read`` gives, in pages of at most ``page``, cut at ``until``, texts as stored."""
+    store.append(release())
+    store.append_batch([submit(f"s{i}", minutes=i) for i in range(7)])
+    events = list(store.read(until_position=until))
+    pages = list(store.read_rows(until_position=until, page=page))
+    assert all(0 < len(rows) <= page for rows in pages)
+    rows = [row for rows in pages for row in rows]
+    assert [row.event() for row in rows] == [replace(event, request_hash=None) for event in events]
+    assert [(row.actor, row.payload) for row in rows] == [
+        (canonical_json(event.actor.to_json()), canonical_json(event.payload)) for event in events
+    ]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -43,7 +46,7 @@ from nbexchange.projections.assignments import course_releases, get_release, use
 from nbexchange.projections.base import REBUILDING, checkpoints_table
 from nbexchange.projections.collections import get_submission, list_submissions
 from nbexchange.projections.feedback import student_feedback
-from nbexchange.projections.history import course_history
+from nbexchange.projections.history import course_history, history
 
 
 def _cycle(store) -> dict[str, int]:
@@ -379,8 +382,10 @@ def test_replay_as_of_n_equals_rebuild_of_first_n(store, engine, ops, cut):
     _reset(engine)
     _append_ops(store, ops)
     n = min(cut, store.head())
-    as_of = replay(engine, PROJECTIONS, until_position=n)
-    again = replay(engine, PROJECTIONS, until_position=n)
+    with replay(engine, PROJECTIONS, until_position=n) as as_of:
+        replayed = {p.name: snapshot(as_of, p) for p in PROJECTIONS}
+    with replay(engine, PROJECTIONS, until_position=n) as again:
+        replayed_again = {p.name: snapshot(again, p) for p in PROJECTIONS}
     # A rebuild of just the first N events, in the live database.
     for projection in PROJECTIONS:
         rebuild(engine, projection)
@@ -390,8 +395,8 @@ def test_replay_as_of_n_equals_rebuild_of_first_n(store, engine, ops, cut):
         rebuild(engine, projection)
     for projection in PROJECTIONS:
         expected = snapshot(engine, projection)
-        assert snapshot(as_of, projection) == expected
-        assert snapshot(again, projection) == expected
+        assert replayed[projection.name] == expected
+        assert replayed_again[projection.name] == expected
 
 
 def test_replay_as_of_a_time_leaves_live_rows_alone(store, engine):
@@ -401,7 +406,43 @@ def test_replay_as_of_a_time_leaves_live_rows_alone(store, engine):
     cutoff = store.get(2).recorded_at
     store.append(submit("s2"))
     live_before = {p.name: snapshot(engine, p) for p in PROJECTIONS}
-    then = replay(engine, PROJECTIONS, until_time=cutoff)
-    with then.connect() as conn:
+    with replay(engine, PROJECTIONS, until_time=cutoff) as then, then.connect() as conn:
         assert [s["student_id"] for s in list_submissions(conn, 1, "phys101", "ps1")] == ["s1"]
+        (folder,) = {Path(then.url.database).parent}
+    assert not folder.exists()  # the private database is removed on leaving
     assert {p.name: snapshot(engine, p) for p in PROJECTIONS} == live_before
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(op, min_size=1, max_size=40), course=st.sampled_from([None, *COURSES]))
+def test_the_replay_command_writes_the_live_read_models_view_as_one_json_document(store, engine, ops, course):
+    """Replayed in a private database and written one assignment at a time, the text is ``json.dumps``
+    of the whole view built from the live read models at the head (empty lists included)."""
+    from nbexchange.audit import _assignment_entry, write_replay
+
+    _reset(engine)
+    _append_ops(store, ops)
+    catch_up_all(engine)
+    with engine.connect() as conn:
+        courses = [course] if course else sorted({row.course_id for row in conn.execute(sa.select(history))})
+        view = {
+            "until_position": None,
+            "until_time": None,
+            "courses": [
+                {
+                    "course_id": c,
+                    "assignments": [
+                        _assignment_entry(r, list_submissions(conn, 1, c, r.assignment_id))
+                        for r in course_releases(conn, 1, c)
+                    ],
+                }
+                for c in courses
+            ],
+        }
+    out = io.StringIO()
+    write_replay(engine, out, course_id=course)
+    assert out.getvalue() == json.dumps(view, indent=2) + "\n"
