@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -298,6 +299,15 @@ def _bisect_right(values: list[float], x: float) -> int:
     return bisect.bisect_right(values, x)
 
 
+def _filled(bins: list[dict[str, Any]], key: str) -> list[Any]:
+    """A cumulative count per bin, a bin without a sample taking the one before's."""
+    out, last = [], None
+    for b in bins:
+        last = b.get(key, last)
+        out.append(last)
+    return out
+
+
 def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     """One column per mode: accepts/s, accept p99, projection lag, checks done, cores by process, over time."""
     import matplotlib
@@ -305,7 +315,8 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in runs if r.get("timeline")]
+    # The baselines have no checks nor projections: their accept rate is in the tables.
+    runs = [r for r in runs if r.get("timeline") and not r["mode"].startswith("baseline")]
     if not runs:
         return
     rows = 5
@@ -334,24 +345,42 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
         twin.plot(t, [b["events_behind_head"] for b in tl], "-", color="tab:gray", linewidth=0.8)
         twin.set_ylabel("events behind head", color="tab:gray")
         ax = axes[3][col]
-        ax.plot(t, [b.get("checks_done") for b in tl], "-", color="tab:green", label="check outcomes")
-        ax.plot(t, [b.get("archives") for b in tl], "--", color="tab:olive", linewidth=0.8, label="archives")
+        ax.plot(t, _filled(tl, "checks_done"), "-", color="tab:green", label="check outcomes")
+        ax.plot(t, _filled(tl, "archives"), "--", color="tab:olive", linewidth=0.8, label="archives")
         ax.set_ylabel("events (cumulative)")
         ax.legend(loc="upper left", fontsize=7)
         ax = axes[4][col]
-        names = sorted(
-            {n for b in tl for n in b.get("cores", {})}, key=lambda n: -sum(b.get("cores", {}).get(n, 0) for b in tl)
-        )
+        used: dict[str, float] = {}
+        for b in tl:
+            for n, v in b.get("cores", {}).items():
+                if n in run["cost"]["total"]["counted"]:
+                    used[n] = used.get(n, 0.0) + v
+        names = sorted(used, key=lambda n: -used[n])
         ax.stackplot(t, *[[b.get("cores", {}).get(n, 0.0) for b in tl] for n in names], labels=names)
-        ax.set_ylabel("CPU (cores)")
+        ax.set_ylabel("the exchange's CPU (cores)")
         ax.set_xlabel("seconds since the first arrival")
         ax.legend(loc="upper right", fontsize=6)
         for r in range(rows):
             for mark, style in (("uploads_done_s", ":"), ("idle_s", "-.")):
                 if run.get(mark) is not None:
                     axes[r][col].axvline(run[mark], color="black", linestyle=style, linewidth=0.8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 60 * len(runs)), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def main() -> None:
+    """``python bench/cost.py RESULTS.json OUT.png``: plot a run's timelines again."""
+    import json
+    import sys
+
+    report = json.loads(Path(sys.argv[1]).read_text())
+    argv = " ".join(report.get("argv", []))
+    title = f"bench/deadline.py {argv} (commit {report['machine']['commit']}, {Path(sys.argv[1]).stem})"
+    plot(report["runs"], Path(sys.argv[2]), title)
+
+
+if __name__ == "__main__":
+    main()
