@@ -140,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="record each server process with py-spy during the uploads (with --until-idle: until idle; "
         "collapsed stacks in bench/results/): cpu = on-CPU samples, gil = only the thread holding the GIL, "
-        "all = idle threads too, native = on-CPU samples with C frames (pauses the process at each sample)",
+        "all = idle threads too, native = on-CPU samples with C frames (pauses the process at each sample: on this "
+        "2-core machine it fell minutes behind and slowed the server sevenfold; see bench/README.md)",
     )
     p.add_argument(
         "--until-idle",
