@@ -6,6 +6,7 @@ Usage (see ``bench/README.md``, section "Deadline night")::
     python bench/deadline.py --students 500 --size 256KB --modes embedded
     python bench/deadline.py --scenario bigupload             # 2 GB upload: server RSS; oversized one: 413 unread
     python bench/deadline.py --scenario list                  # 10,000 submissions listed: collections latency
+    python bench/deadline.py --students 10000 --until-idle --pin --profile cpu --plot bench/images/burst.png
 
 Not part of the test suite. Each mode starts its own servers in a fresh
 folder (and, in production mode, a fresh PostgreSQL schema and Redis queue),
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -36,6 +38,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from cost import (
+    LOADGEN,
+    PG_BACKGROUND,
+    PG_OTHERS,
+    PG_OURS,
+    PY_SPY,
+    REDIS,
+    LogProbe,
+    Watch,
+    phase_cost,
+    plot,
+    settled,
+    timeline,
+    wait_until_idle,
+)
 from harness import (
     BASE_URL,
     BENCH,
@@ -57,6 +74,7 @@ from harness import (
 )
 from http11 import multipart
 from payloads import archive, notebook
+from stages import breakdown
 
 COURSE, ASSIGNMENT = "phys101", "ps1"
 PG_URL = os.environ.get("NBEX_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -66,6 +84,8 @@ RESULTS = BENCH / "results"
 SHARED = "postgres+redis (shared)"
 #: Every core's busy time, whoever used it.
 MACHINE = "machine (all processes)"
+#: Production mode's check_defer_max (the embedded default is the same, 20 s: nbexchange/app.py).
+CHECK_DEFER_MAX = 20
 
 
 def size_arg(text: str) -> int:
@@ -116,18 +136,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--profile",
-        choices=("", "cpu", "gil", "all"),
+        choices=("", "cpu", "gil", "all", "native"),
         default="",
-        help="record each server process with py-spy during the uploads (collapsed stacks in bench/results/): "
-        "cpu = on-CPU samples, gil = only the thread holding the GIL, all = idle threads too",
+        help="record each server process with py-spy during the uploads (with --until-idle: until idle; "
+        "collapsed stacks in bench/results/): cpu = on-CPU samples, gil = only the thread holding the GIL, "
+        "all = idle threads too, native = on-CPU samples with C frames (pauses the process at each sample: on this "
+        "2-core machine it fell minutes behind and slowed the server sevenfold; see bench/README.md)",
     )
+    p.add_argument(
+        "--until-idle",
+        action="store_true",
+        help="deadline: after the last accept, watch until every archive has its check outcome, the projections "
+        "and the sweep reached the log's head and the servers' CPU is quiet; report CPU per accepted submission "
+        "by phase and process, a per-second timeline, and (with --profile) a breakdown by stage",
+    )
+    p.add_argument("--idle-timeout", type=float, default=1800.0, help="--until-idle: the longest wait for idle")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="the load generator (and this script, and py-spy) on the last core, the servers on the others "
+        "(taskset); the shared PostgreSQL and Redis are not pinned",
+    )
+    p.add_argument("--plot", type=Path, default=None, help="--until-idle: write the timeline's plot (PNG) here")
     args = p.parse_args(argv)
+    args.server_cpus = None
     args.modes = [m for m in args.modes.split(",") if m]
     if args.fsync_delay and args.profile:
         p.error("--profile and --fsync-delay cannot be combined: py-spy cannot attach to a process strace traces")
     for mode in args.modes:
         if mode not in ("embedded", "production"):
             p.error(f"unknown mode {mode!r}")
+    if args.plot and not args.until_idle:
+        p.error("--plot needs --until-idle (the timeline is made there)")
     return args
 
 
@@ -230,6 +270,7 @@ def start_baseline(root: Path, args: argparse.Namespace) -> Servers:
         ],
         root / "baseline.log",
         fsync_delay_ms=args.fsync_delay,
+        cpus=args.server_cpus,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", list(servers.procs.values()))
@@ -251,9 +292,13 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
     ]
     try:
         if mode == "embedded":
-            flags.append(f"--NbExchange.db_url=sqlite:///{root / 'store' / 'nbexchange.sqlite'}")
+            servers.db_url = f"sqlite:///{root / 'store' / 'nbexchange.sqlite'}"
+            flags.append(f"--NbExchange.db_url={servers.db_url}")
             api = spawn(
-                _nbexchange("--ip=127.0.0.1", f"--port={port}", *flags), root / "api-0.log", args.fsync_delay
+                _nbexchange("--ip=127.0.0.1", f"--port={port}", *flags),
+                root / "api-0.log",
+                args.fsync_delay,
+                args.server_cpus,
             )
             servers.procs["api-0"] = api
             wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", [api])
@@ -263,10 +308,13 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
         servers.cleanup.append(lambda: _sql(f"DROP SCHEMA {schema} CASCADE"))
         queue = f"nbx-bench-{uuid.uuid4().hex[:8]}"
         servers.cleanup.append(lambda: _forget_queue(queue))
+        # The application_name tells our PostgreSQL backends from everyone else's (CPU by process).
+        servers.app_name = queue
+        servers.db_url = f"{PG_URL}?options=-csearch_path%3D{schema}"
         flags += [
             # The workers share this machine's cores with the APIs, as in docker-compose.yml.
-            "--NbExchange.check_defer_max=20",
-            f"--NbExchange.db_url={PG_URL}?options=-csearch_path%3D{schema}",
+            f"--NbExchange.check_defer_max={CHECK_DEFER_MAX}",
+            f"--NbExchange.db_url={servers.db_url}&application_name={queue}",
             f"--NbExchange.broker_url={REDIS_URL}",
             f"--NbExchange.queue_name={queue}",
         ]
@@ -277,6 +325,7 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
                 _nbexchange("--ip=127.0.0.1", f"--port={port}", "--NbExchange.reuse_port=True", *migrate, *flags),
                 root / f"api-{i}.log",
                 args.fsync_delay,
+                args.server_cpus,
             )
             servers.procs[f"api-{i}"] = proc
             if i == 0:
@@ -284,7 +333,7 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
         for i in range(args.workers):
             log = root / f"worker-{i}.log"
             servers.procs[f"worker-{i}"] = spawn(
-                _nbexchange("worker", "--NbExchange.upgrade_db=False", *flags), log, args.fsync_delay
+                _nbexchange("worker", "--NbExchange.upgrade_db=False", *flags), log, args.fsync_delay, args.server_cpus
             )
             _wait_log(log, " ready", servers.procs[f"worker-{i}"])
         wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", list(servers.procs.values()))
@@ -349,13 +398,22 @@ class LoadGen:
     """The load generator process, and the /proc samples taken at each of its steps."""
 
     def __init__(
-        self, cfg: dict[str, Any], root: Path, servers: Servers | None, profile: str = "", label: str = ""
+        self,
+        cfg: dict[str, Any],
+        root: Path,
+        servers: Servers | None,
+        profile: str = "",
+        label: str = "",
+        watch: Watch | None = None,
     ) -> None:
         self.root = root
         self.servers = servers
         self.profile = profile
         self.label = label
+        #: With a watch (``--until-idle``), phases are marked on it and the profilers run until :meth:`idle`.
+        self.watch = watch
         self.profilers: list[subprocess.Popen[bytes]] = []
+        self.profiles: dict[str, Path] = {}
         cfg_path = root / f"loadgen-{cfg['scenario']}.json"
         cfg["output"] = str(root / f"loadgen-{cfg['scenario']}-out.json")
         cfg_path.write_text(json.dumps(cfg))
@@ -383,7 +441,9 @@ class LoadGen:
                 if line == word:
                     self.times[word] = time.monotonic()
                     self.samples[word] = self.snapshot()
-                    if word == "UPLOADS_DONE":
+                    if self.watch is not None:
+                        self.watch.mark(word)
+                    elif word == "UPLOADS_DONE":
                         self.stop_profilers()
                     return
                 if not line and self.proc.poll() is not None:
@@ -391,27 +451,44 @@ class LoadGen:
         raise RuntimeError(f"the load generator did not say {word} within {timeout} s")
 
     def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.samples["GO"] = self.snapshot()
-        self.times["GO"] = time.monotonic()
-        self.proc.stdin.write(b"GO\n")
-        self.proc.stdin.flush()
         if self.profile and self.servers:
             self.start_profilers()
+        self.samples["GO"] = self.snapshot()
+        self.times["GO"] = time.monotonic()
+        if self.watch is not None:
+            self.watch.mark("GO")
+        self.tell("GO")
+
+    def tell(self, word: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{word}\n".encode())
+        self.proc.stdin.flush()
+
+    def idle(self) -> None:
+        """The exchange is idle again: mark it, stop the profilers, let the load generator list."""
+        self.times["IDLE"] = time.monotonic()
+        if self.watch is not None:
+            self.watch.mark("IDLE")
+        self.stop_profilers()
+        self.tell("LIST")
 
     def start_profilers(self) -> None:
         assert self.servers is not None
-        mode = {"cpu": [], "gil": ["--gil"], "all": ["--idle"]}[self.profile]
+        mode = {"cpu": [], "gil": ["--gil"], "all": ["--idle"], "native": ["--native"]}[self.profile]
+        # Native stacks need the process paused while they are read.
+        blocking = [] if self.profile == "native" else ["--nonblocking"]
         for role, pid in self.servers.pids().items():
             out = RESULTS / f"profile-{self.label}-{role}-{self.profile}.txt"
+            self.profiles[role] = out
             self.profilers.append(
                 spawn(
                     [
                         "py-spy",
                         "record",
-                        "--nonblocking",
+                        *blocking,
                         "--format",
                         "raw",
+                        "--full-filenames",
                         "--rate",
                         "100",
                         *mode,
@@ -485,7 +562,10 @@ def peaks(samples: dict[str, Any]) -> dict[str, float]:
 def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     root.mkdir(parents=True)
     instructor, students = write_users(root / "users.yaml", args.students, COURSE)
-    servers = start_baseline(root, args) if mode == "baseline" else start_exchange(mode, root, root / "users.yaml", args)
+    if mode == "baseline":
+        servers = start_baseline(root, args)
+    else:
+        servers = start_exchange(mode, root, root / "users.yaml", args)
     try:
         if mode != "baseline":
             release(servers.port, instructor)
@@ -498,22 +578,99 @@ def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[s
             window=args.window,
             instructor_token=None if mode == "baseline" else instructor,
             lag_timeout=args.lag_timeout,
+            until_idle=args.until_idle,
+            idle_timeout=args.idle_timeout,
         )
-        gen = LoadGen(cfg, root, servers, args.profile, f"{args.label or 'deadline'}-{mode}")
+        watch = probe = None
+        if args.until_idle:
+            probe = LogProbe(servers.db_url) if servers.db_url else None
+            watch = Watch(lambda: process_groups(servers, gen, probe), probe)
+        gen = LoadGen(cfg, root, servers, args.profile, f"{args.label or 'deadline'}-{mode}", watch)
         gen.expect("READY", 600)
+        if watch is not None:
+            watch.start()
         gen.go()
         gen.expect("UPLOADS_DONE", 300 + args.students * max(1, args.size // 1024**2))
+        if watch is not None:
+            quiet = wait_until_idle(
+                watch, counted_groups(servers), settled if probe else lambda log: True, args.idle_timeout
+            )
+            gen.idle()
         raw = gen.result(args.lag_timeout + 300)
         samples = gen.samples
     finally:
+        if watch is not None:
+            watch.stop()
+        if probe is not None:
+            probe.close()
         servers.stop()
     summary = summarize_deadline(mode, raw, args.concurrency)
+    if watch is not None:
+        summary.update(whole_cost(summary, raw, watch, counted_groups(servers), quiet, gen))
     accept_seconds = gen.times["UPLOADS_DONE"] - gen.times["GO"]
     summary["cpu_accept_phase"] = cpu_between(samples, "GO", "UPLOADS_DONE", accept_seconds)
     summary["cpu_whole_run"] = cpu_between(samples, "GO", "DONE", gen.times["DONE"] - gen.times["GO"])
     summary["peak_rss_mb"] = peaks(samples["DONE"])
     (root / "raw.json").write_text(json.dumps(raw))
     return summary
+
+
+# -- the whole cost (--until-idle) -------------------------------------------------------------
+
+
+def process_groups(servers: Servers, gen: LoadGen, probe: LogProbe | None) -> dict[str, list[int]]:
+    """The pids of each group whose CPU the watch follows, as they are now."""
+    groups = {role: [pid] for role, pid in servers.pids().items()}
+    groups[LOADGEN] = [gen.proc.pid]
+    groups[PY_SPY] = [p.pid for p in gen.profilers]
+    ours = set(probe.backends(servers.app_name)) if probe is not None and servers.app_name else set()
+    clients = set(pids_named("postgres", lambda cmdline: "(" in cmdline or "[local]" in cmdline))
+    groups[PG_OURS] = sorted(ours)
+    groups[PG_OTHERS] = sorted(clients - ours)
+    groups[PG_BACKGROUND] = sorted(set(pids_named("postgres")) - clients)
+    port = urllib.parse.urlsplit(REDIS_URL).port or 6379
+    groups[REDIS] = pids_named("redis-server", lambda cmdline: f":{port}" in cmdline)
+    return groups
+
+
+def counted_groups(servers: Servers) -> list[str]:
+    """What a submission's cost counts: the servers' processes, and in production PostgreSQL's and Redis's."""
+    roles = list(servers.procs)
+    if servers.name == "production":
+        roles += [PG_OURS, PG_BACKGROUND, REDIS]
+    return roles
+
+
+def whole_cost(
+    summary: dict[str, Any], raw: dict[str, Any], watch: Watch, counted: list[str], quiet: dict[str, Any], gen: LoadGen
+) -> dict[str, Any]:
+    """CPU per accepted submission by phase and process, the timeline and the stage breakdown."""
+    accepted = summary["accepted"]
+    t0 = raw["t0_monotonic"]
+    ok = [r for r in raw["records"] if r.get("status") in (200, 201)]
+    out: dict[str, Any] = {
+        "idle": quiet,
+        "check_defer_max_s": CHECK_DEFER_MAX,
+        "cost": {
+            "accept_phase": phase_cost(watch, "GO", "UPLOADS_DONE", accepted, counted),
+            "after_burst": phase_cost(watch, "UPLOADS_DONE", "IDLE", accepted, counted),
+            "total": phase_cost(watch, "GO", "IDLE", accepted, counted),
+        },
+        "uploads_done_s": round(watch.samples[watch.marks["UPLOADS_DONE"]]["t"] - t0, 2),
+        "idle_s": round(watch.samples[watch.marks["IDLE"]]["t"] - t0, 2),
+        # What the servers use doing nothing (the projector's polls, the sweeper's timer): a cost per second.
+        "idle_floor_cores": round(sum(watch.cores(counted, 3)) / 3, 3),
+        "watch_errors": watch.errors[:10],
+        "timeline": timeline(raw, watch, visibility(raw.get("positions") or [], ok), counted),
+    }
+    if gen.profiles:
+        total = out["cost"]["total"]["groups"]
+        out["stages"] = {
+            role: breakdown(path, role, total.get(role, {}).get("cpu_seconds"), accepted)
+            for role, path in gen.profiles.items()
+            if path.exists()
+        }
+    return out
 
 
 def summarize_deadline(mode: str, raw: dict[str, Any], concurrency: int) -> dict[str, Any]:
@@ -586,24 +743,36 @@ def saturated_throughput(
     }
 
 
-def projection_lag(positions: list[tuple[float, int]], ok: list[dict[str, Any]], last: float) -> dict[str, Any]:
-    """For each accepted submission, how long after its answer ``collections`` first reflected its position."""
-    positions = sorted(positions)
-    times = [t for t, _ in positions]
+def _reached(positions: list[tuple[float, int]]) -> tuple[list[float], list[int]]:
+    """The probes' times, and the highest read position seen by each (sorted by time)."""
+    times: list[float] = []
     reached: list[int] = []
     high = 0
-    for _, position in positions:
+    for t, position in sorted(positions):
         high = max(high, position)
+        times.append(t)
         reached.append(high)
-    lags, never = [], 0
+    return times, reached
+
+
+def visibility(positions: list[tuple[float, int]], ok: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(answered at, lag) of each accepted submission ``collections`` came to reflect: how long after its
+    answer the read position first reached its position."""
+    times, reached = _reached(positions)
+    out = []
     for r in ok:
         i = bisect.bisect_left(reached, r["position"])
-        if i == len(reached):
-            never += 1
-            continue
-        # Seen by a probe that was answered before the submission's own answer: lag 0.
-        lags.append(max(0.0, times[i] - r["submit_end"]))
-    lags.sort()
+        if i < len(reached):
+            # Seen by a probe that was answered before the submission's own answer: lag 0.
+            out.append((r["submit_end"], max(0.0, times[i] - r["submit_end"])))
+    return out
+
+
+def projection_lag(positions: list[tuple[float, int]], ok: list[dict[str, Any]], last: float) -> dict[str, Any]:
+    """For each accepted submission, how long after its answer ``collections`` first reflected its position."""
+    times, reached = _reached(positions)
+    lags = sorted(lag for _, lag in visibility(positions, ok))
+    never = len(ok) - len(lags)
     top = max((r["position"] for r in ok), default=0)
     i = bisect.bisect_left(reached, top)
     return {
@@ -785,6 +954,71 @@ def deadline_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cost_table(summaries: list[dict[str, Any]]) -> str:
+    """CPU per accepted submission (ms) by phase, with each process's share of the total."""
+    runs = [s for s in summaries if "cost" in s]
+    bases = [s["cost"]["total"]["total"]["ms_per_submission"] for s in runs if s["mode"] in ("baseline", AFTER)]
+    lines = [
+        "| mode | accepted | accepted/s (saturated) | accept p99 (ms) | accept phase (ms/sub) | after the burst "
+        "(ms/sub) | total (ms/sub) | total × baseline (before / after) | idle after last accept (s) "
+        "| subs/s per core (1000 / total) | idle floor (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in runs:
+        c = s["cost"]
+        total = c["total"]["total"]["ms_per_submission"]
+        lines.append(
+            f"| {s['mode']} | {s['accepted']}/{s['students']} | {s.get('accepted_per_s') or '–'} "
+            f"| {_ms(s['accept_latency_s']['p99'])} | {c['accept_phase']['total']['ms_per_submission']} "
+            f"| {c['after_burst']['total']['ms_per_submission']} | {total} "
+            f"| {_ratios(total, bases) if s['mode'] not in ('baseline', AFTER) else '1'} "
+            f"| {round(s['idle_s'] - s['uploads_done_s'], 1)} | {round(1000 / total, 1) if total else '–'} "
+            f"| {s['idle_floor_cores']} |"
+        )
+    lines += [
+        "",
+        "| mode | process | accept phase (ms/sub) | after the burst (ms/sub) | total (ms/sub) | counted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in runs:
+        c = s["cost"]
+        for group, figures in sorted(c["total"]["groups"].items(), key=lambda g: -(g[1]["cpu_seconds"] or 0)):
+            if abs(figures["cpu_seconds"] or 0) < 0.05:
+                continue
+            lines.append(
+                f"| {s['mode']} | {group} | {c['accept_phase']['groups'].get(group, {}).get('ms_per_submission')} "
+                f"| {c['after_burst']['groups'].get(group, {}).get('ms_per_submission')} "
+                f"| {figures['ms_per_submission']} | {'yes' if group in c['total']['counted'] else 'no'} |"
+            )
+    for s in runs:
+        if len(s.get("stages") or {}) > 1:
+            lines += ["", f"{s['mode']}, all its processes: ms per submission by stage", ""]
+            lines += ["| stage | ms/sub |", "|---|---|"]
+            for stage, ms in stage_totals(s["stages"]):
+                lines.append(f"| {stage} | {ms} |")
+        for role, stages in (s.get("stages") or {}).items():
+            lines += [
+                "",
+                f"{s['mode']}, {role}: {stages['samples']} samples on CPU ({stages['waiting_samples_dropped']} "
+                f"waiting, left out), {stages['cpu_seconds']} s of CPU (100 samples a second: "
+                f"{stages['samples'] / max(stages['cpu_seconds'] or 0, 0.01):.0f} per CPU second)",
+                "",
+            ]
+            lines += ["| stage | share of samples | ms/sub |", "|---|---|---|"]
+            for stage in stages["stages"]:
+                lines.append(f"| {stage['stage']} | {stage['share']:.1%} | {stage['ms_per_submission']} |")
+    return "\n".join(lines)
+
+
+def stage_totals(by_role: dict[str, dict[str, Any]]) -> list[tuple[str, float]]:
+    """Each stage's ms per submission summed over a mode's processes, largest first."""
+    totals: dict[str, float] = {}
+    for stages in by_role.values():
+        for stage in stages["stages"]:
+            totals[stage["stage"]] = totals.get(stage["stage"], 0.0) + (stage["ms_per_submission"] or 0.0)
+    return sorted(((stage, round(ms, 2)) for stage, ms in totals.items()), key=lambda s: -s[1])
+
+
 def wait_for_idle(
     timeout: float, below: float = 0.3, steady: int = 3, busy_seconds: Callable[[], float] = machine_busy_seconds
 ) -> dict[str, Any]:
@@ -817,6 +1051,15 @@ def main(argv: list[str] | None = None) -> None:
         "fsync_before": fsync_probe(storage),
         "fsync_delay_injected_ms": args.fsync_delay,
     }
+    if args.pin:
+        # This machine: 2 cores, so the load generator on core 1, the servers on core 0.
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            raise SystemExit("--pin needs at least 2 cores")
+        args.server_cpus = ",".join(str(c) for c in cores[:-1])
+        os.sched_setaffinity(0, {cores[-1]})  # the load generator and py-spy inherit it
+        report["pinned"] = {"servers": args.server_cpus, "loadgen, py-spy, this script": str(cores[-1])}
+        print(f"pinned: {report['pinned']}", flush=True)
     print(f"machine: {report['machine']}", flush=True)
     print(f"fsync on {storage} before: {report['fsync_before']}", flush=True)
     if args.fsync_delay:
@@ -856,6 +1099,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"results: {RESULTS / name}", flush=True)
     if args.scenario == "deadline":
         print(deadline_table(runs))
+    if args.until_idle:
+        print()
+        print(cost_table(runs))
+    if args.plot:
+        title = (
+            f"{args.students} students, {args.size // 1024} KB, C={args.concurrency}, "
+            f"{'pinned, ' if args.pin else ''}commit {report['machine']['commit']}, {stamp}"
+        )
+        plot(runs, args.plot, title)
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(args: list[str], log: Path, fsync_delay_ms: float = 0, **kwargs: Any) -> subprocess.Popen[bytes]:
+def spawn(
+    args: list[str], log: Path, fsync_delay_ms: float = 0, cpus: str | None = None, **kwargs: Any
+) -> subprocess.Popen[bytes]:
     """Start a process logging to ``log``; it is stopped by :func:`stop_all` whatever happens.
 
     With ``fsync_delay_ms``, it runs under :func:`slow_fsync`; :func:`server_pid`
-    then names the process itself, not strace.
+    then names the process itself, not strace. With ``cpus`` (``taskset``'s
+    list, e.g. ``"0"``) it and its threads run on those cores only (taskset
+    execs the command: the pid is the process's own).
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_"))}
     env["PYTHONUNBUFFERED"] = "1"
@@ -51,6 +56,8 @@ def spawn(args: list[str], log: Path, fsync_delay_ms: float = 0, **kwargs: Any) 
     kwargs.setdefault("stdout", out)
     if fsync_delay_ms:
         args = slow_fsync(args, fsync_delay_ms)
+    if cpus is not None:
+        args = ["taskset", "-c", cpus, *args]
     proc = subprocess.Popen(args, stderr=out, env=env, cwd=ROOT, **kwargs)
     _started.append(proc)
     if fsync_delay_ms:
@@ -194,14 +201,18 @@ def reset_peak(pid: int) -> bool:
         return False
 
 
-def pids_named(name: str) -> list[int]:
-    """Every process whose command name is ``name`` (e.g. the shared PostgreSQL's backends)."""
+def pids_named(name: str, cmdline: Callable[[str], bool] = lambda text: True) -> list[int]:
+    """Every process whose command name is ``name`` (e.g. the shared PostgreSQL's backends), and whose
+    command line (arguments joined by spaces) passes ``cmdline``."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/comm", encoding="ascii") as f:
-                    if f.read().strip() == name:
+                    if f.read().strip() != name:
+                        continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if cmdline(f.read().replace(b"\0", b" ").decode(errors="replace")):
                         found.append(int(entry))
             except OSError:
                 continue
@@ -297,6 +308,9 @@ class Servers:
     port: int
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     cleanup: list[Any] = field(default_factory=list)
+    #: The database the servers use ("" for none), and the application_name their PostgreSQL connections carry.
+    db_url: str = ""
+    app_name: str = ""
 
     def pids(self) -> dict[str, int]:
         return {role: server_pid(proc) for role, proc in self.procs.items()}

@@ -128,9 +128,9 @@ class Connection:
 
 
 def multipart(
-    file_field: str, filename: str, content: bytes, fields: dict[str, list[str]] | None = None
+    file_field: str, filename: str, content: bytes | Sequence[bytes], fields: dict[str, list[str]] | None = None
 ) -> tuple[str, list[bytes]]:
-    """A multipart/form-data body with text fields and one file: (content type, its buffers).
+    """A multipart/form-data body with text fields and one file (bytes, or its buffers): (content type, its buffers).
 
     The file's bytes are not copied: the body is sent buffer by buffer.
     """
@@ -144,4 +144,5 @@ def multipart(
         f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
         "Content-Type: application/gzip\r\n\r\n"
     ).encode()
-    return f"multipart/form-data; boundary={boundary}", [before, content, f"\r\n--{boundary}--\r\n".encode()]
+    file = [content] if isinstance(content, bytes) else list(content)
+    return f"multipart/form-data; boundary={boundary}", [before, *file, f"\r\n--{boundary}--\r\n".encode()]

@@ -10,7 +10,10 @@ Scenarios (the config's ``scenario``):
 - ``deadline``: each student fetches the assignment and submits an archive of
   ``size`` bytes, arriving on a schedule bunched toward the deadline and
   sharing ``concurrency`` keep-alive connections; meanwhile a probe reads the
-  position the instructor's ``collections`` reflects, to time projection lag.
+  position the instructor's ``collections`` reflects, to time projection lag,
+  and (every ``head_interval`` s) the log's head. With ``until_idle`` the
+  probes go on after the uploads, until the parent, having seen the exchange
+  settle and go idle, sends ``LIST``; only then is everything listed.
 - ``bigupload``: one upload of ``big_size`` bytes streamed (never in memory),
   after an oversized one that must be refused before its body is sent.
 - ``list``: ``requests`` timed ``collections`` GETs, one after the other.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -30,7 +34,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from http11 import Connection, Response, multipart
-from payloads import big_archive, big_archive_size, random_blob, submission_archive
+from payloads import SubmissionBodies, big_archive, big_archive_size, random_blob
 
 #: A student id nobody has: its ``collections`` answer is tiny but carries the read position.
 PROBE_USER = "bench-position-probe"
@@ -40,11 +44,11 @@ def say(word: str) -> None:
     print(word, flush=True)
 
 
-async def wait_for_go(timeout: float = 600) -> None:
+async def wait_for_go(timeout: float = 600, word: str = "GO") -> None:
     loop = asyncio.get_running_loop()
     line = await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), timeout)
-    if line.strip() != "GO":
-        raise SystemExit(f"expected GO, got {line!r}")
+    if line.strip() != word:
+        raise SystemExit(f"expected {word}, got {line!r}")
 
 
 def arrival_times(count: int, window: float) -> list[float]:
@@ -81,14 +85,13 @@ async def deadline(cfg: dict[str, Any]) -> dict[str, Any]:
     probe_token: str | None = cfg.get("instructor_token")
     lag_timeout: float = cfg.get("lag_timeout", 120.0)
 
+    until_idle: bool = cfg.get("until_idle", False)
+
     built = time.perf_counter()
-    blob = random_blob(cfg["size"])
-    bodies = []
-    for name, _ in students:
-        content_type, parts = multipart("assignment", "submission.tar.gz", submission_archive(name, cfg["size"], blob))
-        bodies.append((content_type, parts))
+    archives = SubmissionBodies(cfg["size"], random_blob(cfg["size"]))
+    bodies = [multipart("assignment", "submission.tar.gz", archives.parts(name)) for name, _ in students]
     build_seconds = time.perf_counter() - built
-    archive_size = len(bodies[0][1][1]) if bodies else 0
+    archive_size = sum(len(part) for part in bodies[0][1][1:-1]) if bodies else 0
 
     conns = [Connection(target.port, timeout=cfg.get("request_timeout", 300.0)) for _ in range(concurrency)]
     await asyncio.gather(*(c.open() for c in conns))
@@ -144,37 +147,61 @@ async def deadline(cfg: dict[str, Any]) -> dict[str, Any]:
             pool.put_nowait(conn)
 
     positions: list[tuple[float, int]] = []
+    heads: list[tuple[float, int]] = []
     uploads_done = asyncio.Event()
+    listing_due = asyncio.Event()
     probe_errors: list[str] = []
 
-    async def probe_positions() -> None:
+    async def probe_get(route: str, auth: dict[str, str]) -> Any:
         assert probe is not None
+        try:
+            answer = await probe.request("GET", route, auth)
+            if answer.status == 200:
+                return answer.json()
+            probe_errors.append(f"{answer.status}")
+        except Exception as e:
+            probe_errors.append(f"{type(e).__name__}: {e}")
+            await probe.close()
+        return None
+
+    async def probe_positions() -> None:
         route = target.route("collections", user_id=PROBE_USER)
+        head_route = f"{target.base}head"
         auth = {"Authorization": f"token {probe_token}"}
         give_up = None
+        head_at = -math.inf
         while True:
-            try:
-                answer = await probe.request("GET", route, auth)
-                if answer.status == 200:
-                    positions.append((time.monotonic() - t0, int(answer.json()["position"])))
-                else:
-                    probe_errors.append(f"{answer.status}")
-            except Exception as e:
-                probe_errors.append(f"{type(e).__name__}: {e}")
-                await probe.close()
-            if uploads_done.is_set():
+            answer = await probe_get(route, auth)
+            if answer is not None:
+                positions.append((time.monotonic() - t0, int(answer["position"])))
+            if time.monotonic() - head_at >= cfg.get("head_interval", 0.25):
+                head_at = time.monotonic()
+                answer = await probe_get(head_route, auth)
+                if answer is not None:
+                    heads.append((time.monotonic() - t0, int(answer["position"])))
+            if until_idle:
+                if listing_due.is_set():
+                    return
+            elif uploads_done.is_set():
                 wanted = max((r.get("position") or 0 for r in records), default=0)
                 if positions and positions[-1][1] >= wanted:
                     return
                 give_up = give_up or time.monotonic() + lag_timeout
                 if time.monotonic() > give_up:
                     return
-            await asyncio.sleep(cfg.get("probe_interval", 0.05))
+            # After the uploads, a slower probe: its requests would count as the burst's cost.
+            slow = until_idle and uploads_done.is_set()
+            await asyncio.sleep(cfg.get("probe_interval_after" if slow else "probe_interval", 0.5 if slow else 0.05))
 
     prober = asyncio.create_task(probe_positions()) if probe else None
     await asyncio.gather(*(student(i) for i in range(len(students))))
     uploads_done.set()
     say("UPLOADS_DONE")
+    if until_idle:
+        # The parent watches the exchange settle and its CPU go quiet; listing
+        # 10,000 submissions before that would be counted as their cost.
+        await wait_for_go(cfg.get("idle_timeout", 1800.0) + 60, "LIST")
+        listing_due.set()
     if prober:
         await prober
 
@@ -187,11 +214,13 @@ async def deadline(cfg: dict[str, Any]) -> dict[str, Any]:
     if probe:
         await probe.close()
     return {
+        "t0_monotonic": t0,
         "build_seconds": build_seconds,
         "archive_size": archive_size,
         "records": records,
         "busy_changes": busy_changes,
         "positions": positions,
+        "heads": heads,
         "probe_errors": probe_errors[:20],
         "probe_error_count": len(probe_errors),
         "listing": listing,
