@@ -6,7 +6,6 @@ log, the archive store and the projections. Nothing here knows about HTTP.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -370,7 +369,7 @@ class Exchange:
 
     def _download(self, sha256: str, event: RecordedEvent) -> Download:
         file = self.rt.archives.open(sha256)
-        return Download(file, os.fstat(file.fileno()).st_size, event)
+        return Download(file, file.size, event)
 
     def may_submit(
         self, user: User, course_id: str, assignment_id: str, timestamp: datetime, key: str | None = None
@@ -549,7 +548,7 @@ class Exchange:
                 files.append(
                     FeedbackFile(
                         download,
-                        os.fstat(download.fileno()).st_size,
+                        download.size,
                         filename=f"{row['notebook_id']}.html",
                         timestamp=format_timestamp(row["timestamp"]),
                         checksum=row["checksum"],

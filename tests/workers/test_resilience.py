@@ -434,9 +434,9 @@ class Context:
 
 
 @pytest.fixture
-def ctx(engine: sa.Engine, tmp_path: Path) -> Context:
+def ctx(engine: sa.Engine, archive_store: ArchiveStore) -> Context:
     store = SQLEventStore(engine)
-    return Context(engine, store, store, ArchiveStore(tmp_path / "store"), ArchiveLimits(), sweep_grace=0)
+    return Context(engine, store, store, archive_store, ArchiveLimits(), sweep_grace=0)
 
 
 def stored(ctx: Context, content: bytes) -> StoredArchive:
@@ -567,13 +567,13 @@ def test_a_worker_projector_follows_the_log_without_being_told(ctx: Context) -> 
 
 @pytest.mark.timeout(120)
 def test_a_database_outage_is_logged_once_each_way_by_the_projector_and_the_sweeper(
-    own_postgres: PostgresServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    own_postgres: PostgresServer, archive_store: ArchiveStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """They try ten and twenty times a second here: a line per try would bury the outage's one."""
     engine = make_engine(own_postgres.url)
     upgrade(engine)
     store = SQLEventStore(engine)
-    ctx = Context(engine, store, store, ArchiveStore(tmp_path / "store"), ArchiveLimits(), sweep_grace=0)
+    ctx = Context(engine, store, store, archive_store, ArchiveLimits(), sweep_grace=0)
     projector, sweeper = Projector(ctx, poll=0.05), Sweeper(ctx, interval=0.1)
     sweeper.start()
     try:
