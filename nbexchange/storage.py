@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from nbexchange.errors import ExchangeError, InsufficientStorage, NotFound, TooLarge
 
@@ -115,11 +115,8 @@ class ArchiveStore(ABC):
 
     def verify(self, sha256: str) -> bool:
         """Whether the stored bytes still hash to their name; NotFound if not stored."""
-        digest = hashlib.sha256()
         with self.open(sha256) as stored:
-            while chunk := stored.read(CHUNK_SIZE):
-                digest.update(chunk)
-        return digest.hexdigest() == sha256
+            return HashingReader(stored).hexdigest() == sha256
 
 
 def open_archive_store(settings: NbExchange, create: bool = True) -> ArchiveStore:
@@ -145,18 +142,16 @@ def open_archive_store(settings: NbExchange, create: bool = True) -> ArchiveStor
 
 
 class LocalArchiveStore(ArchiveStore):
-    """Archives under ``root/archives/ab/<sha256>``; uploads in progress under ``root/tmp``.
-
-    ``root/extracted/ab/<sha256>`` is where a worker puts an archive's unpacked tree.
-    """
+    """Archives under ``root/archives/ab/<sha256>``; uploads in progress under ``root/tmp``."""
 
     def __init__(self, root: Path, create: bool = True) -> None:
         self.root = Path(root)
         self.archives = self.root / "archives"
         self.tmp = self.root / "tmp"
+        #: Where versions before 2.0 unpacked each archive; nothing reads it now, and the collector empties it.
         self.extracted = self.root / "extracted"
         if create:  # an auditor's read of a backup creates nothing
-            for folder in (self.root, self.archives, self.tmp, self.extracted):
+            for folder in (self.root, self.archives, self.tmp):
                 make_dirs(folder)
 
     def __repr__(self) -> str:
@@ -207,11 +202,10 @@ class LocalArchiveStore(ArchiveStore):
             return False
         aside.unlink()
         fsync_dir(path.parent)
-        shutil.rmtree(self.extracted_path(sha256), ignore_errors=True)
         return True
 
     def remove_leftovers(self, cutoff: float) -> list[str]:
-        """Partial uploads, blobs set aside, half-unpacked trees, and unpacked trees whose blob is gone."""
+        """Partial uploads, blobs set aside, and the trees versions before 2.0 unpacked (:meth:`leftovers`)."""
         found = self.leftovers(cutoff)
         for path in found:
             self.remove_leftover(path)
@@ -221,18 +215,13 @@ class LocalArchiveStore(ArchiveStore):
         """What crashes left older than ``cutoff``: partial uploads, blobs set aside, half-unpacked trees.
 
         Several processes share the folders, so only age tells a crash's
-        leftover from work in progress. Unpacked trees whose blob is gone are
-        leftovers too.
+        leftover from work in progress. The trees that versions before 2.0
+        unpacked into ``extracted/`` are leftovers too: nothing reads them.
         """
         found = [p for p in self.tmp.iterdir() if older_than(p, cutoff)]
-        for folder in self.extracted.iterdir():
-            if not folder.is_dir():
-                continue
-            for tree in folder.iterdir():
-                staging = tree.name.startswith(".")
-                orphan = is_digest(tree.name) and not self._archive_path(tree.name).exists()
-                if (staging or orphan) and older_than(tree, cutoff):
-                    found.append(tree)
+        if self.extracted.is_dir():
+            trees = (tree for folder in self.extracted.iterdir() for tree in _entries(folder))
+            found.extend(tree for tree in trees if older_than(tree, cutoff))
         return found
 
     def remove_leftover(self, path: Path) -> None:
@@ -242,10 +231,6 @@ class LocalArchiveStore(ArchiveStore):
         else:
             path.unlink(missing_ok=True)
 
-    def extracted_path(self, sha256: str) -> Path:
-        """Where the unpacked tree of this archive belongs (whether or not it exists yet)."""
-        check_digest(sha256)
-        return self.extracted / sha256[:2] / sha256
 
     def _keep(self, temp: Path, sha256: str) -> None:
         dest = self._archive_path(sha256)
@@ -265,6 +250,31 @@ class LocalArchiveStore(ArchiveStore):
     def _archive_path(self, sha256: str) -> Path:
         check_digest(sha256)
         return self.archives / sha256[:2] / sha256
+
+
+class Readable(Protocol):
+    """Anything archives are read from: a file, an object store's body, a reader wrapping either."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class HashingReader:
+    """Reads through to ``source``, hashing every byte that goes by."""
+
+    def __init__(self, source: Readable) -> None:
+        self._source = source
+        self._digest = hashlib.sha256()
+
+    def read(self, size: int = -1, /) -> bytes:
+        chunk = self._source.read(size)
+        self._digest.update(chunk)
+        return chunk
+
+    def hexdigest(self) -> str:
+        """The sha256 of the whole source: what is left is read first."""
+        while self.read(CHUNK_SIZE):
+            pass
+        return self._digest.hexdigest()
 
 
 class Upload:
@@ -361,6 +371,11 @@ class Upload:
             raise ValueError("This upload was aborted.")
         if self._result is not None:
             raise ValueError("This upload is already finished.")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """A folder's entries, or the path itself if it is not a folder."""
+    return list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else [folder]
 
 
 def older_than(path: Path, cutoff: float) -> bool:

@@ -56,13 +56,14 @@ def _code(error: ClientError) -> str:
 
 
 @contextlib.contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """The object store's errors as the exchange's: a missing object is NotFound, any other failure Unavailable."""
+def _translated(what: str, missing: str | None = None) -> Iterator[None]:
+    """The object store's errors as the exchange's: a missing object is NotFound (``missing`` its note), any
+    other failure Unavailable."""
     try:
         yield
     except ClientError as e:
         if _code(e) in _NOT_FOUND:
-            raise NotFound(f"The archive store has no {what}.") from e
+            raise NotFound(missing or f"The archive store has no {what}.") from e
         log.error("The archive store refused to %s: %s", what, e)
         note = f"The archive store refused a request ({_code(e)}); nothing was stored. Try again later."
         raise Unavailable(note) from e
@@ -174,7 +175,7 @@ class S3ArchiveStore(ArchiveStore):
 
     def open(self, sha256: str) -> BlobReader:
         key = self._key(sha256)
-        with _translated(f"archive with sha256 {sha256}"):
+        with _translated(f"download of {key}", f"No archive with sha256 {sha256} is stored."):
             answer = self.client.get_object(Bucket=self.bucket, Key=key)
         return BlobReader(_ObjectBody(answer["Body"]), int(answer["ContentLength"]))
 

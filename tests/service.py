@@ -258,14 +258,27 @@ def service_archives(service: Service) -> ArchiveStore:
 
 def corrupt_blob(service: Service, sha256: str, data: bytes) -> None:
     """Change a stored blob's bytes behind the service's back (a failing disk, a hand on the bucket)."""
-    archives = service_archives(service)
+    replace_blob(service_archives(service), sha256, data)
+
+
+def replace_blob(archives: ArchiveStore, sha256: str, data: bytes | None) -> None:
+    """Put ``data`` where the blob ``sha256`` is kept, or remove it (None), behind the store's back."""
     if isinstance(archives, LocalArchiveStore):
-        archives.path(sha256).write_bytes(data)
+        path = archives.path(sha256)
+        if data is None:
+            path.unlink()
+        else:
+            os.chmod(path, 0o600)
+            path.write_bytes(data)
         return
     from nbexchange.storage_s3 import BLOBS, S3ArchiveStore
 
     assert isinstance(archives, S3ArchiveStore)
-    archives.client.put_object(Bucket=archives.bucket, Key=archives.prefix + BLOBS + sha256, Body=data)
+    key = archives.prefix + BLOBS + sha256
+    if data is None:
+        archives.client.delete_object(Bucket=archives.bucket, Key=key)
+    else:
+        archives.client.put_object(Bucket=archives.bucket, Key=key, Body=data)
 
 
 def collect(service: Service, grace: float = 0) -> dict[str, Any]:

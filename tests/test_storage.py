@@ -135,7 +135,7 @@ def test_a_large_upload_streams_through(store: ArchiveStore) -> None:
 
 def test_root_layout_and_modes(tmp_path: Path, strict_umask: None) -> None:
     store = LocalArchiveStore(tmp_path / "storage")
-    for folder in ("archives", "tmp", "extracted"):
+    for folder in ("archives", "tmp"):
         assert (tmp_path / "storage" / folder).is_dir()
         assert mode(tmp_path / "storage" / folder) == 0o750
 
@@ -312,17 +312,6 @@ def test_collect_keeps_a_blob_stored_after_the_cutoff(store: ArchiveStore) -> No
     assert store.verify(stored.sha256)
 
 
-def test_collect_removes_the_local_unpacked_tree(local: LocalArchiveStore) -> None:
-    stored = local.store_bytes(b"to be collected")
-    tree = local.extracted_path(stored.sha256)
-    tree.mkdir(parents=True)
-    (tree / "notebook.ipynb").write_text("{}")
-    _age(local.path(stored.sha256), 100)
-
-    assert local.collect(stored.sha256, cutoff=time.time() - 50) is True
-    assert not tree.exists() and not list(local.tmp.iterdir())
-
-
 def test_storing_the_same_bytes_again_keeps_a_blob_from_the_collector(store: ArchiveStore) -> None:
     """An upload of a blob's bytes marks it stored again: the collector, deciding on the older time, keeps it."""
     stored = store.store_bytes(b"shared bytes")
@@ -345,26 +334,29 @@ def test_an_upload_finishing_after_the_blob_was_set_aside_stores_its_own_copy(st
     assert store.verify(stored.sha256)
 
 
-def test_leftovers_are_old_partial_uploads_staging_trees_and_orphan_trees(local: LocalArchiveStore) -> None:
+def test_leftovers_are_old_partial_uploads_and_the_trees_earlier_versions_unpacked(local: LocalArchiveStore) -> None:
     store = local
     partial = store.new_upload()
     partial.write(b"half of it")  # a crashed API's upload: never finished nor aborted
     (partial_path,) = store.tmp.iterdir()
-    kept = store.store_bytes(b"unpacked and kept")
-    kept_tree = store.extracted_path(kept.sha256)
-    kept_tree.mkdir(parents=True)
-    staging = kept_tree.parent / f".{kept.sha256}.x1y2"
-    staging.mkdir()
-    orphan = store.extracted_path("ab" * 32)
-    orphan.mkdir(parents=True)
+    kept = store.store_bytes(b"stored and kept")
+    # Versions before 2.0 unpacked every archive under extracted/ab/<sha256>; nothing reads those trees now.
+    old_tree = store.extracted / kept.sha256[:2] / kept.sha256
+    old_tree.mkdir(parents=True)
+    (old_tree / "problem1.ipynb").write_text("{}")
+    old_staging = old_tree.parent / f".{kept.sha256}.x1y2"
+    old_staging.mkdir()
+    young_tree = store.extracted / "cd" / ("cd" * 32)  # left by an old worker still running: young
+    young_tree.mkdir(parents=True)
     fresh = store.new_upload()  # still arriving: young
     fresh.write(b"x")
-    for path in (partial_path, kept_tree, staging, orphan):
+    for path in (partial_path, old_tree, old_staging):
         _age(path, 100)
 
     found = store.remove_leftovers(cutoff=time.time() - 50)
-    assert sorted(found) == sorted(str(path) for path in (partial_path, staging, orphan))
-    assert kept_tree.exists() and store.exists(kept.sha256)
+    assert sorted(found) == sorted(str(path) for path in (partial_path, old_tree, old_staging))
+    assert store.exists(kept.sha256) and store.verify(kept.sha256)
+    assert young_tree.exists() and not old_tree.exists()
     assert len(list(store.tmp.iterdir())) == 1  # the fresh upload
     fresh.abort()
 
@@ -381,11 +373,6 @@ def test_partial_uploads_older_than_the_cutoff_are_leftovers(store: ArchiveStore
 def test_an_auditors_store_creates_nothing(tmp_path: Path) -> None:
     store = LocalArchiveStore(tmp_path / "backup", create=False)
     assert list(store.blobs()) == [] and not (tmp_path / "backup").exists()
-
-
-def test_extracted_path_is_fanned_out_by_hash(local: LocalArchiveStore) -> None:
-    sha256 = hashlib.sha256(b"x").hexdigest()
-    assert local.extracted_path(sha256) == local.root / "extracted" / sha256[:2] / sha256
 
 
 BAD_NAMES = [
@@ -414,8 +401,6 @@ def test_malformed_names_are_refused(store: ArchiveStore, name: str) -> None:
     if isinstance(store, LocalArchiveStore):
         with pytest.raises(NotFound):
             store.path(name)
-        with pytest.raises(NotFound):
-            store.extracted_path(name)
 
 
 def test_malformed_name_cannot_reach_a_file_outside(tmp_path: Path) -> None:

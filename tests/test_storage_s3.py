@@ -96,7 +96,9 @@ def test_an_upload_that_finds_the_blob_gone_on_its_second_look_stores_its_own_co
     cutoff = time.time()
     collector = s3_store(tmp_path / "collector", bucket=store.bucket)
     removed: list[bool] = []
-    store.client = Interleaved(store.client, "head_object", lambda: removed.append(collector.collect(stored.sha256, cutoff)))
+    store.client = Interleaved(
+        store.client, "head_object", lambda: removed.append(collector.collect(stored.sha256, cutoff))
+    )
     assert store.store_bytes(data) == stored
     assert removed == [True]
     assert store.verify(stored.sha256)

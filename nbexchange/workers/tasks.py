@@ -12,14 +12,14 @@ from sqlalchemy.engine import Engine
 
 from nbexchange.clock import utcnow
 from nbexchange.db import translate_errors, write_transaction
-from nbexchange.errors import NotFound, Unavailable, UnsafeArchive, UnsupportedMedia
+from nbexchange.errors import BlobCorrupt, NotFound, Unavailable, UnsafeArchive, UnsupportedMedia
 from nbexchange.events.domain import SYSTEM_ACTOR, ArchiveRejected, ArchiveUnpacked, DomainEvent, StudentEvent
 from nbexchange.events.store import Appended, AppendRequest, EventStore, RecordedEvent
 from nbexchange.projections import catch_up_all
 from nbexchange.projections.base import checkpoint, lock_checkpoint, move_checkpoint
 from nbexchange.projections.blobs import BlobsProjection, owned
-from nbexchange.storage import ArchiveStore
-from nbexchange.workers.archives import ArchiveLimits, unpack_archive
+from nbexchange.storage import ArchiveStore, HashingReader
+from nbexchange.workers.archives import ArchiveLimits, inspect_archive
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def outcome_key(position: int) -> str:
 
 
 def check_archive(ctx: WorkerContext, position: int) -> RecordedEvent | None:
-    """Check and unpack the archive named by the event at ``position``; record the outcome once.
+    """Check the archive named by the event at ``position``, reading it once; record the outcome once.
 
     Idempotent: a second run finds the outcome by its idempotency key and
     changes nothing. Returns the outcome event, or ``None`` if the event names
@@ -93,11 +93,15 @@ def check_archive(ctx: WorkerContext, position: int) -> RecordedEvent | None:
     }
     outcome: DomainEvent
     try:
-        report = unpack_archive(ctx.archives.path(sha), ctx.archives.extracted_path(sha), ctx.limits)
+        with ctx.archives.open(sha) as stored:
+            reading = HashingReader(stored)
+            report = inspect_archive(reading, ctx.limits)
+            if reading.hexdigest() != sha:
+                raise BlobCorrupt(sha)
         outcome = ArchiveUnpacked(
             **source, members=report.members, total_size=report.total_size, notebooks=report.notebooks
         )
-    except (UnsafeArchive, UnsupportedMedia, NotFound) as e:
+    except (UnsafeArchive, UnsupportedMedia, NotFound, BlobCorrupt) as e:
         log.warning("Archive %s of event %d rejected: %s", sha, position, e.note)
         outcome = ArchiveRejected(**source, reason=e.note)
     appended = ctx.appender.append(AppendRequest(outcome, SYSTEM_ACTOR, idempotency_key=outcome_key(position)))
