@@ -281,6 +281,20 @@ def replace_blob(archives: ArchiveStore, sha256: str, data: bytes | None) -> Non
         archives.client.put_object(Bucket=archives.bucket, Key=key, Body=data)
 
 
+def verify(service: Service) -> dict[str, Any]:
+    """``nbexchange verify`` on the service's database and store: its report."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nbexchange", "verify", *service.flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    report: dict[str, Any] = json.loads(done.stdout)
+    assert (done.returncode == 0) == report["ok"], done.stderr
+    return report
+
+
 def collect(service: Service, grace: float = 0) -> dict[str, Any]:
     """Run ``nbexchange collect`` on the service's database and store (grace 0: nothing is young); its report."""
     done = subprocess.run(

@@ -8,23 +8,19 @@ at a setting of its own.
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 import pytest
 import requests
 from builders import make_archive
 from httpclient import COURSE, course_events, get, headers, ok, refused, release, submit, until
-from service import REDIS_URL, Service, collect, service_archives
+from service import REDIS_URL, Service, collect, service_archives, verify
 
 from nbexchange.clock import format_timestamp
 
@@ -36,16 +32,6 @@ STUDENTS = [name for name in USERS if name != "ada"]
 def no_worker(exchange_service: Callable[..., Service]) -> Service:
     """The production topology (a real Redis broker, a queue of its own) with no worker process running."""
     return exchange_service(USERS, broker_url=REDIS_URL, workers=0)
-
-
-def verify(svc: Service) -> dict[str, Any]:
-    """``nbexchange verify`` on the service's database and store: its report."""
-    done = subprocess.run(
-        [sys.executable, "-m", "nbexchange", "verify", *svc.flags], capture_output=True, text=True, timeout=120
-    )
-    report: dict[str, Any] = json.loads(done.stdout)
-    assert (done.returncode == 0) == report["ok"], done.stderr
-    return report
 
 
 def unrelease(svc: Service, assignment: str, purge: bool = False, key: str | None = None) -> requests.Response:
