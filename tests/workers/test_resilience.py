@@ -505,6 +505,63 @@ def test_check_archive_records_one_outcome_however_often_it_runs(ctx: Context) -
     assert ctx.store.head() == head
 
 
+class CountingAppender:
+    """The store as appender, counting the batches it commits."""
+
+    def __init__(self, store: SQLEventStore) -> None:
+        self.store = store
+        self.batches: list[int] = []
+
+    def append(self, request: AppendRequest) -> Any:
+        return self.append_batch([request])[0]
+
+    def append_batch(self, requests: Any) -> Any:
+        self.batches.append(len(requests))
+        return self.store.append_batch(requests)
+
+
+def test_a_message_of_checks_reads_and_commits_once_and_skips_what_is_done(ctx: Context) -> None:
+    released = append_release(ctx)
+    submitted = [append_submission(ctx, f"s{i}", f"work {i}".encode()) for i in range(6)]
+    tasks.check_archive(ctx, submitted[2].position)  # one of them checked already (a redelivered message)
+    ctx.appender = counting = CountingAppender(ctx.store)  # type: ignore[assignment]
+    statements: list[str] = []
+    sa.event.listen(ctx.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+
+    positions = [released.position, *(s.position for s in submitted)]
+    outcomes = tasks.check_archives(ctx, positions)
+
+    assert sorted(outcomes) == positions
+    assert counting.batches == [6]  # the five unchecked submissions and the release, in one commit
+    reads = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
+    # The events, the outcomes done; then the append's own: PostgreSQL's lock, the head, the versions, the keys.
+    assert len(reads) <= 2 + 4, reads  # however many archives the message names
+    assert all(len(outcomes_of(ctx, p)) == 1 for p in positions)
+    assert tasks.check_archives(ctx, positions) == outcomes  # again: nothing new
+    assert counting.batches == [6, 0]
+
+
+def test_a_failure_in_a_message_of_checks_keeps_the_outcomes_decided_before_it(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    submitted = [append_submission(ctx, f"s{i}", f"work {i}".encode()) for i in range(4)]
+    broken = submitted[2].payload["archive_sha256"]
+    real_open = ctx.archives.open
+
+    def failing_disk(sha256: str) -> Any:
+        if sha256 == broken:
+            raise OSError(5, "Input/output error")
+        return real_open(sha256)
+
+    monkeypatch.setattr(ctx.archives, "open", failing_disk)
+    with pytest.raises(OSError):
+        tasks.check_archives(ctx, [s.position for s in submitted])
+    assert [len(outcomes_of(ctx, s.position)) for s in submitted] == [1, 1, 0, 0]
+    monkeypatch.setattr(ctx.archives, "open", real_open)
+    assert sorted(tasks.check_archives(ctx, [s.position for s in submitted])) == [s.position for s in submitted]
+    assert [len(outcomes_of(ctx, s.position)) for s in submitted] == [1, 1, 1, 1]
+
+
 def test_sweep_leaves_young_events_to_their_messages_and_comes_back_for_them(ctx: Context) -> None:
     submitted = append_submission(ctx, "s1", b"young")
     ctx.sweep_grace = 3600
