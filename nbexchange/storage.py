@@ -231,7 +231,6 @@ class LocalArchiveStore(ArchiveStore):
         else:
             path.unlink(missing_ok=True)
 
-
     def _keep(self, temp: Path, sha256: str) -> None:
         dest = self._archive_path(sha256)
         make_dirs(dest.parent)
