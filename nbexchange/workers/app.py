@@ -33,8 +33,11 @@ CHECK_RETRY_MAX = 5
 HOLD_POLL = 0.05
 #: While the process receives uploads, catch-up starts at most this often (seconds).
 BUSY_CATCH_UP_INTERVAL = 0.2
-#: How often (seconds) a worker process's projector looks whether the log moved.
+#: How often (seconds) a worker process's projector looks whether the log moved, while it does.
 FOLLOW_POLL = 0.1
+#: The longest a worker process's projector waits between looks once the log stands still (seconds):
+#: each look that finds nothing new doubles the wait up to this, and one that does returns it to FOLLOW_POLL.
+FOLLOW_POLL_IDLE = 1.0
 CATCH_UP = "nbexchange.catch_up"
 SWEEP = "nbexchange.sweep"
 
@@ -253,6 +256,9 @@ class Projector:
     worker process it follows the log on its own, every ``poll`` seconds (a
     look at the head and the checkpoints; a write transaction only when the
     log moved), so catch-up never waits in the queue behind archive checks.
+    Once the log stands still it looks less and less often, up to every
+    ``FOLLOW_POLL_IDLE`` seconds (an idle worker costs the database almost
+    nothing); its own process's commits still wake it at once.
     """
 
     def __init__(self, ctx: WorkerContext, poll: float | None = None) -> None:
@@ -279,15 +285,21 @@ class Projector:
             "Catch-up works again",
             logging.ERROR,
         )
+        wait = self.poll
+        seen: dict[str, int] | None = None
         while True:
-            self._wake.wait(self.poll)
+            woken = self._wake.wait(wait)
             self._wake.clear()
             try:
-                tasks.catch_up(self.ctx)
+                marks = tasks.catch_up(self.ctx)
             except Exception as e:
                 outage.failed(e)
             else:
                 outage.worked()
+                if self.poll is not None:
+                    moved = woken or marks != seen
+                    wait = self.poll if moved else min(2 * (wait or self.poll), max(self.poll, FOLLOW_POLL_IDLE))
+                seen = marks
             if self._stopping:
                 return
 

@@ -35,7 +35,7 @@ from nbexchange.projections import NAMES, checkpoints
 from nbexchange.projections.collections import list_submissions
 from nbexchange.storage import ArchiveStore, StoredArchive
 from nbexchange.workers import tasks
-from nbexchange.workers.app import Projector, Sweeper
+from nbexchange.workers.app import FOLLOW_POLL_IDLE, Projector, Sweeper
 from nbexchange.workers.archives import ArchiveLimits
 
 #: The multi-process tests run on PostgreSQL whatever NBEX_TEST_DB_URL says (SQLite is not the production topology).
@@ -617,6 +617,34 @@ def test_a_worker_projector_follows_the_log_without_being_told(ctx: Context) -> 
                 5,
                 "the projector never caught up with the log",
             )
+    finally:
+        projector.stop()
+
+
+def test_an_idle_worker_projector_looks_less_often_and_still_follows_within_its_longest_wait(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks: list[float] = []
+    real = tasks.catch_up
+
+    def counted(c: Any) -> dict[str, int]:
+        looks.append(time.monotonic())
+        return real(c)
+
+    monkeypatch.setattr(tasks, "catch_up", counted)
+    projector = Projector(ctx, poll=0.1)
+    try:
+        time.sleep(3.0)
+        idle = len(looks)
+        # 0.1 s polls would be 30 looks; backing off (0.1, 0.2, 0.4, 0.8, then 1 s) makes about 7.
+        assert idle <= 10, looks
+        submitted = append_release(ctx)
+        appended = time.monotonic()
+        until(lambda: min(checkpoints(ctx.engine).get(n, 0) for n in NAMES) >= submitted.position, 5, "never caught up")
+        assert time.monotonic() - appended <= FOLLOW_POLL_IDLE + 0.5
+        # The log moved: it looks often again.
+        time.sleep(0.8)
+        assert len([t for t in looks if t > appended]) >= 3, looks  # found it, then 0.1 and 0.2 s later
     finally:
         projector.stop()
 
