@@ -126,6 +126,9 @@ class _Checker:
             if is_dir:
                 return name  # "./": the archive's own top folder
             raise UnsafeArchive(f"Member {raw!r} is a file with no name.")
+        if not is_dir and raw.rsplit("/", 1)[-1] in ("", "."):
+            # Unpackers disagree on such a file: tarfile makes a folder of it and fails to write it.
+            raise UnsafeArchive(f"Member {raw!r} is a file whose name ends like a folder's ('/' or '/.').")
         self._check_place(raw, name, is_dir)
         if not is_dir:
             self.files.append(name)

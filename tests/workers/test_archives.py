@@ -179,6 +179,8 @@ UNSAFE: dict[str, tuple[list[Member], str]] = {
     "NUL in name": ([entry("n" * 120 + "\x00.ipynb", b"x")], "\\x00.ipynb'"),
     "name too long": ([entry("x" * 300, b"x")], "'" + "x" * 300 + "'"),
     "file with no name": ([entry("./", b"x")], "'./'"),
+    "file named like a folder": ([entry("ps1/", b"x")], "'ps1/'"),
+    "file named like a folder's dot": ([entry("0/.", b"x")], "'0/.'"),
 }
 
 
@@ -186,7 +188,7 @@ UNSAFE: dict[str, tuple[list[Member], str]] = {
     "Archives",
     "members that are absolute, hold '..', are symlinks, hard links, devices, FIFOs, contiguous files, "
     "duplicates (also after './'), a file over or under a folder, names with control characters or NUL, "
-    "names too long, files with no name",
+    "names too long, files with no name, files named like folders ('ps1/', '0/.')",
     "422 naming the member; nothing written",
 )
 @pytest.mark.parametrize("case", sorted(UNSAFE))
