@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import yaml
 from kombu import Connection
 
-from nbexchange.workers.app import is_rabbitmq
+from nbexchange.workers.app import QUEUE, is_rabbitmq
 
 BASE_URL = "/services/nbexchange/"
 
@@ -119,9 +119,9 @@ class Service:
 
     @property
     def queue(self) -> str:
-        """The name of the service's queue (``queue_name``)."""
-        (name,) = [flag.split("=", 1)[1] for flag in self.flags if flag.startswith("--NbExchange.queue_name=")]
-        return name
+        """The name of the service's queue (``queue_name``, or its default)."""
+        names = [flag.split("=", 1)[1] for flag in self.flags if flag.startswith("--NbExchange.queue_name=")]
+        return names[-1] if names else QUEUE
 
     def stop(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL), then delete its queue from a RabbitMQ broker."""
