@@ -130,8 +130,7 @@ def make_celery(
 
     @app.task(name=CHECK_ARCHIVES, **retry_on_outage)  # type: ignore[untyped-decorator]
     def check_archives(positions: list[int]) -> None:
-        for position in positions:
-            tasks.check_archive(ctx, position)
+        tasks.check_archives(ctx, positions)
 
     @app.task(name=CATCH_UP)  # type: ignore[untyped-decorator]
     def catch_up() -> None:
