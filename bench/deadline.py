@@ -4,6 +4,7 @@ Usage (see ``bench/README.md``, section "Deadline night")::
 
     python bench/deadline.py                                  # N=2000, S=1 MB, C=64: baseline, embedded, production
     python bench/deadline.py --students 500 --size 256KB --modes embedded
+    python bench/deadline.py --students 1000 --size 256KB --modes production,production-amqp   # Redis vs RabbitMQ
     python bench/deadline.py --scenario bigupload             # 2 GB upload: server RSS; oversized one: 413 unread
     python bench/deadline.py --scenario list                  # 10,000 submissions listed: collections latency
     python bench/deadline.py --students 10000 --until-idle --pin --profile cpu --plot bench/images/burst.png
@@ -11,7 +12,8 @@ Usage (see ``bench/README.md``, section "Deadline night")::
                                                               # the same burst, archives on disk vs in S3 (moto)
 
 Not part of the test suite. Each mode starts its own servers in a fresh
-folder (and, in production mode, a fresh PostgreSQL schema and Redis queue),
+folder (and, in production modes, a fresh PostgreSQL schema and a queue on
+Redis, or on RabbitMQ in ``production-amqp``),
 runs the load generator (``bench/loadgen.py``) as its own process, reads the
 servers' /proc, stops everything it started, and prints a Markdown table.
 Raw results go to ``bench/results/`` (git-ignored). Only 127.0.0.1 is used.
@@ -84,9 +86,12 @@ from stages import breakdown
 COURSE, ASSIGNMENT = "phys101", "ps1"
 PG_URL = os.environ.get("NBEX_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("NBEX_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("NBEX_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+#: The production modes, and the broker each runs on.
+BROKERS = {"production": REDIS_URL, "production-amqp": AMQP_URL}
 RESULTS = BENCH / "results"
-#: PostgreSQL's and Redis's processes: shared with whoever else uses them on this machine.
-SHARED = "postgres+redis (shared)"
+#: PostgreSQL's and the brokers' processes: shared with whoever else uses them on this machine.
+SHARED = "postgres+broker (shared)"
 #: Every core's busy time, whoever used it.
 MACHINE = "machine (all processes)"
 #: Production mode's check_defer_max (the embedded default is the same, 20 s: nbexchange/app.py).
@@ -106,7 +111,11 @@ def size_arg(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--scenario", choices=("deadline", "bigupload", "list"), default="deadline")
-    p.add_argument("--modes", default="embedded,production", help="embedded, production (comma-separated)")
+    p.add_argument(
+        "--modes",
+        default="embedded,production",
+        help="embedded, production (Redis), production-amqp (RabbitMQ); comma-separated",
+    )
     p.add_argument(
         "--blob-stores",
         default="local",
@@ -174,7 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.fsync_delay and args.profile:
         p.error("--profile and --fsync-delay cannot be combined: py-spy cannot attach to a process strace traces")
     for mode in args.modes:
-        if mode not in ("embedded", "production"):
+        if mode != "embedded" and mode not in BROKERS:
             p.error(f"unknown mode {mode!r}")
     if args.plot and not args.until_idle:
         p.error("--plot needs --until-idle (the timeline is made there)")
@@ -348,7 +357,8 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
         _sql(f"CREATE SCHEMA {schema}")
         servers.cleanup.append(lambda: _sql(f"DROP SCHEMA {schema} CASCADE"))
         queue = f"nbx-bench-{uuid.uuid4().hex[:8]}"
-        servers.cleanup.append(lambda: _forget_queue(queue))
+        broker = BROKERS[mode]
+        servers.cleanup.append(lambda: _forget_queue(broker, queue))
         # The application_name tells our PostgreSQL backends from everyone else's (CPU by process).
         servers.app_name = queue
         servers.db_url = f"{PG_URL}?options=-csearch_path%3D{schema}"
@@ -356,7 +366,7 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
             # The workers share this machine's cores with the APIs, as in docker-compose.yml.
             f"--NbExchange.check_defer_max={CHECK_DEFER_MAX}",
             f"--NbExchange.db_url={servers.db_url}&application_name={queue}",
-            f"--NbExchange.broker_url={REDIS_URL}",
+            f"--NbExchange.broker_url={broker}",
             f"--NbExchange.queue_name={queue}",
         ]
         for i in range(args.api_processes):
@@ -410,10 +420,17 @@ def _sql(statement: str) -> None:
         engine.dispose()
 
 
-def _forget_queue(queue: str) -> None:
+def _forget_queue(broker: str, queue: str) -> None:
+    if broker.startswith("amqp"):
+        from kombu import Connection
+
+        with Connection(broker) as conn:
+            conn.default_channel.queue_delete(queue)
+            conn.default_channel.exchange_delete(queue)
+        return
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(broker)
     keys = [k for k in client.scan_iter(match=f"*{queue}*", count=1000)]
     if keys:
         client.delete(*keys)
@@ -560,8 +577,9 @@ class LoadGen:
                 out[role] = sample(pid).__dict__
             except OSError:
                 out[role] = None
-        if self.servers and self.servers.name == "production":
-            out[SHARED] = {"per_pid": cpu_by_pid(pids_named("postgres") + pids_named("redis-server"))}
+        if self.servers and self.servers.name in BROKERS:
+            shared = pids_named("postgres") + pids_named("redis-server") + pids_named("beam.smp")
+            out[SHARED] = {"per_pid": cpu_by_pid(shared)}
         out[MACHINE] = {"cpu_seconds": machine_busy_seconds()}
         return out
 
@@ -990,7 +1008,7 @@ def deadline_table(summaries: list[dict[str, Any]]) -> str:
             lines.append(f"| {s['mode']} | {role} | {mb} | {cores} |")
         for role in (SHARED, "everyone else"):
             cores = s["cpu_accept_phase"].get(role, {}).get("cores")
-            if cores is not None and (role != SHARED or s["mode"] == "production"):
+            if cores is not None and (role != SHARED or s["mode"] in BROKERS):
                 lines.append(f"| {s['mode']} | {role} | – | {cores} |")
     return "\n".join(lines)
 

@@ -218,8 +218,9 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
 
     broker_url = Unicode(
         config=True,
-        help="Celery broker URL, e.g. redis://host:6379/0 (env NBEX_BROKER_URL). Empty: the embedded "
-        "in-process broker, with a worker thread inside the API process.",
+        help="Celery broker URL (env NBEX_BROKER_URL): Redis, e.g. redis://host:6379/0, or RabbitMQ, e.g. "
+        "amqp://user:password@host:5672/vhost. Empty: the embedded in-process broker, with a worker thread "
+        "inside the API process.",
     )
 
     @default("broker_url")
@@ -227,7 +228,24 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         return os.environ.get("NBEX_BROKER_URL", "")
 
     queue_name = Unicode(
-        "nbexchange", config=True, help="The Celery queue of this exchange (several exchanges can share one Redis)."
+        "nbexchange",
+        config=True,
+        help="The Celery queue of this exchange (several exchanges can share one Redis or RabbitMQ vhost).",
+    )
+    queue_type = Enum(
+        ["quorum", "classic"],
+        "quorum",
+        config=True,
+        help="RabbitMQ only: the type of the queue. quorum: replicated across the cluster's nodes and on disk "
+        "before the broker confirms a message; classic: one node's queue. RabbitMQ refuses to declare an "
+        "existing queue as another type: change queue_name (or delete the queue) when changing it.",
+    )
+    publish_confirm_timeout = Float(
+        5.0,
+        config=True,
+        help="RabbitMQ only: seconds a message sent to the workers waits for the broker's confirm that it has it "
+        "(publisher confirms). A message refused or not confirmed in time counts as not sent: the sweep does its "
+        "work. 0: send without confirms.",
     )
     worker_concurrency = Int(2, config=True, help="Tasks a worker (thread or process) runs at once.")
     sweep_interval = Float(

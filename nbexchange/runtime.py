@@ -52,7 +52,13 @@ class Runtime:
         self.collect_interval = settings.collect_interval
         self._next_collection = time.monotonic()
         self.broker_url = settings.broker_url
-        self.celery = make_celery(self, settings.broker_url, settings.queue_name)
+        self.celery = make_celery(
+            self,
+            settings.broker_url,
+            settings.queue_name,
+            queue_type=settings.queue_type,
+            confirm_timeout=settings.publish_confirm_timeout,
+        )
         # When bytes of an upload last arrived at this process, kept by the
         # API's upload handlers on the event loop. A worker process never
         # receives any.
@@ -73,6 +79,7 @@ class Runtime:
             hold_checks=self.receiving_uploads if hold > 0 else None,
             hold_max=hold,
             catch_up=self.projector.wake if self.projector else None,
+            confirm_timeout=settings.publish_confirm_timeout or None,
         )
         self.committer = GroupCommitter(self.store, on_commit=self._on_commit, max_batch=settings.group_commit_max)
         # Appends go through the group committer in API and worker processes alike.

@@ -1,4 +1,4 @@
-"""Redis and PostgreSQL servers of a test's own, on free ports, for tests that stop and start them."""
+"""Redis, RabbitMQ and PostgreSQL servers of a test's own, on free ports, for tests that stop and start them."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from kombu import Connection
 from service import free_port
 
 
@@ -63,6 +65,126 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.proc = None
+
+
+def amqp_answers(url: str) -> bool:
+    """Whether an AMQP broker at ``url`` accepts a connection (and its login)."""
+    try:
+        with Connection(url, connect_timeout=1) as conn:
+            conn.ensure_connection(max_retries=1, timeout=1)
+        return True
+    except Exception:
+        return False
+
+
+#: Where Debian (and RabbitMQ's own packages) keep the server's scripts, which run as the calling user.
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+def rabbitmq_script(name: str) -> str | None:
+    """The path of ``rabbitmq-server`` or ``rabbitmqctl`` to run as this user, or ``None`` if not installed.
+
+    Debian's ``/usr/sbin`` wrappers switch root to the ``rabbitmq`` user (its
+    home, its Erlang cookie): the scripts behind them run a node as whoever
+    calls them, with the settings of the environment.
+    """
+    direct = RABBITMQ_BIN / name
+    return str(direct) if direct.is_file() else shutil.which(name)
+
+
+class RabbitMQServer:
+    """A RabbitMQ node of the test's own, on free ports, that can be killed, stopped and started again.
+
+    Its name, ports, data, logs, configuration and Erlang cookie are all its
+    own (in a folder of its own); only epmd, Erlang's port mapper, is shared
+    with the machine's nodes, each known there by its name. Its data (the
+    queues, their messages) outlives a restart, as a real broker's does.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.node = f"nbx-{uuid.uuid4().hex[:10]}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        self.proc: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
+        (folder / "rabbitmq-env.conf").write_text("")
+        (folder / "enabled_plugins").write_text("[].\n")
+
+    def _env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "HOME": str(self.folder),  # the Erlang cookie: this node's and its rabbitmqctl's alone
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.folder / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.folder / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.folder / "rabbitmq.pid"),
+        }
+
+    def start(self) -> None:
+        """Start it (with the data it had, if any) and wait until it accepts AMQP connections."""
+        server = rabbitmq_script("rabbitmq-server")
+        assert server is not None
+        log = open(self.folder / "rabbitmq.out", "ab")  # noqa: SIM115 - handed to the child for its lifetime
+        self.proc = subprocess.Popen(
+            [server], cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
+        )
+        log.close()
+
+        def answers() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited with {self.proc.returncode}:\n{self.log_text()}")
+            return amqp_answers(self.url)
+
+        _wait(answers, 60, f"RabbitMQ node {self.node} did not answer on port {self.port}:\n{self.log_text()}")
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run ``rabbitmqctl -n <this node> args``."""
+        ctl = rabbitmq_script("rabbitmqctl")
+        assert ctl is not None
+        return subprocess.run(
+            [ctl, "-n", self.node, *args], env=self._env(), capture_output=True, text=True, timeout=timeout
+        )
+
+    def stop(self) -> None:
+        """Stop it as an operator does (``rabbitmqctl stop``): connections are closed, data kept."""
+        if self.proc is not None and self.proc.poll() is None:
+            done = self.ctl("stop")
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"rabbitmqctl stop did not stop {self.node}: {done.stdout}{done.stderr}") from None
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the node (a crash, a power cut): what it had confirmed is on disk, the rest is lost."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log_text(self) -> str:
+        """What the node logged."""
+        paths = [self.folder / "rabbitmq.out", *sorted((self.folder / "log").glob("*.log"))]
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in paths if p.exists())
+
+    def remove(self) -> None:
+        """Stop it (SIGKILL if rabbitmqctl cannot) and delete its data."""
+        try:
+            self.stop()
+        finally:
+            self.kill()
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class PostgresServer:

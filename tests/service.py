@@ -18,6 +18,9 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 import yaml
+from kombu import Connection
+
+from nbexchange.workers.app import QUEUE, is_rabbitmq
 
 from nbexchange.app import NbExchange
 from nbexchange.storage import ArchiveStore, LocalArchiveStore, open_archive_store
@@ -120,14 +123,40 @@ class Service:
         self.logs.append(log)
         return proc
 
+    @property
+    def queue(self) -> str:
+        """The name of the service's queue (``queue_name``, or its default)."""
+        names = [flag.split("=", 1)[1] for flag in self.flags if flag.startswith("--NbExchange.queue_name=")]
+        return names[-1] if names else QUEUE
+
     def stop(self) -> None:
-        """Stop every process (SIGTERM, then SIGKILL)."""
+        """Stop every process (SIGTERM, then SIGKILL), then delete its queue from a RabbitMQ broker."""
         stop_processes(self.procs)
         self.procs.clear()
+        drop_queue(self.broker_url, self.queue)
 
     def log_text(self) -> str:
         """Everything the processes logged, for a failing test's report."""
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+
+def drop_queue(broker_url: str, queue: str) -> None:
+    """Delete a test's queue (and its exchange) from a RabbitMQ broker, where it would stay, durable.
+
+    A test's queue in Redis is a key that its last message took away; one
+    in RabbitMQ is a quorum queue (a Raft log on disk), one per test, which
+    would pile up in the shared broker. A broker that is gone (a test's own,
+    stopped) has nothing to delete.
+    """
+    if not is_rabbitmq(broker_url):
+        return
+    try:
+        with Connection(broker_url, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+            conn.default_channel.queue_delete(queue)
+            conn.default_channel.exchange_delete(queue)
+    except Exception:
+        pass  # gone with its broker
 
 
 def clean_env() -> dict[str, str]:

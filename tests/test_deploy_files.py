@@ -15,11 +15,12 @@ import pytest
 import yaml
 
 from nbexchange.app import COMMANDS, NbExchange
+from nbexchange.workers.app import is_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
-#: The services that run this project's image (the others are PostgreSQL and Redis).
+#: The services that run this project's image (the others are PostgreSQL and the brokers).
 OURS = {name: svc for name, svc in SERVICES.items() if svc.get("build") == "."}
 
 
@@ -47,10 +48,14 @@ def environment_variables_read_by_the_code() -> set[str]:
     return names
 
 
-def interpolated(value: str) -> str:
-    """A compose value with ``${VAR...}`` replaced as compose would, given VAR=secret (``${VAR:-default}``: unset)."""
-    value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
-    return re.sub(r"\$\{[A-Z_]+[^}]*\}", "secret", value)
+def interpolated(value: str, **given: str) -> str:
+    """A compose value with ``${VAR...}`` replaced as compose would: ``given[VAR]``, else its default, else secret."""
+
+    def value_of(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        return given.get(name) or (default if default is not None else "secret")
+
+    return re.sub(r"\$\{([A-Z_]+)(?::-([^}]*)|[^}]*)\}", value_of, value)
 
 
 def mount_target(service: dict[str, Any], source: str) -> str:
@@ -71,7 +76,7 @@ def help_all() -> str:
 
 
 def test_compose_describes_the_production_topology():
-    assert {"postgres", "redis", "migrate", "api", "worker"} <= set(SERVICES)
+    assert {"postgres", "redis", "rabbitmq", "migrate", "api", "worker"} <= set(SERVICES)
     assert set(OURS) == {"migrate", "api", "worker"}
     assert SERVICES["api"]["deploy"]["replicas"] == 2
     assert SERVICES["worker"]["deploy"]["replicas"] == 2
@@ -86,10 +91,16 @@ def test_compose_describes_the_production_topology():
     assert "store" in COMPOSE["volumes"]
 
 
+#: The broker URL its header comment gives for the RabbitMQ option, as the shell expands it.
+RABBITMQ_BROKER_URL = "amqp://nbexchange:secret@rabbitmq:5672/nbexchange"
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 @pytest.mark.parametrize("name", sorted(OURS))
-def test_compose_environment_names_settings_that_exist(name, monkeypatch):
+def test_compose_environment_names_settings_that_exist(name, broker, monkeypatch):
     service = OURS[name]
-    env = {key: interpolated(str(value)) for key, value in service["environment"].items()}
+    given = {"NBEX_BROKER_URL": RABBITMQ_BROKER_URL} if broker == "rabbitmq" else {}
+    env = {key: interpolated(str(value), **given) for key, value in service["environment"].items()}
     assert set(env) - AWS_SDK_VARIABLES <= environment_variables_read_by_the_code(), "a variable nothing reads"
     assert {"NBEX_DB_URL", "NBEX_BROKER_URL", "NBEX_USERS_FILE", "NBEX_BASE_STORE"} <= set(env)
     for key, value in env.items():
@@ -113,7 +124,34 @@ def test_compose_environment_names_settings_that_exist(name, monkeypatch):
         NbExchange.clear_instance()
     host = re.search(r"@([^:/]+):", env["NBEX_DB_URL"])
     assert host and host.group(1) in SERVICES
-    assert env["NBEX_BROKER_URL"].split("//")[1].split(":")[0] in SERVICES
+    assert env["NBEX_BROKER_URL"].split("@")[-1].split("//")[-1].split(":")[0] == broker
+    assert is_rabbitmq(env["NBEX_BROKER_URL"]) == (broker == "rabbitmq")
+
+
+def test_compose_rabbitmq_is_an_option_that_keeps_its_queue():
+    rabbitmq = SERVICES["rabbitmq"]
+    assert rabbitmq["profiles"] == ["rabbitmq"], "RabbitMQ runs only when asked for"
+    assert rabbitmq["image"].startswith("rabbitmq:")
+    # The URL in the header comment is the one these settings make: user, vhost, host and port.
+    header = (ROOT / "docker-compose.yml").read_text().split("\nname:")[0]
+    assert "NBEX_BROKER_URL=amqp://nbexchange:$RABBITMQ_PASSWORD@rabbitmq:5672/nbexchange" in header
+    assert "--profile rabbitmq" in header
+    env = rabbitmq["environment"]
+    assert (env["RABBITMQ_DEFAULT_USER"], env["RABBITMQ_DEFAULT_VHOST"]) == ("nbexchange", "nbexchange")
+    assert interpolated(env["RABBITMQ_DEFAULT_PASS"], RABBITMQ_PASSWORD="pw") == "pw"
+    # Without a password it refuses to start, rather than take the image's default one.
+    script = rabbitmq["entrypoint"][2].replace("$$", "$")
+    assert rabbitmq["entrypoint"][:2] == ["sh", "-c"] and 'test -n "$RABBITMQ_DEFAULT_PASS"' in script
+    assert script.endswith('exec docker-entrypoint.sh "$@"') and rabbitmq["command"] == ["rabbitmq-server"]
+    # Quorum queues are on disk: in a volume, under a node name that does not change with the container.
+    assert rabbitmq["hostname"] == "rabbitmq"
+    assert mount_target(rabbitmq, "rabbitmqdata") == "/var/lib/rabbitmq" and "rabbitmqdata" in COMPOSE["volumes"]
+    assert rabbitmq["healthcheck"]["test"][:2] == ["CMD", "rabbitmq-diagnostics"]
+    for name in OURS:
+        needs = SERVICES[name]["depends_on"]
+        if name != "migrate":  # it needs only PostgreSQL
+            for broker in ("redis", "rabbitmq"):
+                assert needs[broker] == {"condition": "service_healthy", "required": False}
 
 
 def command_lines() -> dict[str, list[str]]:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
+from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
 from nbexchange.errors import Unavailable
@@ -43,6 +44,8 @@ SWEEP = "nbexchange.sweep"
 
 #: The queue the exchange's tasks travel on, unless ``queue_name`` says otherwise.
 QUEUE = "nbexchange"
+#: Seconds a message sent to RabbitMQ waits for the broker's confirm, unless ``publish_confirm_timeout`` says otherwise.
+PUBLISH_CONFIRM_TIMEOUT = 5.0
 
 
 def shown_url(url: str) -> str:
@@ -53,12 +56,31 @@ def shown_url(url: str) -> str:
         return "(a broker URL that cannot be parsed, not shown)"
 
 
-def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Celery:
+def is_rabbitmq(broker_url: str) -> bool:
+    """Whether ``broker_url`` (or the first URL of a ``;`` failover list) names an AMQP broker: RabbitMQ."""
+    return bool(broker_url) and Connection(broker_url.split(";")[0]).transport.driver_type == "amqp"
+
+
+def make_celery(
+    ctx: WorkerContext,
+    broker_url: str,
+    queue: str = QUEUE,
+    *,
+    queue_type: str = "quorum",
+    confirm_timeout: float = PUBLISH_CONFIRM_TIMEOUT,
+) -> Celery:
     """A Celery app whose tasks run against ``ctx``.
 
     Tasks carry positions, never file contents; they are acknowledged only
     after they ran (``acks_late``), and a task whose worker died is delivered
     again. Nothing waits on results, so none are stored.
+
+    On RabbitMQ (an ``amqp://`` broker) the queue is of ``queue_type``
+    (``quorum``: durable, on disk before the broker confirms it), and each
+    message is sent with publisher confirms: the send returns once the broker
+    has the message, and fails (the sweep then does its work) if the broker
+    refuses it or says nothing within ``confirm_timeout`` seconds (0: no
+    confirms).
     """
     app = Celery("nbexchange", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
     app.conf.update(
@@ -78,6 +100,16 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
         },
         task_default_queue=queue,
     )
+    if is_rabbitmq(broker_url):
+        app.conf.update(
+            task_default_queue_type=queue_type,
+            # A quorum queue has no global QoS: Celery then sets each consumer's prefetch instead.
+            worker_detect_quorum_queues=True,
+            # With quorum queues, a retry's delay is spent in the broker (Celery's native delayed
+            # delivery, through topic exchanges), not in a worker's memory holding the message.
+            task_default_exchange_type="topic",
+            broker_transport_options={"confirm_publish": confirm_timeout > 0},
+        )
 
     # With a broker, a check the database could not serve (down, restarting,
     # failing over) goes back to the queue and is tried again, sooner at
@@ -114,6 +146,19 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
     return app
 
 
+def described(error: BaseException) -> str:
+    """An error in a few words: its message or, where it has none, its type and its cause's.
+
+    py-amqp's ``MessageNacked`` (the broker refused a message), wrapped by
+    kombu in an ``OperationalError``, says nothing but its type.
+    """
+    text = str(error)
+    if text:
+        return text
+    cause = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {described(cause)}" if cause else type(error).__name__
+
+
 class OutageLog:
     """Logs an outage once when it begins (with its traceback) and once when it ends, however often it is met.
 
@@ -131,7 +176,7 @@ class OutageLog:
     def failed(self, error: BaseException) -> None:
         """A try failed; logged if it is the outage's first."""
         if not self.down:
-            log.log(self.level, self.began, error, exc_info=error)
+            log.log(self.level, self.began, described(error), exc_info=error)
         self.down = True
 
     def worked(self) -> None:
@@ -158,7 +203,9 @@ class Dispatcher:
     ``catch_up_interval`` seconds: a burst's commits are applied a few dozen
     at a time, not with a pass (a transaction, the checkpoints' reads) each.
     A held message lost with the process is a lost message like any other:
-    the sweep does its work.
+    the sweep does its work. So is one the broker refuses, or (on RabbitMQ,
+    with publisher confirms) does not confirm within ``confirm_timeout``
+    seconds.
     """
 
     def __init__(
@@ -169,15 +216,17 @@ class Dispatcher:
         hold_max: float = 20.0,
         catch_up: Callable[[], None] | None = None,
         catch_up_interval: float = BUSY_CATCH_UP_INTERVAL,
+        confirm_timeout: float | None = None,
     ) -> None:
         self.app = app
+        self.confirm_timeout = confirm_timeout
         self.hold_checks = hold_checks
         self.hold_max = hold_max
         self.catch_up = catch_up
         self.catch_up_interval = catch_up_interval
         self._outage = OutageLog(
-            "Could not reach the broker (%s); until it answers, the sweep picks up what is committed",
-            "The broker answers again",
+            "Could not send to the broker (%s); until it takes messages again, the sweep picks up what is committed",
+            "The broker takes messages again",
         )
         self._queue: queue.Queue[Sequence[RecordedEvent] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="nbexchange-dispatcher", daemon=True)
@@ -198,6 +247,7 @@ class Dispatcher:
             args=args,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
+            confirm_timeout=self.confirm_timeout,
         )
 
     def _due(

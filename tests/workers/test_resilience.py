@@ -1,4 +1,4 @@
-"""A lost message, a restarted Redis or a killed worker delays the exchange's work, never loses it."""
+"""A lost message, a restarted broker or a killed worker delays the exchange's work, never loses it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import service as service_module
 import sqlalchemy as sa
 from builders import make_archive, student
 from httpclient import COURSE, course_events, get, ok, release, submit, until
-from servers import PostgresServer, RedisServer, redis_answers
+from kombu import Connection
+from servers import PostgresServer, RabbitMQServer, RedisServer, amqp_answers, redis_answers
 from service import TEST_BROKER_URL, TEST_DB_URL, Service, replace_blob
 
 from nbexchange.clock import format_timestamp
@@ -35,7 +36,7 @@ from nbexchange.projections import NAMES, checkpoints
 from nbexchange.projections.collections import list_submissions
 from nbexchange.storage import ArchiveStore, StoredArchive
 from nbexchange.workers import tasks
-from nbexchange.workers.app import FOLLOW_POLL_IDLE, Projector, Sweeper
+from nbexchange.workers.app import FOLLOW_POLL_IDLE, Projector, Sweeper, is_rabbitmq
 from nbexchange.workers.archives import ArchiveLimits
 
 #: The multi-process tests run on PostgreSQL whatever NBEX_TEST_DB_URL says (SQLite is not the production topology).
@@ -46,7 +47,7 @@ USERS = {"ada": {COURSE: "Instructor"}, **{name: {COURSE: "Student"} for name in
 OUTCOMES = ("archive_unpacked", "archive_rejected")
 
 
-# -- backends: PostgreSQL, the shared Redis, a Redis of the test's own ---------------
+# -- backends: PostgreSQL, the shared broker, a broker of the test's own ----------------
 
 
 def _postgres_problem() -> str | None:
@@ -63,19 +64,23 @@ def _postgres_problem() -> str | None:
 
 
 def _require_production_pass() -> None:
-    """Skip unless this is the PostgreSQL+Redis pass and PostgreSQL answers."""
+    """Skip unless this is a pass with a broker (Redis or RabbitMQ) and PostgreSQL answers."""
     if not TEST_BROKER_URL:
-        pytest.skip("runs in the PostgreSQL+Redis pass")
+        pytest.skip("runs in the passes with a broker (PostgreSQL with Redis, or RabbitMQ)")
     problem = _postgres_problem()
     if problem:
         pytest.skip(f"PostgreSQL is unavailable at {PG_URL}: {problem}")
 
 
-def _require_shared_redis() -> str:
+def _require_shared_broker() -> str:
     """The shared broker's URL; skip if it does not answer."""
-    parts = urlsplit(TEST_BROKER_URL)
-    if not redis_answers(parts.hostname or "127.0.0.1", parts.port or 6379):
-        pytest.skip(f"Redis does not answer at {TEST_BROKER_URL}")
+    if is_rabbitmq(TEST_BROKER_URL):
+        answers = amqp_answers(TEST_BROKER_URL)
+    else:
+        parts = urlsplit(TEST_BROKER_URL)
+        answers = redis_answers(parts.hostname or "127.0.0.1", parts.port or 6379)
+    if not answers:
+        pytest.skip(f"The broker does not answer at {TEST_BROKER_URL}")
     return TEST_BROKER_URL
 
 
@@ -230,7 +235,7 @@ def verify_log(svc: Service) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_apis_two_workers_lose_and_duplicate_nothing(production: Callable[..., Service]) -> None:
-    svc = production(_require_shared_redis(), api_processes=2, workers=2)
+    svc = production(_require_shared_broker(), api_processes=2, workers=2)
     release_position = release_and_wait(svc, "ps-burst")
     accepted = submit_all(svc, "ps-burst", make_jobs(200), threads=16)
     assert len(set(accepted.values())) == len(accepted), "two submissions share a position"
@@ -252,9 +257,11 @@ def test_two_apis_two_workers_lose_and_duplicate_nothing(production: Callable[..
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_killed_worker_costs_latency_not_work(production: Callable[..., Service], own_redis: RedisServer) -> None:
-    # A Redis of its own: the dead worker's unacknowledged messages must not linger in the shared one.
-    svc = production(own_redis.url, workers=1)
+def test_killed_worker_costs_latency_not_work(
+    production: Callable[..., Service], own_broker: RedisServer | RabbitMQServer
+) -> None:
+    # A broker of its own: the dead worker's unacknowledged messages must not linger in the shared one.
+    svc = production(own_broker.url, workers=1)
     (worker,) = [p for p in svc.procs if "worker" in p.args]  # type: ignore[operator]
     release_position = release_and_wait(svc, "ps-kill")
     jobs = make_jobs(60)
@@ -280,32 +287,68 @@ def test_killed_worker_costs_latency_not_work(production: Callable[..., Service]
     assert_checked_once(svc, "ps-kill", accepted, release_position)
 
 
-# -- 3. Redis restarted, its queue lost ---------------------------------------------------
+# -- 3. the broker killed mid-burst and started again (Redis loses its queue) ----------------
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_restarted_redis_costs_latency_not_work(production: Callable[..., Service], own_redis: RedisServer) -> None:
-    svc = production(own_redis.url, workers=1)
-    release_position = release_and_wait(svc, "ps-redis")
+def test_restarted_broker_costs_latency_not_work(
+    production: Callable[..., Service], own_broker: RedisServer | RabbitMQServer
+) -> None:
+    svc = production(own_broker.url, workers=1)
+    release_position = release_and_wait(svc, "ps-restart")
     jobs = make_jobs(60)
 
-    accepted = submit_all(svc, "ps-redis", jobs[:20], threads=8)
-    own_redis.kill()
+    accepted = submit_all(svc, "ps-restart", jobs[:20], threads=8)
+    own_broker.kill()
     until(lambda: get(svc, "ready", None).status_code == 503, 15, "the API never noticed the broker was gone")
     started = time.monotonic()
     # The write is committed before any message is sent: with no broker at all, submissions still succeed.
-    accepted |= submit_all(svc, "ps-redis", jobs[20:40], threads=8)
+    accepted |= submit_all(svc, "ps-restart", jobs[20:40], threads=8)
     outage = time.monotonic() - started
     assert outage < 30, f"20 submissions took {outage:.1f} s without a broker: the accept path waits on it"
-    own_redis.start()
+    own_broker.start()
     until(lambda: get(svc, "ready", None).status_code == 200, 15, "the API never reached the restarted broker")
-    accepted |= submit_all(svc, "ps-redis", jobs[40:], threads=8)
+    accepted |= submit_all(svc, "ps-restart", jobs[40:], threads=8)
 
-    items = settle(svc, "ps-redis", accepted, timeout=60)
+    items = settle(svc, "ps-restart", accepted, timeout=60)
     assert_listed_once(items, accepted)
-    assert_checked_once(svc, "ps-redis", accepted, release_position)
+    assert_checked_once(svc, "ps-restart", accepted, release_position)
     assert all(p.poll() is None for p in svc.procs), f"a process died with the broker:\n{svc.log_text()[-4000:]}"
+
+
+# -- 3b. messages lost in the broker (purged): the sweep does what they asked for ------------
+
+
+def waiting_in(svc: Service) -> int:
+    """Messages ready in the service's queue, as the broker counts them (0 if the queue is not declared yet)."""
+    with Connection(svc.broker_url, connect_timeout=2) as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue=svc.queue, passive=True).message_count)
+        except conn.channel_errors:
+            return 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_messages_lost_in_the_broker_cost_latency_not_work(production: Callable[..., Service]) -> None:
+    svc = production(_require_shared_broker(), workers=1)
+    (worker,) = [p for p in svc.procs if "worker" in p.args]  # type: ignore[operator]
+    release_position = release_and_wait(svc, "ps-lost")
+    until(lambda: any(e["type"] in OUTCOMES for e in course_events(svc, "ada", assignment_id="ps-lost")), 30)
+    # No worker: the check messages of these submissions wait in the queue, none in a worker's hands.
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=10)
+    accepted = submit_all(svc, "ps-lost", make_jobs(24), threads=4)
+    until(lambda: waiting_in(svc) >= 3, 30, "the check messages never reached the queue")  # 24 archives, 8 a message
+    with Connection(svc.broker_url, connect_timeout=2) as conn:
+        purged = conn.default_channel.queue_purge(svc.queue)
+    assert purged >= 3 and waiting_in(svc) == 0, purged
+
+    svc.start_worker()
+    items = settle(svc, "ps-lost", accepted, timeout=60)
+    assert_listed_once(items, accepted)
+    assert_checked_once(svc, "ps-lost", accepted, release_position)
 
 
 # -- 4. PostgreSQL restarted: the checks it failed are retried, not left to the sweep ---------
@@ -320,7 +363,7 @@ def _log_of(svc: Service, proc: subprocess.Popen[bytes]) -> str:
 @pytest.mark.timeout(240)
 def test_checks_failed_by_a_database_outage_are_retried_soon_after_it_ends(
     own_postgres: PostgresServer,
-    own_redis: RedisServer,
+    own_broker: RedisServer | RabbitMQServer,
     monkeypatch: pytest.MonkeyPatch,
     exchange_service: Callable[..., Service],
 ) -> None:
@@ -329,7 +372,7 @@ def test_checks_failed_by_a_database_outage_are_retried_soon_after_it_ends(
     monkeypatch.setattr(service_module, "TEST_DB_URL", own_postgres.url)
     # The sweep runs at the worker's start, then every 10 minutes: it cannot be what checks these archives.
     extra = ["--NbExchange.sweep_interval=600", "--NbExchange.log_level=INFO"]
-    svc = exchange_service(USERS, broker_url=own_redis.url, workers=1, extra=extra)
+    svc = exchange_service(USERS, broker_url=own_broker.url, workers=1, extra=extra)
     (worker,) = [p for p in svc.procs if "worker" in p.args]  # type: ignore[operator]
     release_position = release_and_wait(svc, "ps-db")
     until(lambda: any(e["type"] in OUTCOMES for e in course_events(svc, "ada", assignment_id="ps-db")), 30)
@@ -360,7 +403,7 @@ def test_checks_failed_by_a_database_outage_are_retried_soon_after_it_ends(
     assert worker.poll() is None, f"the worker died with the database:\n{_log_of(svc, worker)[-4000:]}"
 
 
-# -- 5. Redis down: the API says so once, and once when it is back -------------------------
+# -- 5. the broker down: the API says so once, and once when it is back ----------------------
 
 
 def _problems(text: str) -> list[str]:
@@ -371,36 +414,83 @@ def _problems(text: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_broker_outage_is_logged_once_and_its_end_once(
-    own_redis: RedisServer, exchange_service: Callable[..., Service]
+    own_broker: RedisServer | RabbitMQServer, exchange_service: Callable[..., Service]
 ) -> None:
-    svc = exchange_service(USERS, broker_url=own_redis.url, workers=1)
+    svc = exchange_service(USERS, broker_url=own_broker.url, workers=1)
     (api,) = [p for p in svc.procs if "worker" not in p.args]  # type: ignore[operator]
     release_and_wait(svc, "ps-broker")
     accepted = submit_all(svc, "ps-broker", make_jobs(4), threads=1)
     before = len(_problems(_log_of(svc, api)))
 
-    own_redis.kill()
+    own_broker.kill()
     # Many commit batches while the broker is away: spread over several seconds, then a burst.
     jobs = make_jobs(40, start=4)
     for job in jobs[:10]:
         accepted |= submit_all(svc, "ps-broker", [job], threads=1)
         time.sleep(0.5)
     accepted |= submit_all(svc, "ps-broker", jobs[10:30], threads=8)
-    own_redis.start()
+    own_broker.start()
     # The outage's end shows at the first message sent after it: a few more commits.
     accepted |= submit_all(svc, "ps-broker", jobs[30:], threads=1)
 
     def logged() -> list[str]:
         return _problems(_log_of(svc, api))[before:]
 
-    until(lambda: any("answers again" in line for line in logged()), 15, lambda: "\n".join(logged()))
+    until(lambda: any("takes messages again" in line for line in logged()), 15, lambda: "\n".join(logged()))
     lines = logged()
-    down = [line for line in lines if "Could not reach the broker" in line]
-    back = [line for line in lines if "The broker answers again" in line]
+    down = [line for line in lines if "Could not send to the broker" in line]
+    back = [line for line in lines if "The broker takes messages again" in line]
     assert len(down) == 1 and len(back) == 1, "\n".join(lines)
     assert lines == [*down, *back], "other warnings during the outage:\n" + "\n".join(lines)
     # What the broker did not carry, the sweep checked: nothing was lost.
     assert_listed_once(settle(svc, "ps-broker", accepted, timeout=60), accepted)
+
+
+# -- 5b. RabbitMQ refuses messages: publisher confirms say so, and the sweep does the work ------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_messages_rabbitmq_refuses_are_logged_once_and_their_checks_swept(
+    own_rabbitmq: RabbitMQServer, exchange_service: Callable[..., Service]
+) -> None:
+    """Without confirms a refused publish is dropped unseen; with them it fails, and is logged as an outage."""
+    if not is_rabbitmq(TEST_BROKER_URL):
+        pytest.skip("runs in the RabbitMQ pass")
+    svc = exchange_service(USERS, broker_url=own_rabbitmq.url, workers=1)
+    api, worker = svc.procs
+    release_position = release_and_wait(svc, "ps-refused")
+    until(lambda: any(e["type"] in OUTCOMES for e in course_events(svc, "ada", assignment_id="ps-refused")), 30)
+    worker.send_signal(signal.SIGKILL)  # nothing takes messages out of the queue now
+    worker.wait(timeout=10)
+    before = len(_problems(_log_of(svc, api)))
+
+    # A length limit of 0 that refuses what comes over it: the broker nacks every publish but the first.
+    policy = '{"max-length": 0, "overflow": "reject-publish"}'
+    done = own_rabbitmq.ctl("set_policy", "refuse", f"^{svc.queue}$", policy, "--apply-to", "queues")
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = make_jobs(12)
+    accepted: dict[Job, int] = {}
+    for job in jobs[:8]:  # one commit, and one message, each
+        accepted |= submit_all(svc, "ps-refused", [job], threads=1)
+
+    def logged() -> list[str]:
+        return _problems(_log_of(svc, api))[before:]
+
+    until(lambda: any("MessageNacked" in line for line in logged()), 15, lambda: "\n".join(logged()))
+    done = own_rabbitmq.ctl("clear_policy", "refuse")
+    assert done.returncode == 0, done.stdout + done.stderr
+    svc.start_worker()
+    accepted |= submit_all(svc, "ps-refused", jobs[8:], threads=1)
+    until(lambda: any("takes messages again" in line for line in logged()), 15, lambda: "\n".join(logged()))
+    lines = logged()
+    assert len(lines) == 2, "\n".join(lines)
+    assert "Could not send to the broker" in lines[0] and "MessageNacked" in lines[0], lines[0]
+    assert "The broker takes messages again" in lines[1], lines[1]
+    # What the broker refused, the sweep checked: nothing was lost.
+    items = settle(svc, "ps-refused", accepted, timeout=60)
+    assert_listed_once(items, accepted)
+    assert_checked_once(svc, "ps-refused", accepted, release_position)
 
 
 # -- 6. embedded mode: the task functions called directly ----------------------------------
