@@ -45,6 +45,24 @@ class GroupCommitter:
         self._queue.put((request, future))
         return future.result(timeout=timeout)
 
+    def append_batch(
+        self, requests: Sequence[AppendRequest], timeout: float | None = 120.0
+    ) -> list[Appended | ExchangeError]:
+        """Append several events through the next batch (as one, unless it fills); each fails or succeeds alone."""
+        futures: list[Future[Appended]] = []
+        for request in requests:
+            futures.append(Future())
+            self._queue.put((request, futures[-1]))
+        outcomes: list[Appended | ExchangeError] = []
+        for future in futures:
+            try:
+                outcomes.append(future.result(timeout=timeout))
+            except ExchangeError as e:
+                if isinstance(e, Unavailable):
+                    raise
+                outcomes.append(e)
+        return outcomes
+
     def close(self) -> None:
         """Commit what is queued, then stop the thread."""
         self._queue.put(_STOP)

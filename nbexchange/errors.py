@@ -14,7 +14,9 @@
      ├── KeyReused                422  an Idempotency-Key sent again with a different request
      ├── TooManyRequests          429  the caller has as many uploads in flight as allowed
      ├── Unavailable              503  database or broker unreachable, projections behind, or uploads at capacity
-     └── InsufficientStorage      507  the archive store's disk (or quota) is full
+     ├── InsufficientStorage      507  the archive store's disk (or quota) is full
+     ├── ChainBroken              500  verify found an event changed, removed or reordered
+     └── BlobCorrupt              500  a stored archive's bytes no longer hash to its name
 
 ``TooManyRequests`` and ``Unavailable`` carry ``retry_after`` (seconds),
 answered as a ``Retry-After`` header.
@@ -127,3 +129,11 @@ class ChainBroken(ExchangeError):
         self.position = position
         self.reason = reason
         super().__init__(f"The log's hash chain is broken at position {position}: {reason}")
+
+
+class BlobCorrupt(ExchangeError):
+    """A stored archive's bytes no longer hash to the sha256 that names it: the store changed them."""
+
+    def __init__(self, sha256: str) -> None:
+        self.sha256 = sha256
+        super().__init__(f"The stored bytes of archive {sha256} no longer hash to its name: the store changed them.")

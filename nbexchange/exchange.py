@@ -6,7 +6,10 @@ log, the archive store and the projections. Nothing here knows about HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +17,16 @@ from typing import Any, BinaryIO, TypeVar
 
 from nbexchange.clock import format_iso, format_timestamp, parse_timestamp, utcnow
 from nbexchange.db import translate_errors
-from nbexchange.errors import ConflictError, Forbidden, Invalid, KeyReused, NotFound, UnsafeArchive
+from nbexchange.errors import (
+    ConflictError,
+    ExchangeError,
+    Forbidden,
+    Invalid,
+    KeyReused,
+    NotFound,
+    Unavailable,
+    UnsafeArchive,
+)
 from nbexchange.events.domain import (
     Actor,
     ArchiveRejected,
@@ -29,6 +41,7 @@ from nbexchange.events.domain import (
     Submitted,
     Unreleased,
     assignment_stream,
+    check_stream,
     student_stream,
 )
 from nbexchange.events.store import AppendRequest, RecordedEvent, request_fingerprint, same_request
@@ -49,6 +62,9 @@ from nbexchange.workers.tasks import outcome_key
 #: How often a write is decided again when a stream it depends on moved before its commit.
 WRITE_ATTEMPTS = 5
 
+#: How many assignments' live releases each process keeps decided (the least recently used go first).
+DECISIONS_KEPT = 4096
+
 D = TypeVar("D")
 
 
@@ -65,6 +81,49 @@ class Assignment:
     version: int
     release: RecordedEvent | None
     released: tuple[str, ...]
+    #: The live release's check stream and its version when this was read (0 before the outcome, 1 after).
+    check: tuple[str, int] | None = None
+
+    def requires(self) -> tuple[tuple[str, int], ...]:
+        """What a write decided on this assignment depends on: its stream and its release check's, as read."""
+        mine = (self.stream, self.version)
+        return (mine, self.check) if self.check is not None else (mine,)
+
+
+class Decisions:
+    """Live releases this process decided on, each kept until a write on it is refused by the append.
+
+    A fetch or a submission decided on a kept release names, in its append's
+    ``requires``, the versions it was decided on (the assignment's stream and
+    the release check's stream): if either moved since (an unrelease, a new
+    release, the check's outcome), the append refuses it and the write is
+    decided again on the log, with nothing kept. So a kept decision is never
+    wrong at commit, in any process; refusals are never kept.
+    """
+
+    def __init__(self, size: int = DECISIONS_KEPT) -> None:
+        self._size = size
+        self._kept: OrderedDict[tuple[int, str, str], Assignment] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, str, str]) -> Assignment | None:
+        with self._lock:
+            found = self._kept.get(key)
+            if found is not None:
+                self._kept.move_to_end(key)
+            return found
+
+    def keep(self, key: tuple[int, str, str], assignment: Assignment) -> None:
+        with self._lock:
+            self._kept[key] = assignment
+            self._kept.move_to_end(key)
+            while len(self._kept) > self._size:
+                self._kept.popitem(last=False)
+
+    def forget(self) -> None:
+        """Drop everything kept: a write decided on it was refused at commit."""
+        with self._lock:
+            self._kept.clear()
 
 
 @dataclass(frozen=True)
@@ -102,6 +161,7 @@ class Exchange:
         self.rt = runtime
         self.consistency_timeout = consistency_timeout
         self.max_clock_skew = max_clock_skew
+        self.decisions = Decisions()
 
     # -- who may act -----------------------------------------------------
 
@@ -159,13 +219,24 @@ class Exchange:
         return Assignment(stream, version, release, tuple(released))
 
     def _released(self, user: User, course_id: str, assignment_id: str) -> Assignment:
-        """The assignment, if it is released now and its archive was not rejected."""
+        """The assignment, if it is released now and its archive was not rejected.
+
+        Kept per process (``Decisions``): a write decided on it requires what it
+        was read from, so the append itself tells when it is out of date.
+        """
+        key = (user.org_id, course_id, assignment_id)
+        kept = self.decisions.get(key)
+        if kept is not None:
+            return kept
         assignment = self._live_release(user, course_id, assignment_id)
         assert assignment.release is not None
         outcome = self.rt.store.by_idempotency_key(outcome_key(assignment.release.position))
         if outcome is not None and isinstance(outcome.data, ArchiveRejected):
             raise UnsafeArchive(f"The released archive was rejected: {outcome.data.reason}")
-        return assignment
+        check = check_stream(user.org_id, course_id, assignment_id, assignment.release.position)
+        decided = dataclasses.replace(assignment, check=(check, 0 if outcome is None else outcome.version))
+        self.decisions.keep(key, decided)
+        return decided
 
     def _check_clock(self, timestamp: datetime) -> None:
         """``Invalid`` unless the client's timestamp is within ``max_clock_skew`` of the server's time."""
@@ -210,17 +281,28 @@ class Exchange:
         ``decided`` is what ``prepare`` decided before the body arrived (the
         first attempt uses it). Writes on an assignment's own stream (release,
         unrelease) do not retry: two instructors' concurrent releases conflict.
+        A retried request (its key was used) gets its first answer: from the
+        append, which looks keys up in its batch, or, where the write is
+        refused before or at the append, from the log by its key.
         """
-        earlier = self._replayed(user, key, event_type, fingerprint)
-        if earlier is not None:
-            return earlier
         for attempt in range(1, WRITE_ATTEMPTS + 1):
-            state = decided if decided is not None and attempt == 1 else decide()
             try:
+                state = decided if decided is not None and attempt == 1 else decide()
                 return append(state)
             except ConflictError:
+                self.decisions.forget()
+                earlier = self._replayed(user, key, event_type, fingerprint)
+                if earlier is not None:
+                    return earlier
                 if not retry_conflicts or attempt == WRITE_ATTEMPTS:
                     raise
+            except Unavailable:
+                raise
+            except ExchangeError:
+                earlier = self._replayed(user, key, event_type, fingerprint)
+                if earlier is not None:
+                    return earlier
+                raise
         raise AssertionError("unreachable")
 
     def _append(
@@ -234,9 +316,7 @@ class Exchange:
     ) -> Written:
         scoped = _scoped_key(user, key) if key else None
         appended = self.rt.committer.append(
-            AppendRequest(
-                event, self.actor(user, event.course_id), expected_version, scoped, requires, fingerprint
-            )
+            AppendRequest(event, self.actor(user, event.course_id), expected_version, scoped, requires, fingerprint)
         )
         return Written(appended.event, duplicate=appended.duplicate)
 
@@ -259,9 +339,7 @@ class Exchange:
         due_date: datetime | None = None,
     ) -> Written:
         """Release an assignment's archive (with its due date, if given); a concurrent release conflicts."""
-        event = Released(
-            user.org_id, course_id, assignment_id, tuple(notebooks), upload.sha256, upload.size, due_date
-        )
+        event = Released(user.org_id, course_id, assignment_id, tuple(notebooks), upload.sha256, upload.size, due_date)
         fingerprint = request_fingerprint("release", **event.to_payload())
         return self._write(
             user,
@@ -302,7 +380,10 @@ class Exchange:
     ) -> Written:
         """Set (``None``: remove) a released assignment's due date; a concurrent change conflicts."""
         fingerprint = request_fingerprint(
-            "due_date", org_id=user.org_id, course_id=course_id, assignment_id=assignment_id,
+            "due_date",
+            org_id=user.org_id,
+            course_id=course_id,
+            assignment_id=assignment_id,
             due_date=format_iso(due_date) if due_date else None,
         )
 
@@ -327,8 +408,12 @@ class Exchange:
     ) -> Written:
         """Give one student their own due date for a released assignment."""
         fingerprint = request_fingerprint(
-            "extension", org_id=user.org_id, course_id=course_id, assignment_id=assignment_id,
-            student_id=student_id, due_date=format_iso(due_date),
+            "extension",
+            org_id=user.org_id,
+            course_id=course_id,
+            assignment_id=assignment_id,
+            student_id=student_id,
+            due_date=format_iso(due_date),
         )
 
         def decide() -> Assignment:
@@ -350,9 +435,7 @@ class Exchange:
 
     def fetch(self, user: User, course_id: str, assignment_id: str, key: str | None = None) -> Download:
         """Record that a member fetched the released archive, and say where it is."""
-        fingerprint = request_fingerprint(
-            "fetch", org_id=user.org_id, course_id=course_id, assignment_id=assignment_id
-        )
+        fingerprint = request_fingerprint("fetch", org_id=user.org_id, course_id=course_id, assignment_id=assignment_id)
 
         def decide() -> Assignment:
             self.member(user, course_id)
@@ -363,7 +446,7 @@ class Exchange:
             sha = a.release.data.archive()
             assert sha is not None
             event = Fetched(user.org_id, course_id, assignment_id, user.name, a.release.position, sha)
-            return self._append(user, event, key, fingerprint, requires=((a.stream, a.version),))
+            return self._append(user, event, key, fingerprint, requires=a.requires())
 
         written = self._write(user, key, Fetched.TYPE, fingerprint, decide, append)
         return self._download(written.event.payload["archive_sha256"], written.event)
@@ -380,10 +463,15 @@ class Exchange:
         ``None`` for a retried request (its key was used): its first answer,
         or ``KeyReused``, is decided once the body's bytes are known.
         """
-        if self._earlier(user, key) is not None:
+        try:
+            return self._submittable(user, course_id, assignment_id, timestamp)
+        except Unavailable:
+            raise
+        except ExchangeError:
+            if self._earlier(user, key) is None:
+                raise
             self.member(user, course_id)
             return None
-        return self._submittable(user, course_id, assignment_id, timestamp)
 
     def _submittable(self, user: User, course_id: str, assignment_id: str, timestamp: datetime) -> Assignment:
         self.member(user, course_id)
@@ -423,7 +511,7 @@ class Exchange:
                 archive_size=upload.size,
                 notebooks=tuple(notebooks),
             )
-            return self._append(user, event, key, fingerprint, requires=((a.stream, a.version),))
+            return self._append(user, event, key, fingerprint, requires=a.requires())
 
         return self._write(
             user,

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from nbexchange.errors import InsufficientStorage, NotFound, TooLarge
 
@@ -39,18 +39,16 @@ class StoredArchive:
 
 
 class ArchiveStore:
-    """Archives under ``root/archives/ab/<sha256>``; uploads in progress under ``root/tmp``.
-
-    ``root/extracted/ab/<sha256>`` is where a worker puts an archive's unpacked tree.
-    """
+    """Archives under ``root/archives/ab/<sha256>``; uploads in progress under ``root/tmp``."""
 
     def __init__(self, root: Path, create: bool = True) -> None:
         self.root = Path(root)
         self.archives = self.root / "archives"
         self.tmp = self.root / "tmp"
+        #: Where versions before 2.0 unpacked each archive; nothing reads it now, and the collector empties it.
         self.extracted = self.root / "extracted"
         if create:  # an auditor's read of a backup creates nothing
-            for folder in (self.root, self.archives, self.tmp, self.extracted):
+            for folder in (self.root, self.archives, self.tmp):
                 make_dirs(folder)
 
     def new_upload(self, max_size: int | None = None) -> Upload:
@@ -111,25 +109,19 @@ class ArchiveStore:
             return False
         aside.unlink()
         fsync_dir(path.parent)
-        shutil.rmtree(self.extracted_path(sha256), ignore_errors=True)
         return True
 
     def leftovers(self, cutoff: float) -> list[Path]:
         """What crashes left older than ``cutoff``: partial uploads, blobs set aside, half-unpacked trees.
 
         Several processes share the folders, so only age tells a crash's
-        leftover from work in progress. Unpacked trees whose blob is gone are
-        leftovers too.
+        leftover from work in progress. The trees that versions before 2.0
+        unpacked into ``extracted/`` are leftovers too: nothing reads them.
         """
         found = [p for p in self.tmp.iterdir() if _older(p, cutoff)]
-        for folder in self.extracted.iterdir():
-            if not folder.is_dir():
-                continue
-            for tree in folder.iterdir():
-                staging = tree.name.startswith(".")
-                orphan = _is_digest(tree.name) and not self._archive_path(tree.name).exists()
-                if (staging or orphan) and _older(tree, cutoff):
-                    found.append(tree)
+        if self.extracted.is_dir():
+            trees = (tree for folder in self.extracted.iterdir() for tree in _entries(folder))
+            found.extend(tree for tree in trees if _older(tree, cutoff))
         return found
 
     def remove_leftover(self, path: Path) -> None:
@@ -141,16 +133,8 @@ class ArchiveStore:
 
     def verify(self, sha256: str) -> bool:
         """Whether the stored bytes still hash to their name; NotFound if not stored."""
-        digest = hashlib.sha256()
         with self.open(sha256) as stored:
-            while chunk := stored.read(CHUNK_SIZE):
-                digest.update(chunk)
-        return digest.hexdigest() == sha256
-
-    def extracted_path(self, sha256: str) -> Path:
-        """Where the unpacked tree of this archive belongs (whether or not it exists yet)."""
-        _check_digest(sha256)
-        return self.extracted / sha256[:2] / sha256
+            return HashingReader(stored).hexdigest() == sha256
 
     def store_bytes(self, data: bytes) -> StoredArchive:
         """Store a small payload held in memory, as durably as a streamed upload."""
@@ -161,6 +145,31 @@ class ArchiveStore:
     def _archive_path(self, sha256: str) -> Path:
         _check_digest(sha256)
         return self.archives / sha256[:2] / sha256
+
+
+class Readable(Protocol):
+    """Anything archives are read from: a file, an object store's body, a reader wrapping either."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class HashingReader:
+    """Reads through to ``source``, hashing every byte that goes by."""
+
+    def __init__(self, source: Readable) -> None:
+        self._source = source
+        self._digest = hashlib.sha256()
+
+    def read(self, size: int = -1, /) -> bytes:
+        chunk = self._source.read(size)
+        self._digest.update(chunk)
+        return chunk
+
+    def hexdigest(self) -> str:
+        """The sha256 of the whole source: what is left is read first."""
+        while self.read(CHUNK_SIZE):
+            pass
+        return self._digest.hexdigest()
 
 
 class Upload:
@@ -268,6 +277,11 @@ class Upload:
             raise ValueError("This upload was aborted.")
         if self._result is not None:
             raise ValueError("This upload is already finished.")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """A folder's entries, or the path itself if it is not a folder."""
+    return list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else [folder]
 
 
 def _older(path: Path, cutoff: float) -> bool:

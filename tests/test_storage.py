@@ -76,7 +76,7 @@ def test_a_large_upload_streams_through(store: ArchiveStore) -> None:
 
 def test_root_layout_and_modes(tmp_path: Path, strict_umask: None) -> None:
     store = ArchiveStore(tmp_path / "storage")
-    for folder in ("archives", "tmp", "extracted"):
+    for folder in ("archives", "tmp"):
         assert (tmp_path / "storage" / folder).is_dir()
         assert mode(tmp_path / "storage" / folder) == 0o750
 
@@ -201,15 +201,12 @@ def _age(path: Path, seconds: float) -> None:
     os.utime(path, (when, when), follow_symlinks=False)
 
 
-def test_collect_removes_an_old_blob_and_its_tree(store: ArchiveStore) -> None:
+def test_collect_removes_an_old_blob(store: ArchiveStore) -> None:
     stored = store.store_bytes(b"to be collected")
-    tree = store.extracted_path(stored.sha256)
-    tree.mkdir(parents=True)
-    (tree / "notebook.ipynb").write_text("{}")
     _age(stored.path, 100)
 
     assert store.collect(stored.sha256, cutoff=time.time() - 50) is True
-    assert not stored.path.exists() and not tree.exists() and not store.exists(stored.sha256)
+    assert not stored.path.exists() and not store.exists(stored.sha256)
     assert store.collect(stored.sha256, cutoff=time.time()) is False  # already gone
     assert not list(store.tmp.iterdir())  # nothing left aside
     with pytest.raises(NotFound):
@@ -237,27 +234,30 @@ def test_an_upload_finishing_after_the_blob_was_set_aside_stores_its_own_copy(st
     assert store.verify(stored.sha256)
 
 
-def test_leftovers_are_old_partial_uploads_staging_trees_and_orphan_trees(store: ArchiveStore) -> None:
+def test_leftovers_are_old_partial_uploads_and_the_trees_earlier_versions_unpacked(store: ArchiveStore) -> None:
     partial = store.new_upload()
     partial.write(b"half of it")  # a crashed API's upload: never finished nor aborted
     (partial_path,) = store.tmp.iterdir()
-    kept = store.store_bytes(b"unpacked and kept")
-    kept_tree = store.extracted_path(kept.sha256)
-    kept_tree.mkdir(parents=True)
-    staging = kept_tree.parent / f".{kept.sha256}.x1y2"
-    staging.mkdir()
-    orphan = store.extracted_path("ab" * 32)
-    orphan.mkdir(parents=True)
+    kept = store.store_bytes(b"stored and kept")
+    # Versions before 2.0 unpacked every archive under extracted/ab/<sha256>; nothing reads those trees now.
+    old_tree = store.extracted / kept.sha256[:2] / kept.sha256
+    old_tree.mkdir(parents=True)
+    (old_tree / "problem1.ipynb").write_text("{}")
+    old_staging = old_tree.parent / f".{kept.sha256}.x1y2"
+    old_staging.mkdir()
+    young_tree = store.extracted / "cd" / ("cd" * 32)  # left by an old worker still running: young
+    young_tree.mkdir(parents=True)
     fresh = store.new_upload()  # still arriving: young
     fresh.write(b"x")
-    for path in (partial_path, kept_tree, staging, orphan):
+    for path in (partial_path, old_tree, old_staging):
         _age(path, 100)
 
     found = set(store.leftovers(cutoff=time.time() - 50))
-    assert found == {partial_path, staging, orphan}
+    assert found == {partial_path, old_tree, old_staging}
     for path in found:
         store.remove_leftover(path)
-    assert kept_tree.exists() and store.exists(kept.sha256)
+    assert store.exists(kept.sha256) and store.verify(kept.sha256)
+    assert young_tree.exists()
     assert len(list(store.tmp.iterdir())) == 1  # the fresh upload
     fresh.abort()
 
@@ -265,11 +265,6 @@ def test_leftovers_are_old_partial_uploads_staging_trees_and_orphan_trees(store:
 def test_an_auditors_store_creates_nothing(tmp_path: Path) -> None:
     store = ArchiveStore(tmp_path / "backup", create=False)
     assert list(store.blobs()) == [] and not (tmp_path / "backup").exists()
-
-
-def test_extracted_path_is_fanned_out_by_hash(store: ArchiveStore) -> None:
-    sha256 = hashlib.sha256(b"x").hexdigest()
-    assert store.extracted_path(sha256) == store.root / "extracted" / sha256[:2] / sha256
 
 
 BAD_NAMES = [
@@ -292,8 +287,6 @@ def test_malformed_names_are_refused(store: ArchiveStore, name: str) -> None:
         store.path(name)
     with pytest.raises(NotFound):
         store.open(name)
-    with pytest.raises(NotFound):
-        store.extracted_path(name)
     assert store.exists(name) is False
     with pytest.raises(NotFound):
         store.collect(name, time.time())

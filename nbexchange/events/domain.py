@@ -262,7 +262,7 @@ class ArchiveOutcome(DomainEvent):
 
 @dataclass(frozen=True)
 class ArchiveUnpacked(ArchiveOutcome):
-    """The archive is safe; it was unpacked."""
+    """The archive is safe to unpack (checked in one read, never unpacked by the exchange); what it holds."""
 
     TYPE: ClassVar[str] = "archive_unpacked"
     members: int

@@ -130,6 +130,7 @@ _STREAM = (
 )
 _BY_KEY = sa.select(events_table).where(events_table.c.idempotency_key == sa.bindparam("key"))
 _BY_KEYS = sa.select(events_table).where(events_table.c.idempotency_key.in_(sa.bindparam("keys", expanding=True)))
+_AT_POSITIONS = sa.select(events_table).where(events_table.c.position.in_(sa.bindparam("positions", expanding=True)))
 _VERSIONS = (
     sa.select(events_table.c.stream, sa.func.max(events_table.c.version))
     .where(events_table.c.stream.in_(sa.bindparam("streams", expanding=True)))
@@ -376,6 +377,14 @@ class SQLEventStore:
             raise NotFound(f"There is no event at position {position}.")
         return _row_to_event(row)
 
+    def get_many(self, positions: Sequence[int]) -> dict[int, RecordedEvent]:
+        """The events at these positions, by position (those that exist), in one query."""
+        if not positions:
+            return {}
+        with translate_errors(), self.engine.connect() as conn:
+            rows = conn.execute(_AT_POSITIONS, {"positions": list(positions)})
+            return {row.position: _row_to_event(row) for row in rows}
+
     def head(self) -> int:
         """The position of the last committed event (0 for an empty log)."""
         with translate_errors(), self.engine.connect() as conn:
@@ -401,6 +410,14 @@ class SQLEventStore:
         with translate_errors(), self.engine.connect() as conn:
             row = conn.execute(_BY_KEY, {"key": key}).first()
         return _row_to_event(row) if row else None
+
+    def by_idempotency_keys(self, keys: Sequence[str]) -> dict[str, RecordedEvent]:
+        """The events appended with these keys, by key (those that exist), in one query."""
+        if not keys:
+            return {}
+        with translate_errors(), self.engine.connect() as conn:
+            query = _BY_KEYS if is_sqlite(conn) else _BY_KEYS_PG
+            return {row.idempotency_key: _row_to_event(row) for row in conn.execute(query, {"keys": list(keys)})}
 
     def verify(self) -> VerifyReport:
         """Recompute every hash and link of the chain, from the first event to the head."""

@@ -271,6 +271,10 @@ class EventStore(Protocol):
         """The event at ``position``; ``NotFound`` if there is none."""
         ...
 
+    def get_many(self, positions: Sequence[int]) -> dict[int, RecordedEvent]:
+        """The events at these positions, by position (those that exist)."""
+        ...
+
     def head(self) -> int:
         """The position of the last committed event (0 for an empty log)."""
         ...
@@ -285,6 +289,10 @@ class EventStore(Protocol):
 
     def by_idempotency_key(self, key: str) -> RecordedEvent | None:
         """The event appended with ``key``, if any."""
+        ...
+
+    def by_idempotency_keys(self, keys: Sequence[str]) -> dict[str, RecordedEvent]:
+        """The events appended with these keys, by key (those that exist)."""
         ...
 
     def verify(self) -> VerifyReport:

@@ -98,8 +98,7 @@ def make_celery(ctx: WorkerContext, broker_url: str, queue: str = QUEUE) -> Cele
 
     @app.task(name=CHECK_ARCHIVES, **retry_on_outage)  # type: ignore[untyped-decorator]
     def check_archives(positions: list[int]) -> None:
-        for position in positions:
-            tasks.check_archive(ctx, position)
+        tasks.check_archives(ctx, positions)
 
     @app.task(name=CATCH_UP)  # type: ignore[untyped-decorator]
     def catch_up() -> None:

@@ -1,20 +1,17 @@
-"""Check an uploaded gzip'd tar against the unpacking rules, and unpack it safely."""
+"""Check an uploaded gzip'd tar against the unpacking rules, reading it once and writing nothing."""
 
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import tarfile
-import tempfile
 import unicodedata
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, BinaryIO
+from pathlib import PurePosixPath
+from typing import IO, TYPE_CHECKING
 
 from nbexchange.errors import UnsafeArchive, UnsupportedMedia
-from nbexchange.storage import CHUNK_SIZE, DIR_MODE, FILE_MODE, fsync_dir, make_dirs
+from nbexchange.storage import CHUNK_SIZE, Readable
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -67,48 +64,37 @@ class ArchiveReport:
     notebooks: tuple[str, ...]
 
 
-def inspect_archive(path: Path, limits: ArchiveLimits) -> ArchiveReport:
-    """Check every member of the gzip'd tar at ``path`` against the rules, extracting nothing.
+def inspect_archive(source: Readable, limits: ArchiveLimits) -> ArchiveReport:
+    """Check every member of the gzip'd tar read from ``source`` against the rules, writing nothing.
 
-    Raises UnsupportedMedia if it is not a gzip'd tar, UnsafeArchive if it breaks a rule.
+    The archive is read once, as a stream (it need not be seekable), and never
+    unpacked: the rules are proved on the members' headers and on counts of
+    their bytes as they go by. Raises UnsupportedMedia if it is not a gzip'd
+    tar, UnsafeArchive at the first member that breaks a rule (reading no
+    further).
     """
-    return _walk(path, limits, None)
-
-
-def unpack_archive(path: Path, dest: Path, limits: ArchiveLimits) -> ArchiveReport:
-    """Check the archive and unpack it to ``dest``, all or nothing; if ``dest`` exists, only report.
-
-    Raises as ``inspect_archive`` does, leaving nothing behind.
-    """
-    if dest.exists():
-        return inspect_archive(path, limits)
-    make_dirs(dest.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    head = source.read(len(GZIP_MAGIC))
+    if head != GZIP_MAGIC:
+        raise UnsupportedMedia("The archive is not gzip-compressed.")
+    checker = _Checker(limits)
     try:
-        report = _walk(path, limits, staging)
-        os.chmod(staging, DIR_MODE)
-        for folder, _, _ in os.walk(staging):
-            fsync_dir(Path(folder))
-        try:
-            os.rename(staging, dest)
-        except OSError:
-            if not dest.is_dir():
-                raise
-            # Another worker unpacked the same archive first: its tree is as good as ours.
-            shutil.rmtree(staging)
-        fsync_dir(dest.parent)
-        return report
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with tarfile.open(fileobj=_BoundedStream(_Inflater(source, head), checker), mode="r|") as tar:
+            for member in tar:
+                checker.admit(member)
+                if member.type in _FILE_TYPES:
+                    data = tar.extractfile(member)
+                    assert data is not None  # a regular file always has a stream
+                    checker.read_through(data, member.name)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise UnsupportedMedia(f"The archive is not a readable gzip'd tar: {e}") from e
+    return checker.report()
 
 
 class _Checker:
     """The running state of one pass over an archive, and the rules applied member by member."""
 
-    def __init__(self, limits: ArchiveLimits, compressed_size: int) -> None:
+    def __init__(self, limits: ArchiveLimits) -> None:
         self.limits = limits
-        self.compressed_size = compressed_size
         self.inflater: _Inflater | None = None  # set once the archive's stream is opened
         self.members = 0
         self.total_size = 0
@@ -145,12 +131,17 @@ class _Checker:
             self.files.append(name)
         return name
 
+    def read_through(self, data: IO[bytes], raw: str) -> None:
+        """Read a member's bytes in chunks, counting each against the limits."""
+        while chunk := data.read(CHUNK_SIZE):
+            self.count(raw, len(chunk))
+
     def count(self, raw: str, size: int) -> None:
-        """Add bytes actually read from a member, before they are written; UnsafeArchive past a limit.
+        """Add bytes actually read from a member; UnsafeArchive past a limit.
 
         Counting what is read, rather than trusting headers, bounds the work a bomb can cause.
         The ratio is taken against the compressed bytes used so far, not the whole file's
-        size: a bomb followed by incompressible padding would otherwise be written out
+        size: a bomb followed by incompressible padding would otherwise be read
         up to the ratio times the whole file before the padding is reached.
         """
         self.total_size += size
@@ -160,7 +151,7 @@ class _Checker:
                 f"Member {raw!r} takes the archive past the {limits.max_total_size} bytes it may "
                 f"unpack to ({self.total_size} bytes so far)."
             )
-        consumed = self.inflater.consumed if self.inflater is not None else self.compressed_size
+        consumed = self.inflater.consumed if self.inflater is not None else 0
         if self.total_size > limits.max_ratio * consumed:
             raise UnsafeArchive(
                 f"Member {raw!r} takes the archive past its allowed compression ratio: "
@@ -198,16 +189,16 @@ class _BoundedStream(io.RawIOBase):
     """The archive's decompressed bytes, refused past the members' allowance plus headers.
 
     The members' data is checked member by member; this catches what is not data, such as
-    a pax header that would otherwise be read whole into memory.
+    a pax header that would otherwise be read whole into memory. Like the members' ratio,
+    the allowance grows with the compressed bytes used so far.
     """
 
-    def __init__(self, compressed: BinaryIO, checker: _Checker) -> None:
+    def __init__(self, inflater: _Inflater, checker: _Checker) -> None:
         super().__init__()
-        self._inflater = checker.inflater = _Inflater(compressed)
+        self._inflater = checker.inflater = inflater
         self._checker = checker
         limits = checker.limits
-        data_bound = min(limits.max_total_size, int(limits.max_ratio * checker.compressed_size))
-        self._bound = data_bound + HEADER_ALLOWANCE + HEADER_ALLOWANCE_PER_MEMBER * limits.max_members
+        self._headers = HEADER_ALLOWANCE + HEADER_ALLOWANCE_PER_MEMBER * limits.max_members
         self._read = 0
 
     def readable(self) -> bool:
@@ -217,10 +208,12 @@ class _BoundedStream(io.RawIOBase):
         with memoryview(buffer) as view:
             count = self._inflater.readinto(view[:CHUNK_SIZE])
         self._read += count
-        if self._read > self._bound:
+        limits = self._checker.limits
+        bound = min(limits.max_total_size, int(limits.max_ratio * self._inflater.consumed)) + self._headers
+        if self._read > bound:
             after = self._checker.last_name
             where = f"after member {after!r}" if after else "before its first member"
-            raise UnsafeArchive(f"The archive's headers unpack to more than {self._bound} bytes {where}.")
+            raise UnsafeArchive(f"The archive's headers unpack to more than {bound} bytes {where}.")
         return count
 
 
@@ -232,11 +225,11 @@ class _Inflater(io.RawIOBase):
     the ratio of the bytes unpacked so far.
     """
 
-    def __init__(self, compressed: BinaryIO) -> None:
+    def __init__(self, compressed: Readable, already_read: bytes = b"") -> None:
         super().__init__()
         self._source = compressed
         self._zlib = zlib.decompressobj(_GZIP_WBITS)
-        self._input = b""
+        self._input = already_read  # bytes taken from the source before (the gzip magic)
         self.consumed = 0
 
     def readable(self) -> bool:
@@ -245,9 +238,8 @@ class _Inflater(io.RawIOBase):
     def readinto(self, buffer: WriteableBuffer) -> int:
         with memoryview(buffer) as view:
             while True:
-                if self._zlib.eof:
-                    if not self._next_member():
-                        return 0
+                if self._zlib.eof and not self._next_member():
+                    return 0
                 if not self._input:
                     self._input = self._source.read(INFLATE_PIECE)
                 # At the end of the file zlib may still hold output it had no room for; only then is it cut short.
@@ -269,54 +261,6 @@ class _Inflater(io.RawIOBase):
             return False
         self._zlib = zlib.decompressobj(_GZIP_WBITS)
         return True
-
-
-def _walk(path: Path, limits: ArchiveLimits, dest: Path | None) -> ArchiveReport:
-    """Check every member in order and, given ``dest``, write it there."""
-    with open(path, "rb") as compressed:
-        if compressed.read(2) != GZIP_MAGIC:
-            raise UnsupportedMedia(f"{path.name} is not gzip-compressed.")
-        compressed.seek(0)
-        checker = _Checker(limits, os.fstat(compressed.fileno()).st_size)
-        try:
-            with tarfile.open(fileobj=_BoundedStream(compressed, checker), mode="r|") as tar:
-                for member in tar:
-                    name = checker.admit(member)
-                    if member.type == tarfile.DIRTYPE:
-                        if dest is not None and name:
-                            make_dirs(dest / name)
-                        continue
-                    source = tar.extractfile(member)
-                    assert source is not None  # a regular file always has a stream
-                    if dest is None:
-                        _copy(source, member.name, checker, None)
-                    else:
-                        make_dirs((dest / name).parent)
-                        _write_file(source, dest / name, member.name, checker)
-        except (tarfile.TarError, EOFError, zlib.error) as e:
-            raise UnsupportedMedia(f"{path.name} is not a readable gzip'd tar: {e}") from e
-    return checker.report()
-
-
-def _write_file(source: IO[bytes], target: Path, raw: str, checker: _Checker) -> None:
-    # O_EXCL and O_NOFOLLOW: never write through anything that is already there.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(target, flags, FILE_MODE)
-    with os.fdopen(fd, "wb") as out:
-        # The archive's own modes are ignored: no setuid, no executables, no world access.
-        os.fchmod(fd, FILE_MODE)
-        _copy(source, raw, checker, out)
-        out.flush()
-        # The finished tree is trusted as complete once renamed into place.
-        os.fsync(fd)
-
-
-def _copy(source: IO[bytes], raw: str, checker: _Checker, out: IO[bytes] | None) -> None:
-    """Read a member in chunks, counting each against the limits, and write it to ``out`` if any."""
-    while chunk := source.read(CHUNK_SIZE):
-        checker.count(raw, len(chunk))
-        if out is not None:
-            out.write(chunk)
 
 
 def _normalise(raw: str) -> str:

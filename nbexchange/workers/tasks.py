@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -12,14 +13,14 @@ from sqlalchemy.engine import Engine
 
 from nbexchange.clock import utcnow
 from nbexchange.db import translate_errors, write_transaction
-from nbexchange.errors import NotFound, Unavailable, UnsafeArchive, UnsupportedMedia
+from nbexchange.errors import BlobCorrupt, ExchangeError, NotFound, Unavailable, UnsafeArchive, UnsupportedMedia
 from nbexchange.events.domain import SYSTEM_ACTOR, ArchiveRejected, ArchiveUnpacked, DomainEvent, StudentEvent
 from nbexchange.events.store import Appended, AppendRequest, EventStore, RecordedEvent
 from nbexchange.projections import catch_up_all
 from nbexchange.projections.base import checkpoint, lock_checkpoint, move_checkpoint
 from nbexchange.projections.blobs import BlobsProjection, owned
-from nbexchange.storage import ArchiveStore
-from nbexchange.workers.archives import ArchiveLimits, unpack_archive
+from nbexchange.storage import ArchiveStore, HashingReader
+from nbexchange.workers.archives import ArchiveLimits, inspect_archive
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,11 @@ BLOBS = BlobsProjection().name
 
 
 class Appender(Protocol):
-    """Anything that appends one event (the store itself, or a group committer)."""
+    """Anything that appends events (the store itself, or a group committer)."""
 
     def append(self, request: AppendRequest) -> Appended: ...
+
+    def append_batch(self, requests: Sequence[AppendRequest]) -> list[Appended | ExchangeError]: ...
 
 
 class WorkerContext(Protocol):
@@ -68,40 +71,77 @@ def outcome_key(position: int) -> str:
 
 
 def check_archive(ctx: WorkerContext, position: int) -> RecordedEvent | None:
-    """Check and unpack the archive named by the event at ``position``; record the outcome once.
+    """Check the archive named by the event at ``position``; record the outcome once.
 
-    Idempotent: a second run finds the outcome by its idempotency key and
-    changes nothing. Returns the outcome event, or ``None`` if the event names
-    no archive.
+    Returns the outcome event, or ``None`` if the event names no archive.
     """
-    event = ctx.store.get(position)
+    return check_archives(ctx, [position]).get(position)
+
+
+def check_archives(ctx: WorkerContext, positions: Sequence[int]) -> dict[int, RecordedEvent]:
+    """Check the archives named by the events at ``positions``, each read once; record each outcome once.
+
+    One query reads the events, one finds the outcomes already recorded, and
+    the new outcomes are appended together (one commit). Idempotent: a second
+    run finds the outcomes by their idempotency keys and changes nothing.
+    Returns each archive's outcome event by its source position (events that
+    name no archive have none). An unexpected failure (the store's disk, the
+    database) records the outcomes decided before it, then is raised.
+    """
+    events = ctx.store.get_many(positions)
+    missing = sorted(set(positions) - set(events))
+    if missing:
+        raise NotFound(f"There is no event at positions {missing}.")
+    named = {p: e for p, e in events.items() if e.data.archive() is not None}
+    done = ctx.store.by_idempotency_keys([outcome_key(p) for p in named])
+    outcomes = {p: done[outcome_key(p)] for p in named if outcome_key(p) in done}
+    decided: dict[int, DomainEvent] = {}
+    try:
+        for position in sorted(set(named) - set(outcomes)):
+            decided[position] = _check(ctx, named[position])
+    except Exception:
+        _record(ctx, decided)  # what was decided before the failure stands
+        raise
+    outcomes.update(_record(ctx, decided))
+    return outcomes
+
+
+def _record(ctx: WorkerContext, decided: dict[int, DomainEvent]) -> dict[int, RecordedEvent]:
+    """Append the outcomes (by source position) together; the recorded events, by source position."""
+    positions = list(decided)
+    requests = [AppendRequest(decided[p], SYSTEM_ACTOR, idempotency_key=outcome_key(p)) for p in positions]
+    recorded: dict[int, RecordedEvent] = {}
+    for position, appended in zip(positions, ctx.appender.append_batch(requests), strict=True):
+        if isinstance(appended, ExchangeError):
+            raise appended
+        recorded[position] = appended.event
+    return recorded
+
+
+def _check(ctx: WorkerContext, event: RecordedEvent) -> DomainEvent:
+    """The outcome of checking the archive ``event`` names: safe (and what it holds), or rejected and why."""
     data = event.data
     sha = data.archive()
-    if sha is None:
-        return None
-    done = ctx.store.by_idempotency_key(outcome_key(position))
-    if done is not None:
-        return done
+    assert sha is not None
     # Both outcomes name the same source, in the same stream as it.
     source: dict[str, Any] = {
         "org_id": data.org_id,
         "course_id": data.course_id,
         "assignment_id": data.assignment_id,
-        "source_position": position,
+        "source_position": event.position,
         "archive_sha256": sha,
         "student_id": data.student_id if isinstance(data, StudentEvent) else None,
     }
-    outcome: DomainEvent
     try:
-        report = unpack_archive(ctx.archives.path(sha), ctx.archives.extracted_path(sha), ctx.limits)
-        outcome = ArchiveUnpacked(
-            **source, members=report.members, total_size=report.total_size, notebooks=report.notebooks
-        )
-    except (UnsafeArchive, UnsupportedMedia, NotFound) as e:
-        log.warning("Archive %s of event %d rejected: %s", sha, position, e.note)
-        outcome = ArchiveRejected(**source, reason=e.note)
-    appended = ctx.appender.append(AppendRequest(outcome, SYSTEM_ACTOR, idempotency_key=outcome_key(position)))
-    return appended.event
+        with ctx.archives.open(sha) as stored:
+            reading = HashingReader(stored)
+            report = inspect_archive(reading, ctx.limits)
+            if reading.hexdigest() != sha:
+                raise BlobCorrupt(sha)
+    except (UnsafeArchive, UnsupportedMedia, NotFound, BlobCorrupt) as e:
+        log.warning("Archive %s of event %d rejected: %s", sha, event.position, e.note)
+        return ArchiveRejected(**source, reason=e.note)
+    return ArchiveUnpacked(**source, members=report.members, total_size=report.total_size, notebooks=report.notebooks)
 
 
 def catch_up(ctx: WorkerContext) -> dict[str, int]:

@@ -473,7 +473,7 @@ def test_sweep_does_what_a_lost_message_would_have(ctx: Context) -> None:
         outcome = ctx.store.by_idempotency_key(tasks.outcome_key(source.position))
         assert outcome is not None and outcome.type == "archive_unpacked", outcome
         assert outcome.payload["source_position"] == source.position
-    assert (ctx.archives.extracted_path(submitted.payload["archive_sha256"]) / "nb1.ipynb").read_bytes() == b"my work"
+        assert outcome.payload["notebooks"] == ["nb1"]
     head = ctx.store.head()
     marks = checkpoints(ctx.engine)
     assert {name: marks[name] for name in NAMES} == dict.fromkeys(NAMES, head)
@@ -504,6 +504,63 @@ def test_check_archive_records_one_outcome_however_often_it_runs(ctx: Context) -
     head = ctx.store.head()
     tasks.sweep(ctx)  # the sweep finds both already checked
     assert ctx.store.head() == head
+
+
+class CountingAppender:
+    """The store as appender, counting the batches it commits."""
+
+    def __init__(self, store: SQLEventStore) -> None:
+        self.store = store
+        self.batches: list[int] = []
+
+    def append(self, request: AppendRequest) -> Any:
+        return self.append_batch([request])[0]
+
+    def append_batch(self, requests: Any) -> Any:
+        self.batches.append(len(requests))
+        return self.store.append_batch(requests)
+
+
+def test_a_message_of_checks_reads_and_commits_once_and_skips_what_is_done(ctx: Context) -> None:
+    released = append_release(ctx)
+    submitted = [append_submission(ctx, f"s{i}", f"work {i}".encode()) for i in range(6)]
+    tasks.check_archive(ctx, submitted[2].position)  # one of them checked already (a redelivered message)
+    ctx.appender = counting = CountingAppender(ctx.store)  # type: ignore[assignment]
+    statements: list[str] = []
+    sa.event.listen(ctx.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+
+    positions = [released.position, *(s.position for s in submitted)]
+    outcomes = tasks.check_archives(ctx, positions)
+
+    assert sorted(outcomes) == positions
+    assert counting.batches == [6]  # the five unchecked submissions and the release, in one commit
+    reads = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
+    # The events, the outcomes done; then the append's own: PostgreSQL's lock, the head, the versions, the keys.
+    assert len(reads) <= 2 + 4, reads  # however many archives the message names
+    assert all(len(outcomes_of(ctx, p)) == 1 for p in positions)
+    assert tasks.check_archives(ctx, positions) == outcomes  # again: nothing new
+    assert counting.batches == [6, 0]
+
+
+def test_a_failure_in_a_message_of_checks_keeps_the_outcomes_decided_before_it(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    submitted = [append_submission(ctx, f"s{i}", f"work {i}".encode()) for i in range(4)]
+    broken = submitted[2].payload["archive_sha256"]
+    real_open = ctx.archives.open
+
+    def failing_disk(sha256: str) -> Any:
+        if sha256 == broken:
+            raise OSError(5, "Input/output error")
+        return real_open(sha256)
+
+    monkeypatch.setattr(ctx.archives, "open", failing_disk)
+    with pytest.raises(OSError):
+        tasks.check_archives(ctx, [s.position for s in submitted])
+    assert [len(outcomes_of(ctx, s.position)) for s in submitted] == [1, 1, 0, 0]
+    monkeypatch.setattr(ctx.archives, "open", real_open)
+    assert sorted(tasks.check_archives(ctx, [s.position for s in submitted])) == [s.position for s in submitted]
+    assert [len(outcomes_of(ctx, s.position)) for s in submitted] == [1, 1, 1, 1]
 
 
 def test_sweep_leaves_young_events_to_their_messages_and_comes_back_for_them(ctx: Context) -> None:
@@ -595,22 +652,55 @@ def test_a_database_outage_is_logged_once_each_way_by_the_projector_and_the_swee
 
 
 def test_a_failing_check_does_not_stop_the_projections(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An unexpected error on one archive (a full disk, say) leaves it for the next sweep; reads still catch up."""
+    """An unexpected error on one archive (the store's disk failing) leaves it for the next sweep; reads catch up."""
     append_release(ctx)
-    broken = append_submission(ctx, "s1", b"disk full")
-    real_unpack = tasks.unpack_archive
+    broken = append_submission(ctx, "s1", b"unreadable for now")
+    real_open = ctx.archives.open
 
-    def disk_full(path: Path, dest: Path, limits: ArchiveLimits) -> Any:
-        if path.name == broken.payload["archive_sha256"]:
-            raise OSError(28, "No space left on device")
-        return real_unpack(path, dest, limits)
+    def failing_disk(sha256: str) -> Any:
+        if sha256 == broken.payload["archive_sha256"]:
+            raise OSError(5, "Input/output error")
+        return real_open(sha256)
 
-    monkeypatch.setattr(tasks, "unpack_archive", disk_full)
+    monkeypatch.setattr(ctx.archives, "open", failing_disk)
     assert tasks.sweep(ctx) == broken.position - 1  # stops just before the failing event
     assert dict.fromkeys(NAMES, ctx.store.head()) == {n: checkpoints(ctx.engine)[n] for n in NAMES}
     with ctx.engine.connect() as conn:
         assert [r["archive_state"] for r in list_submissions(conn, 1, COURSE, "ps1")] == ["pending"]
 
-    monkeypatch.setattr(tasks, "unpack_archive", real_unpack)  # the disk has room again
+    monkeypatch.setattr(ctx.archives, "open", real_open)  # the disk reads again
     tasks.sweep(ctx)
     assert [e.type for e in outcomes_of(ctx, broken.position)] == ["archive_unpacked"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "changed bytes", "truncated", "grown"])
+def test_a_blob_the_store_lost_or_changed_is_rejected_with_the_reason(ctx: Context, damage: str) -> None:
+    """The check reads the stored bytes once and hashes them as it goes: any damage is an ``archive_rejected``."""
+    append_release(ctx)
+    broken = append_submission(ctx, "s1", b"my work")
+    sha = broken.payload["archive_sha256"]
+    path = ctx.archives.path(sha)
+    original = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    else:
+        os.chmod(path, 0o600)
+        damaged = {
+            "changed bytes": original[:-9] + bytes([original[-9] ^ 0xFF]) + original[-8:],
+            "truncated": original[: len(original) // 2],
+            "grown": original + b"\0" * 512,
+        }[damage]
+        path.write_bytes(damaged)
+
+    tasks.sweep(ctx)
+
+    (outcome,) = outcomes_of(ctx, broken.position)
+    assert outcome.type == "archive_rejected"
+    reason = outcome.payload["reason"]
+    if damage == "missing":
+        assert f"No archive with sha256 {sha}" in reason
+    elif damage == "changed bytes" or damage == "grown":
+        # Still a readable gzip'd tar (or one whose bytes past the end are not read by tar): the hash tells.
+        assert reason == f"The stored bytes of archive {sha} no longer hash to its name: the store changed them."
+    else:
+        assert "not a readable gzip'd tar" in reason

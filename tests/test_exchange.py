@@ -1,0 +1,172 @@
+"""Tests for the use cases' kept decisions: a fetch or submission decided on a kept release is never wrong at commit.
+
+Two ``Exchange`` objects on two runtimes sharing one database stand for two
+API processes: what one appends, the other's kept decision has not seen.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from builders import make_archive
+
+from nbexchange.app import NbExchange
+from nbexchange.errors import KeyReused, NotFound, UnsafeArchive
+from nbexchange.exchange import Exchange
+from nbexchange.identity.base import User
+from nbexchange.runtime import Runtime
+from nbexchange.storage import StoredArchive
+from nbexchange.workers import tasks
+
+TEACHER = User(name="ada", org_id=1, courses={"phys101": "Instructor"})
+
+
+def student(name: str) -> User:
+    return User(name=name, org_id=1, courses={"phys101": "Student"})
+
+
+@pytest.fixture
+def processes(db_url: str, tmp_path: Path) -> Iterator[Callable[[], Exchange]]:
+    """Factory of use cases on runtimes of their own, all on this test's database and store."""
+    runtimes: list[Runtime] = []
+
+    def start() -> Exchange:
+        settings = NbExchange(db_url=db_url, base_storage_location=str(tmp_path / "store"), check_defer_max=1000.0)
+        runtimes.append(Runtime(settings))
+        return Exchange(runtimes[-1], 10.0)
+
+    yield start
+    for runtime in runtimes:
+        runtime.close()
+
+
+def stored(exchange: Exchange, files: dict[str, bytes] | None = None) -> StoredArchive:
+    return exchange.rt.archives.store_bytes(make_archive(files or {"nb1.ipynb": b"{}"}))
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def queries_in_this_thread(engine: sa.Engine) -> list[str]:
+    """The statements this thread runs on ``engine`` from now on (the committer's thread is not this one)."""
+    mine = threading.get_ident()
+    seen: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if threading.get_ident() == mine:
+            seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    return seen
+
+
+def released_and_kept(api: Exchange) -> StoredArchive:
+    """Release ps1 and submit to it once, so that ``api`` keeps the decision; the work, to submit again."""
+    api.release(TEACHER, "phys101", "ps1", ["nb1"], stored(api))
+    work = stored(api, {"nb1.ipynb": b"mine"})
+    api.submit(student("s0"), "phys101", "ps1", now(), work)
+    return work
+
+
+def types_after(exchange: Exchange, position: int) -> list[str]:
+    return [event.type for event in exchange.rt.store.read(after=position)]
+
+
+def test_a_kept_release_spares_every_later_fetch_and_submission_a_read_of_the_log(
+    processes: Callable[[], Exchange],
+) -> None:
+    api = processes()
+    work = released_and_kept(api)
+
+    statements = queries_in_this_thread(api.rt.engine)
+    for i in range(1, 4):
+        api.fetch(student(f"s{i}"), "phys101", "ps1", key=f"fetch-{i}")
+        assert api.may_submit(student(f"s{i}"), "phys101", "ps1", now(), f"submit-{i}") is not None
+        api.submit(student(f"s{i}"), "phys101", "ps1", now(), work, key=f"submit-{i}")
+    assert statements == []  # every read before the append was spared; the appends ran in the committer
+
+
+@pytest.mark.parametrize("change", ["unreleased", "unreleased and purged"])
+def test_an_unrelease_by_another_process_refuses_the_next_write_decided_on_a_kept_release(
+    processes: Callable[[], Exchange], change: str
+) -> None:
+    api, other = processes(), processes()
+    work = released_and_kept(api)
+    withdrawn = other.unrelease(TEACHER, "phys101", "ps1", purge=change.endswith("purged")).event.position
+
+    with pytest.raises(NotFound):
+        api.submit(student("s1"), "phys101", "ps1", now(), work)
+    with pytest.raises(NotFound):
+        api.fetch(student("s1"), "phys101", "ps1")
+    with pytest.raises(NotFound):
+        api.may_submit(student("s1"), "phys101", "ps1", now())
+    assert types_after(api, withdrawn) == []
+
+
+def test_a_new_release_by_another_process_is_what_the_next_submission_names(
+    processes: Callable[[], Exchange],
+) -> None:
+    api, other = processes(), processes()
+    work = released_and_kept(api)
+    other.unrelease(TEACHER, "phys101", "ps1")
+    again = other.release(TEACHER, "phys101", "ps1", ["nb1", "nb2"], stored(other, {"nb2.ipynb": b"{}"})).event
+
+    submitted = api.submit(student("s1"), "phys101", "ps1", now(), work).event
+    assert submitted.payload["notebooks"] == ["nb1", "nb2"]
+    fetched = api.fetch(student("s2"), "phys101", "ps1").event
+    assert fetched.payload["release_position"] == again.position
+    assert fetched.payload["archive_sha256"] == again.payload["archive_sha256"]
+
+
+def test_a_release_rejected_after_it_was_kept_refuses_the_next_writes(processes: Callable[[], Exchange]) -> None:
+    api, worker = processes(), processes()
+    released = api.release(TEACHER, "phys101", "ps1", ["nb1"], api.rt.archives.store_bytes(b"\x1f\x8b not a tar")).event
+    work = stored(api, {"nb1.ipynb": b"mine"})
+    api.submit(student("s0"), "phys101", "ps1", now(), work)  # before the check: accepted, decision kept
+    outcome = tasks.check_archive(worker.rt, released.position)
+    assert outcome is not None and outcome.type == "archive_rejected"
+
+    with pytest.raises(UnsafeArchive):
+        api.submit(student("s1"), "phys101", "ps1", now(), work)
+    with pytest.raises(UnsafeArchive):
+        api.fetch(student("s1"), "phys101", "ps1")
+    assert types_after(api, outcome.position) == []
+
+
+def test_a_release_checked_safe_after_it_was_kept_goes_on_being_accepted(processes: Callable[[], Exchange]) -> None:
+    api, worker = processes(), processes()
+    released = api.release(TEACHER, "phys101", "ps1", ["nb1"], stored(api)).event
+    work = stored(api, {"nb1.ipynb": b"mine"})
+    api.submit(student("s0"), "phys101", "ps1", now(), work)
+    outcome = tasks.check_archive(worker.rt, released.position)
+    assert outcome is not None and outcome.type == "archive_unpacked"
+
+    # The kept decision predates the outcome: the append refuses it once, the write is decided again and stands.
+    assert api.submit(student("s1"), "phys101", "ps1", now(), work).event.type == "submitted"
+    statements = queries_in_this_thread(api.rt.engine)
+    assert api.submit(student("s2"), "phys101", "ps1", now(), work).event.type == "submitted"
+    assert statements == []  # and is kept again, outcome included
+
+
+def test_a_retry_after_an_unrelease_gets_its_first_answer_and_a_reused_key_is_refused(
+    processes: Callable[[], Exchange],
+) -> None:
+    api, other = processes(), processes()
+    work = released_and_kept(api)
+    when = now()
+    first = api.submit(student("s1"), "phys101", "ps1", when, work, key="k1")
+    other.unrelease(TEACHER, "phys101", "ps1")
+
+    retried = api.submit(student("s1"), "phys101", "ps1", when, work, key="k1")
+    assert retried.duplicate and retried.event.position == first.event.position
+    api.may_submit(student("s1"), "phys101", "ps1", when, "k1")  # a retry's body may be read: no refusal
+    api.decisions.forget()
+    assert api.may_submit(student("s1"), "phys101", "ps1", when, "k1") is None  # nor when decided on the log
+    with pytest.raises(KeyReused):
+        api.submit(student("s1"), "phys101", "ps1", when, stored(api, {"nb1.ipynb": b"other"}), key="k1")
