@@ -6,12 +6,17 @@ Usage (see ``bench/README.md``, section "Deadline night")::
     python bench/deadline.py --students 500 --size 256KB --modes embedded
     python bench/deadline.py --scenario bigupload             # 2 GB upload: server RSS; oversized one: 413 unread
     python bench/deadline.py --scenario list                  # 10,000 submissions listed: collections latency
+    python bench/deadline.py --students 1000 --size 256KB --modes embedded --blob-stores local,s3
+                                                              # the same burst, archives on disk vs in S3 (moto)
 
 Not part of the test suite. Each mode starts its own servers in a fresh
 folder (and, in production mode, a fresh PostgreSQL schema and Redis queue),
 runs the load generator (``bench/loadgen.py``) as its own process, reads the
 servers' /proc, stops everything it started, and prints a Markdown table.
 Raw results go to ``bench/results/`` (git-ignored). Only 127.0.0.1 is used.
+With ``--blob-stores s3`` a mode also runs with its archives in an S3
+store: moto's S3 server (from the test extra), started for that mode on
+loopback and measured as one of its processes (mode ``embedded+s3``…).
 """
 
 from __future__ import annotations
@@ -82,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--scenario", choices=("deadline", "bigupload", "list"), default="deadline")
     p.add_argument("--modes", default="embedded,production", help="embedded, production (comma-separated)")
+    p.add_argument(
+        "--blob-stores",
+        default="local",
+        help="local, s3 (comma-separated): each mode runs on each archive store; s3 starts moto's S3 server",
+    )
     p.add_argument("--students", type=int, default=2000, help="N: students who fetch and submit")
     p.add_argument("--size", type=size_arg, default=1024**2, help="S: bytes per submitted archive (e.g. 1MB)")
     p.add_argument("--concurrency", type=int, default=64, help="C: the load generator's connections")
@@ -128,6 +138,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for mode in args.modes:
         if mode not in ("embedded", "production"):
             p.error(f"unknown mode {mode!r}")
+    args.blob_stores = [b for b in args.blob_stores.split(",") if b]
+    for store in args.blob_stores:
+        if store not in ("local", "s3"):
+            p.error(f"unknown blob store {store!r}")
+    # ``embedded+s3``: the mode with its archives in the S3 store.
+    args.modes = [mode if store == "local" else f"{mode}+{store}" for mode in args.modes for store in args.blob_stores]
     return args
 
 
@@ -239,10 +255,33 @@ def start_baseline(root: Path, args: argparse.Namespace) -> Servers:
     return servers
 
 
+def start_s3(root: Path, servers: Servers) -> list[str]:
+    """moto's S3 server on a free loopback port, as one of ``servers``; the flags that keep archives there."""
+    port = free_port()
+    # moto takes any credentials; the AWS SDK in the servers under test only needs some to sign with.
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    )
+    servers.procs["s3 (moto)"] = spawn(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], root / "s3.log"
+    )
+    wait_http(f"http://127.0.0.1:{port}/moto-api/", [servers.procs["s3 (moto)"]])
+    return [
+        "--NbExchange.blob_store=s3",
+        f"--NbExchange.s3_endpoint_url=http://127.0.0.1:{port}",
+        "--NbExchange.s3_bucket=bench",
+        "--NbExchange.s3_create_bucket=True",
+    ]
+
+
 def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace) -> Servers:
-    """Embedded: one process (SQLite, in-process broker and worker); production: PostgreSQL, Redis, APIs, workers."""
+    """Embedded: one process (SQLite, in-process broker and worker); production: PostgreSQL, Redis, APIs, workers.
+
+    ``…+s3``: the archives in an S3 store (moto's server, started here and counted as one of the mode's processes).
+    """
     port = free_port()
     servers = Servers(mode, port)
+    mode, _, blob_store = mode.partition("+")
     flags = [
         f"--NbExchange.base_storage_location={root / 'store'}",
         f"--NbExchange.users_file={users}",
@@ -250,6 +289,8 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
         *args.extra,
     ]
     try:
+        if blob_store == "s3":
+            flags += start_s3(root, servers)
         if mode == "embedded":
             flags.append(f"--NbExchange.db_url=sqlite:///{root / 'store' / 'nbexchange.sqlite'}")
             api = spawn(

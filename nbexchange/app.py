@@ -151,6 +151,57 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     def _default_store(self) -> str:
         return os.environ.get("NBEX_BASE_STORE", "/tmp/courses")
 
+    blob_store = Enum(
+        ["local", "s3"],
+        config=True,
+        help="Where archives are kept: 'local', in base_storage_location/archives (shared by every process), or "
+        "'s3', in an S3-compatible object store (s3_bucket, s3_endpoint_url...; credentials from the AWS SDK's "
+        "usual chain: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, a role). Env NBEX_BLOB_STORE.",
+    )
+
+    @default("blob_store")
+    def _default_blob_store(self) -> str:
+        return os.environ.get("NBEX_BLOB_STORE", "local")
+
+    s3_bucket = Unicode(config=True, help="The bucket of the S3 store (blob_store 's3'; env NBEX_S3_BUCKET).")
+
+    @default("s3_bucket")
+    def _default_s3_bucket(self) -> str:
+        return os.environ.get("NBEX_S3_BUCKET", "")
+
+    s3_prefix = Unicode(
+        config=True,
+        help="Key prefix of everything the S3 store writes in its bucket, e.g. 'nbexchange/' (env NBEX_S3_PREFIX).",
+    )
+
+    @default("s3_prefix")
+    def _default_s3_prefix(self) -> str:
+        return os.environ.get("NBEX_S3_PREFIX", "")
+
+    s3_endpoint_url = Unicode(
+        config=True,
+        help="URL of an S3-compatible server (MinIO, Ceph, Garage...), e.g. http://minio:9000; empty: AWS S3 "
+        "(env NBEX_S3_ENDPOINT_URL).",
+    )
+
+    @default("s3_endpoint_url")
+    def _default_s3_endpoint_url(self) -> str:
+        return os.environ.get("NBEX_S3_ENDPOINT_URL", "")
+
+    s3_region = Unicode(
+        "", config=True, help="Region of the S3 store; empty: the AWS SDK's own (AWS_DEFAULT_REGION, a profile)."
+    )
+    s3_addressing_style = Enum(
+        ["auto", "path", "virtual"],
+        "auto",
+        config=True,
+        help="How the bucket is named in requests: 'path' (http://host/bucket/key) suits most self-hosted "
+        "S3-compatible servers; 'virtual' (http://bucket.host/key); 'auto' lets the AWS SDK choose.",
+    )
+    s3_create_bucket = Bool(
+        False, config=True, help="Create s3_bucket on start if it does not exist (a test or single-host setup)."
+    )
+
     db_url = Unicode(
         config=True,
         help="SQLAlchemy URL of the database (env NBEX_DB_URL). Default: a SQLite file in "
@@ -603,6 +654,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
 
     def cmd_verify(self) -> None:
         from nbexchange.audit import Head, read_anchors, verify, verify_projections
+        from nbexchange.storage import open_archive_store
 
         heads = [Head.parse(self.expect_head)] if self.expect_head else []
         if self.anchors:
@@ -613,7 +665,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
                 self.exit(2)
         engine, store = self._open(audit=True)
         until = self.until_position or None
-        report = verify(store, Path(self.base_storage_location), until_position=until, heads=heads)
+        report = verify(store, open_archive_store(self, create=False), until_position=until, heads=heads)
         if self.verify_projections:
             report["projections"] = verify_projections(engine)
             report["ok"] = report["ok"] and report["projections"]["ok"]
@@ -677,13 +729,14 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     def cmd_extract(self) -> None:
         from nbexchange.audit import extract
         from nbexchange.errors import ExchangeError
+        from nbexchange.storage import open_archive_store
 
         if not (self.submission and self.output):
             self.log.critical("extract needs --submission POSITION and --output FILE")
             self.exit(2)
         _, store = self._open(audit=True)
         try:
-            sha = extract(store, Path(self.base_storage_location), self.submission, Path(self.output))
+            sha = extract(store, open_archive_store(self, create=False), self.submission, Path(self.output))
         except ExchangeError as e:
             self.log.critical("%s", e.note)
             self.exit(1)

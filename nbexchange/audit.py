@@ -103,7 +103,7 @@ def read_anchors(path: Path) -> list[Head]:
 
 def verify(
     store: SQLEventStore,
-    storage: Path,
+    archives: ArchiveStore,
     *,
     until_position: int | None = None,
     heads: Sequence[Head] = (),
@@ -119,9 +119,9 @@ def verify(
     releases that owned it were purged (``unreleased`` with ``purge``) and
     no submission or feedback is of the same bytes. Stored blobs that no
     event names are listed (``unnamed``): a refused upload's, or a crash's,
-    which the blob collector removes after its grace. Nothing is written.
+    which the blob collector removes after its grace. Nothing is written:
+    ``archives`` is opened with ``create=False``.
     """
-    archives = ArchiveStore(storage, create=False)
     named: dict[str, int] = {}
     owners: dict[str, set[int]] = {}
     releases: dict[tuple[int, str, str], list[tuple[int, str]]] = {}
@@ -253,7 +253,7 @@ def _row(row: tuple[Any, ...]) -> list[Any]:
     return [format_iso(v) if isinstance(v, datetime) else v for v in row]
 
 
-def extract(store: SQLEventStore, storage: Path, position: int, output: Path) -> str:
+def extract(store: SQLEventStore, archives: ArchiveStore, position: int, output: Path) -> str:
     """Write the archive of the submission at ``position`` to ``output`` and ``output.sha256``; returns its sha256.
 
     Appends nothing (unlike a collection) and writes nothing in the store.
@@ -266,7 +266,7 @@ def extract(store: SQLEventStore, storage: Path, position: int, output: Path) ->
     sha = str(event.payload["archive_sha256"])
     digest = hashlib.sha256()
     try:
-        with ArchiveStore(storage, create=False).open(sha) as stored, output.open("xb") as out:
+        with archives.open(sha) as stored, output.open("xb") as out:
             while chunk := stored.read(1024 * 1024):
                 digest.update(chunk)
                 out.write(chunk)

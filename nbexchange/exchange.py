@@ -7,7 +7,6 @@ log, the archive store and the projections. Nothing here knows about HTTP.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -56,7 +55,7 @@ from nbexchange.projections.collections import (
 from nbexchange.projections.feedback import student_feedback
 from nbexchange.projections.history import course_history
 from nbexchange.runtime import Runtime
-from nbexchange.storage import StoredArchive
+from nbexchange.storage import BlobReader, StoredArchive
 from nbexchange.workers.tasks import outcome_key
 
 #: How often a write is decided again when a stream it depends on moved before its commit.
@@ -448,12 +447,37 @@ class Exchange:
             event = Fetched(user.org_id, course_id, assignment_id, user.name, a.release.position, sha)
             return self._append(user, event, key, fingerprint, requires=a.requires())
 
-        written = self._write(user, key, Fetched.TYPE, fingerprint, decide, append)
-        return self._download(written.event.payload["archive_sha256"], written.event)
+        def archive(a: Assignment) -> str | None:
+            return a.release.data.archive() if a.release else None
 
-    def _download(self, sha256: str, event: RecordedEvent) -> Download:
-        file = self.rt.archives.open(sha256)
-        return Download(file, os.fstat(file.fileno()).st_size, event)
+        return self._download(user, key, Fetched.TYPE, fingerprint, decide, append, archive)
+
+    def _download(
+        self,
+        user: User,
+        key: str | None,
+        event_type: str,
+        fingerprint: str,
+        decide: Callable[[], D],
+        append: Callable[[D], Written],
+        archive_of: Callable[[D], Any],
+    ) -> Download:
+        """``_write`` a download's event, opening its archive first: a store that cannot serve it records none."""
+        opened: list[BlobReader] = []
+
+        def open_then_append(state: D) -> Written:
+            opened.append(self.rt.archives.open(archive_of(state)))
+            return append(state)
+
+        try:
+            written = self._write(user, key, event_type, fingerprint, decide, open_then_append)
+            if not opened:  # a retried request's first answer: its event was appended then
+                opened.append(self.rt.archives.open(written.event.payload["archive_sha256"]))
+            file = opened.pop()
+            return Download(file, file.size, written.event)
+        finally:
+            for unused in opened:  # opened for an attempt that conflicted, or before a failure
+                unused.close()
 
     def may_submit(
         self, user: User, course_id: str, assignment_id: str, timestamp: datetime, key: str | None = None
@@ -548,8 +572,9 @@ class Exchange:
             )
             return self._append(user, event, key, fingerprint)
 
-        written = self._write(user, key, Collected.TYPE, fingerprint, decide, append)
-        return self._download(written.event.payload["archive_sha256"], written.event)
+        return self._download(
+            user, key, Collected.TYPE, fingerprint, decide, append, lambda submission: submission["archive_sha256"]
+        )
 
     def _submission(self, user: User, course_id: str, assignment_id: str, path: str) -> dict[str, Any]:
         """The submission a ``path`` token names, found in the read model once it includes every committed event.
@@ -637,7 +662,7 @@ class Exchange:
                 files.append(
                     FeedbackFile(
                         download,
-                        os.fstat(download.fileno()).st_size,
+                        download.size,
                         filename=f"{row['notebook_id']}.html",
                         timestamp=format_timestamp(row["timestamp"]),
                         checksum=row["checksum"],

@@ -6,7 +6,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nbexchange.committer import GroupCommitter
@@ -14,7 +13,7 @@ from nbexchange.db import make_engine, upgrade, wait_until_reachable
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import RecordedEvent
 from nbexchange.metrics import count_appended
-from nbexchange.storage import ArchiveStore
+from nbexchange.storage import open_archive_store
 from nbexchange.workers.app import FOLLOW_POLL, Dispatcher, Projector, make_celery
 from nbexchange.workers.archives import ArchiveLimits
 
@@ -42,7 +41,7 @@ class Runtime:
             wait_until_reachable(self.engine, DATABASE_WAIT)
             upgrade(self.engine)
         self.store = SQLEventStore(self.engine)
-        self.archives = ArchiveStore(Path(settings.base_storage_location))
+        self.archives = open_archive_store(settings)
         self.limits = ArchiveLimits(
             max_members=settings.archive_max_members,
             max_total_size=settings.archive_max_total_size,

@@ -1,22 +1,33 @@
-"""Durable, content-addressed storage of uploaded archives, each named by the sha256 of its bytes."""
+"""Durable, content-addressed storage of uploaded archives, each named by the sha256 of its bytes.
+
+``ArchiveStore`` is what the exchange needs of a store; ``LocalArchiveStore``
+keeps the blobs in a folder (the default), ``storage_s3.S3ArchiveStore`` in
+an S3-compatible object store. ``open_archive_store`` builds the one the
+settings choose.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import re
 import shutil
 import tempfile
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from nbexchange.errors import InsufficientStorage, NotFound, TooLarge
+from nbexchange.errors import ExchangeError, InsufficientStorage, NotFound, TooLarge
+
+if TYPE_CHECKING:
+    from nbexchange.app import NbExchange
 
 FILE_MODE = 0o640
 DIR_MODE = 0o750
@@ -31,14 +42,106 @@ COLLECTING = "collecting-"
 
 @dataclass(frozen=True)
 class StoredArchive:
-    """An archive safely on disk: its sha256 (hex), its size in bytes and where it lives."""
+    """An archive safely stored: its sha256 (hex) and its size in bytes."""
 
     sha256: str
     size: int
-    path: Path
 
 
-class ArchiveStore:
+class BlobReader(io.BufferedReader):
+    """A stored blob opened for reading, as a stream; ``size`` is its length in bytes."""
+
+    def __init__(self, raw: io.RawIOBase, size: int) -> None:
+        super().__init__(raw, CHUNK_SIZE)
+        self.size = size
+
+
+class ArchiveStore(ABC):
+    """Where the blobs live, each named by its sha256; uploads in progress wait in ``tmp`` on local disk.
+
+    Every implementation keeps the same promises: an upload streams to a
+    temp file (bounded memory) and is durable once ``Upload.finish``
+    returns; the same bytes are stored once and shared; ``open`` streams;
+    ``collect`` never removes a blob an upload stored again after the
+    cutoff.
+    """
+
+    tmp: Path
+    #: Whether an upload's temp file is flushed to disk before ``_keep`` (it is when it becomes the blob).
+    sync_temp = True
+
+    def new_upload(self, max_size: int | None = None) -> Upload:
+        """Start a streamed upload that refuses to grow past ``max_size`` bytes."""
+        return Upload(self, max_size)
+
+    def store_bytes(self, data: bytes) -> StoredArchive:
+        """Store a small payload held in memory, as durably as a streamed upload."""
+        with self.new_upload() as upload:
+            upload.write(data)
+            return upload.finish()
+
+    @abstractmethod
+    def exists(self, sha256: str) -> bool:
+        """Whether the archive with this sha256 is stored (never, for a malformed digest)."""
+
+    @abstractmethod
+    def open(self, sha256: str) -> BlobReader:
+        """Open the stored archive for reading, as a stream; NotFound if it is not stored."""
+
+    @abstractmethod
+    def blobs(self) -> Iterator[tuple[str, float]]:
+        """Every stored blob's sha256 and the time it was last stored or stored again (seconds since the epoch)."""
+
+    @abstractmethod
+    def collect(self, sha256: str, cutoff: float) -> bool:
+        """Remove a blob no event owns, unless an upload stored it again after ``cutoff``; True if removed.
+
+        Only the blob collector calls this, once it knows no committed event
+        owns the blob. An upload of the same bytes meanwhile must end with
+        the blob stored: its event names a blob that stays.
+        """
+
+    @abstractmethod
+    def remove_leftovers(self, cutoff: float) -> list[str]:
+        """Remove what crashes left older than ``cutoff`` (partial uploads, blobs set aside…); name each.
+
+        Several processes share the store, so only age tells a crash's
+        leftover from work in progress.
+        """
+
+    @abstractmethod
+    def _keep(self, temp: Path, sha256: str) -> None:
+        """Make the finished temp file durable as the blob ``sha256`` (or rely on the copy stored), removing it."""
+
+    def verify(self, sha256: str) -> bool:
+        """Whether the stored bytes still hash to their name; NotFound if not stored."""
+        with self.open(sha256) as stored:
+            return HashingReader(stored).hexdigest() == sha256
+
+
+def open_archive_store(settings: NbExchange, create: bool = True) -> ArchiveStore:
+    """The store the settings choose (``blob_store``); with ``create`` False, one that writes nothing."""
+    tmp = Path(settings.base_storage_location) / "tmp"
+    if settings.blob_store == "s3":
+        # Imported here: the default local store needs no AWS SDK loaded.
+        from nbexchange.storage_s3 import S3ArchiveStore
+
+        if not settings.s3_bucket:
+            raise ExchangeError("blob_store is 's3' but no s3_bucket is set.")
+        return S3ArchiveStore(
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            tmp=tmp,
+            endpoint_url=settings.s3_endpoint_url or None,
+            region=settings.s3_region or None,
+            addressing_style=settings.s3_addressing_style,
+            create=create,
+            create_bucket=settings.s3_create_bucket,
+        )
+    return LocalArchiveStore(Path(settings.base_storage_location), create=create)
+
+
+class LocalArchiveStore(ArchiveStore):
     """Archives under ``root/archives/ab/<sha256>``; uploads in progress under ``root/tmp``."""
 
     def __init__(self, root: Path, create: bool = True) -> None:
@@ -51,9 +154,8 @@ class ArchiveStore:
             for folder in (self.root, self.archives, self.tmp):
                 make_dirs(folder)
 
-    def new_upload(self, max_size: int | None = None) -> Upload:
-        """Start a streamed upload that refuses to grow past ``max_size`` bytes."""
-        return Upload(self, max_size)
+    def __repr__(self) -> str:
+        return f"LocalArchiveStore({str(self.root)!r})"
 
     def path(self, sha256: str) -> Path:
         """Where the archive with this sha256 lives; NotFound if it is not stored."""
@@ -63,41 +165,32 @@ class ArchiveStore:
         return path
 
     def exists(self, sha256: str) -> bool:
-        """Whether the archive with this sha256 is stored (never, for a malformed digest)."""
-        if not _is_digest(sha256):
+        if not is_digest(sha256):
             return False
         return self._archive_path(sha256).is_file()
 
-    def open(self, sha256: str) -> BinaryIO:
-        """Open the stored archive for reading; NotFound if it is not stored."""
+    def open(self, sha256: str) -> BlobReader:
         try:
-            return self.path(sha256).open("rb")
+            raw = io.FileIO(self.path(sha256), "r")
         except FileNotFoundError as e:
             # Purged between the check and the open.
             raise NotFound(f"No archive with sha256 {sha256} is stored.") from e
+        return BlobReader(raw, os.fstat(raw.fileno()).st_size)
 
     def blobs(self) -> Iterator[tuple[str, float]]:
-        """Every stored blob's sha256 and the time (``st_mtime``) it was last stored or stored again."""
         for folder in self.archives.iterdir() if self.archives.is_dir() else ():
             if not folder.is_dir():
                 continue
             for entry in os.scandir(folder):
-                if _is_digest(entry.name):
+                if is_digest(entry.name):
                     try:
                         yield entry.name, entry.stat().st_mtime
                     except FileNotFoundError:
                         continue  # collected meanwhile
 
     def collect(self, sha256: str, cutoff: float) -> bool:
-        """Remove a blob no event owns, unless an upload stored it again after ``cutoff``; True if removed.
-
-        Only the blob collector calls this, once it knows no committed event
-        owns the blob. An upload of the same bytes meanwhile either touched
-        the blob before it was moved aside (its time is then after the
-        cutoff, and it is put back) or found it gone and stored its own copy
-        (``Upload.finish``): either way the upload's event names a blob that
-        stays.
-        """
+        """As the base's: an upload meanwhile either touched the blob before it was moved aside (its time is
+        then after the cutoff, and it is put back) or found it gone and stored its own copy (``_keep``)."""
         path = self._archive_path(sha256)
         aside = self.tmp / f"{COLLECTING}{sha256}-{uuid.uuid4().hex}"
         try:
@@ -111,6 +204,13 @@ class ArchiveStore:
         fsync_dir(path.parent)
         return True
 
+    def remove_leftovers(self, cutoff: float) -> list[str]:
+        """Partial uploads, blobs set aside, and the trees versions before 2.0 unpacked (:meth:`leftovers`)."""
+        found = self.leftovers(cutoff)
+        for path in found:
+            self.remove_leftover(path)
+        return [str(path) for path in found]
+
     def leftovers(self, cutoff: float) -> list[Path]:
         """What crashes left older than ``cutoff``: partial uploads, blobs set aside, half-unpacked trees.
 
@@ -118,10 +218,10 @@ class ArchiveStore:
         leftover from work in progress. The trees that versions before 2.0
         unpacked into ``extracted/`` are leftovers too: nothing reads them.
         """
-        found = [p for p in self.tmp.iterdir() if _older(p, cutoff)]
+        found = [p for p in self.tmp.iterdir() if older_than(p, cutoff)]
         if self.extracted.is_dir():
             trees = (tree for folder in self.extracted.iterdir() for tree in _entries(folder))
-            found.extend(tree for tree in trees if _older(tree, cutoff))
+            found.extend(tree for tree in trees if older_than(tree, cutoff))
         return found
 
     def remove_leftover(self, path: Path) -> None:
@@ -131,19 +231,24 @@ class ArchiveStore:
         else:
             path.unlink(missing_ok=True)
 
-    def verify(self, sha256: str) -> bool:
-        """Whether the stored bytes still hash to their name; NotFound if not stored."""
-        with self.open(sha256) as stored:
-            return HashingReader(stored).hexdigest() == sha256
 
-    def store_bytes(self, data: bytes) -> StoredArchive:
-        """Store a small payload held in memory, as durably as a streamed upload."""
-        with self.new_upload() as upload:
-            upload.write(data)
-            return upload.finish()
+    def _keep(self, temp: Path, sha256: str) -> None:
+        dest = self._archive_path(sha256)
+        make_dirs(dest.parent)
+        try:
+            # The same name means the same bytes: keep the copy already stored,
+            # marked as stored again now, so the blob collector leaves it be
+            # (see collect).
+            os.utime(dest)
+            temp.unlink()
+        except FileNotFoundError:
+            os.replace(temp, dest)
+        # Both entries must reach the disk before an event may name this archive.
+        fsync_dir(dest.parent)
+        fsync_dir(dest.parent.parent)
 
     def _archive_path(self, sha256: str) -> Path:
-        _check_digest(sha256)
+        check_digest(sha256)
         return self.archives / sha256[:2] / sha256
 
 
@@ -233,23 +338,12 @@ class Upload:
             return self._result
         self._check_open()
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._store.sync_temp:
+            os.fsync(self._file.fileno())
         self._file.close()
         sha256 = self._digest.hexdigest()
-        dest = self._store._archive_path(sha256)
-        make_dirs(dest.parent)
-        try:
-            # The same name means the same bytes: keep the copy already stored,
-            # marked as stored again now, so the blob collector leaves it be
-            # (see ArchiveStore.collect).
-            os.utime(dest)
-            self._temp.unlink()
-        except FileNotFoundError:
-            os.replace(self._temp, dest)
-        # Both entries must reach the disk before an event may name this archive.
-        fsync_dir(dest.parent)
-        fsync_dir(dest.parent.parent)
-        self._result = StoredArchive(sha256, self._size, dest)
+        self._store._keep(self._temp, sha256)
+        self._result = StoredArchive(sha256, self._size)
         return self._result
 
     def abort(self) -> None:
@@ -284,7 +378,8 @@ def _entries(folder: Path) -> list[Path]:
     return list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else [folder]
 
 
-def _older(path: Path, cutoff: float) -> bool:
+def older_than(path: Path, cutoff: float) -> bool:
+    """Whether ``path`` was last changed before ``cutoff`` (False if it is gone)."""
     try:
         return path.lstat().st_mtime < cutoff
     except FileNotFoundError:
@@ -304,13 +399,15 @@ def raise_if_full(error: OSError) -> None:
         ) from error
 
 
-def _is_digest(sha256: str) -> bool:
+def is_digest(sha256: str) -> bool:
+    """Whether ``sha256`` is a sha256 as the store spells it: 64 lower-case hex digits."""
     return isinstance(sha256, str) and _DIGEST.fullmatch(sha256) is not None
 
 
-def _check_digest(sha256: str) -> None:
+def check_digest(sha256: str) -> None:
+    """NotFound unless ``sha256`` is a digest (``is_digest``)."""
     # Names come from clients: anything but a hex digest could walk out of the store.
-    if not _is_digest(sha256):
+    if not is_digest(sha256):
         raise NotFound(f"{str(sha256)[:80]!r} is not a sha256 hex digest.")
 
 

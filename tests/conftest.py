@@ -8,6 +8,9 @@ The backend is chosen by the environment, as JupyterHub's suite does:
 - ``NBEX_TEST_BROKER_URL``: a Redis URL; the live service then runs
   ``nbexchange worker`` processes on it. Unset: the embedded in-process
   broker and worker thread.
+- ``NBEX_TEST_BLOB_STORE``: ``s3`` keeps the archives in an S3-compatible
+  store (moto's server on loopback, started once for the session), a bucket
+  per service or test. Unset: the local folder.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from hostile import cases, render
-from service import TEST_BROKER_URL, Service, drop_db, fresh_db_url, start_service
+from s3server import new_bucket_name, shared_s3
+from service import TEST_BLOB_STORE, TEST_BROKER_URL, Service, drop_db, fresh_db_url, start_service
 
 from nbexchange.db import make_engine, upgrade
 from nbexchange.events.sql import SQLEventStore
+from nbexchange.storage import ArchiveStore, LocalArchiveStore
 
 
 @pytest.fixture
@@ -46,6 +51,22 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 def store(engine: sa.Engine) -> SQLEventStore:
     """The action log on this test's database."""
     return SQLEventStore(engine)
+
+
+@pytest.fixture
+def archive_store(tmp_path: Path) -> ArchiveStore:
+    """An empty archive store of the kind this run tests (``NBEX_TEST_BLOB_STORE``)."""
+    if TEST_BLOB_STORE != "s3":
+        return LocalArchiveStore(tmp_path / "store")
+    from nbexchange.storage_s3 import S3ArchiveStore
+
+    return S3ArchiveStore(
+        bucket=new_bucket_name(),
+        tmp=tmp_path / "store" / "tmp",
+        endpoint_url=shared_s3().url,
+        addressing_style="path",
+        create_bucket=True,
+    )
 
 
 @pytest.fixture

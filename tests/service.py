@@ -21,10 +21,16 @@ import requests
 import sqlalchemy as sa
 import yaml
 
+from nbexchange.app import NbExchange
+from nbexchange.storage import ArchiveStore, LocalArchiveStore, open_archive_store
+
 BASE_URL = "/services/nbexchange/"
 
 TEST_DB_URL = os.environ.get("NBEX_TEST_DB_URL", "")
 TEST_BROKER_URL = os.environ.get("NBEX_TEST_BROKER_URL", "")
+#: ``s3``: every live service keeps its archives in a bucket of its own on an S3 server the suite starts
+#: (moto's, tests/s3server.py). Unset: in its folder, as by default.
+TEST_BLOB_STORE = os.environ.get("NBEX_TEST_BLOB_STORE", "local")
 
 #: A real Redis for tests of the production topology, whichever pass runs them (.ci/run starts one).
 REDIS_URL = TEST_BROKER_URL or "redis://127.0.0.1:6379/0"
@@ -225,6 +231,10 @@ def start_service(
         # services started with it set (tests/api/test_decisions.py).
         f"--NbExchange.max_clock_skew={SKEW_FOR_FIXED_STAMPS}",
     ]
+    if TEST_BLOB_STORE == "s3":
+        from s3server import s3_flags  # imported here: it builds on this module
+
+        flags += s3_flags()
     # A setting in ``extra`` replaces the default above (traitlets refuses a setting given twice).
     overridden = {flag.split("=", 1)[0] for flag in extra or []}
     flags = [flag for flag in flags if flag.split("=", 1)[0] not in overridden] + list(extra or [])
@@ -252,6 +262,52 @@ def start_service(
             service.start_worker()
     wait_until_up(service)
     return service
+
+
+def service_archives(service: Service) -> ArchiveStore:
+    """The archive store a service keeps its blobs in (its folder, or its bucket), opened creating nothing."""
+    settings = NbExchange()
+    settings.parse_command_line(service.flags)
+    return open_archive_store(settings, create=False)
+
+
+def corrupt_blob(service: Service, sha256: str, data: bytes) -> None:
+    """Change a stored blob's bytes behind the service's back (a failing disk, a hand on the bucket)."""
+    replace_blob(service_archives(service), sha256, data)
+
+
+def replace_blob(archives: ArchiveStore, sha256: str, data: bytes | None) -> None:
+    """Put ``data`` where the blob ``sha256`` is kept, or remove it (None), behind the store's back."""
+    if isinstance(archives, LocalArchiveStore):
+        path = archives.path(sha256)
+        if data is None:
+            path.unlink()
+        else:
+            os.chmod(path, 0o600)
+            path.write_bytes(data)
+        return
+    from nbexchange.storage_s3 import BLOBS, S3ArchiveStore
+
+    assert isinstance(archives, S3ArchiveStore)
+    key = archives.prefix + BLOBS + sha256
+    if data is None:
+        archives.client.delete_object(Bucket=archives.bucket, Key=key)
+    else:
+        archives.client.put_object(Bucket=archives.bucket, Key=key, Body=data)
+
+
+def verify(service: Service) -> dict[str, Any]:
+    """``nbexchange verify`` on the service's database and store: its report."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nbexchange", "verify", *service.flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    report: dict[str, Any] = json.loads(done.stdout)
+    assert (done.returncode == 0) == report["ok"], done.stderr
+    return report
 
 
 def collect(service: Service, grace: float = 0) -> dict[str, Any]:

@@ -19,7 +19,17 @@ import sqlalchemy as sa
 import yaml
 from builders import make_archive
 from httpclient import until
-from service import TEST_BROKER_URL, Service, drop_db, free_port, fresh_db_url, start_service, wait_until_up
+from service import (
+    TEST_BROKER_URL,
+    Service,
+    corrupt_blob,
+    drop_db,
+    free_port,
+    fresh_db_url,
+    service_archives,
+    start_service,
+    wait_until_up,
+)
 from service import run_nbexchange as nbexchange
 
 from nbexchange.app import COMMANDS, NbExchange
@@ -28,7 +38,6 @@ from nbexchange.events.store import GENESIS, chain_hash
 from nbexchange.identity import JupyterHubPlugin, UsersFilePlugin
 from nbexchange.projections import PROJECTIONS, snapshot
 from nbexchange.projections.base import REBUILDING
-from nbexchange.storage import ArchiveStore
 
 #: The environment variables the settings read; cleared so the machine's own never leak in.
 SETTINGS_ENV = (
@@ -531,13 +540,13 @@ def test_verify_names_a_removed_event(audited, events_table):
 
 def test_verify_names_a_changed_archive(audited):
     sha = audited.sha["s2"]
-    path = ArchiveStore(audited.service.storage / "store").path(sha)
-    original = path.read_bytes()
-    path.write_bytes(original + b"\0")
+    with service_archives(audited.service).open(sha) as stored:
+        original = stored.read()
+    corrupt_blob(audited.service, sha, original + b"\0")
     try:
         status, report = audited.verify()
     finally:
-        path.write_bytes(original)
+        corrupt_blob(audited.service, sha, original)
     assert status == 1
     assert [f["position"] for f in report["faults"]] == [audited.second]
     assert sha in report["faults"][0]["reason"] and "does not match" in report["faults"][0]["reason"]

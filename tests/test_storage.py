@@ -1,4 +1,8 @@
-"""Tests for the content-addressed archive store: hashing, limits, cleanup, durability, names."""
+"""Tests for the content-addressed archive store: hashing, limits, cleanup, durability, names.
+
+One set of tests for the contract, run on both stores (the local folder and
+S3 on moto's server); the local store's own layout and modes apart.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +18,37 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from s3server import new_bucket_name, shared_s3
 
 from nbexchange.errors import NotFound, TooLarge
-from nbexchange.storage import ArchiveStore, StoredArchive
+from nbexchange.storage import ArchiveStore, LocalArchiveStore, StoredArchive
+from nbexchange.storage_s3 import S3ArchiveStore
+
+
+def make_store(kind: str, root: Path) -> ArchiveStore:
+    """A new, empty store of this kind: a folder under ``root``, or a new bucket on the shared S3 server."""
+    if kind == "local":
+        return LocalArchiveStore(root / "storage")
+    server = shared_s3()
+    return S3ArchiveStore(
+        bucket=new_bucket_name(),
+        prefix="exchange/",
+        tmp=root / "tmp",
+        endpoint_url=server.url,
+        addressing_style="path",
+        create_bucket=True,
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArchiveStore:
+    """Each store in turn: the contract is the same."""
+    return make_store(request.param, tmp_path)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ArchiveStore:
-    return ArchiveStore(tmp_path / "storage")
+def local(tmp_path: Path) -> LocalArchiveStore:
+    return LocalArchiveStore(tmp_path / "storage")
 
 
 @pytest.fixture
@@ -34,8 +61,23 @@ def strict_umask() -> Iterator[None]:
         os.umask(previous)
 
 
-def stored_files(store: ArchiveStore) -> list[Path]:
+def stored_files(store: LocalArchiveStore) -> list[Path]:
     return sorted(path for path in store.archives.rglob("*") if path.is_file())
+
+
+def stored_blobs(store: ArchiveStore) -> list[str]:
+    return sorted(sha for sha, _ in store.blobs())
+
+
+def read_blob(store: ArchiveStore, sha256: str) -> bytes:
+    with store.open(sha256) as blob:
+        data = blob.read()
+        assert blob.size == len(data)
+        return data
+
+
+def temp_files(store: ArchiveStore) -> list[Path]:
+    return list(store.tmp.iterdir())
 
 
 def mode(path: Path) -> int:
@@ -47,7 +89,7 @@ def mode(path: Path) -> int:
 def test_hash_and_size_match_hashlib(chunks: list[bytes]) -> None:
     data = b"".join(chunks)
     with tempfile.TemporaryDirectory() as root:
-        store = ArchiveStore(Path(root))
+        store = LocalArchiveStore(Path(root))
         with store.new_upload() as upload:
             for chunk in chunks:
                 upload.write(chunk)
@@ -56,33 +98,50 @@ def test_hash_and_size_match_hashlib(chunks: list[bytes]) -> None:
 
         assert stored.sha256 == hashlib.sha256(data).hexdigest()
         assert stored.size == len(data)
-        assert stored.path == store.archives / stored.sha256[:2] / stored.sha256
-        assert stored.path.read_bytes() == data
-        assert list(store.tmp.iterdir()) == []
+        assert store.path(stored.sha256) == store.archives / stored.sha256[:2] / stored.sha256
+        assert read_blob(store, stored.sha256) == data
+        assert temp_files(store) == []
+
+
+def test_a_stored_blob_reads_back_by_its_sha256(store: ArchiveStore) -> None:
+    data = b"".join(os.urandom(1000) for _ in range(7))
+    with store.new_upload() as upload:
+        for offset in range(0, len(data), 999):
+            upload.write(data[offset : offset + 999])
+        stored = upload.finish()
+    assert stored == StoredArchive(hashlib.sha256(data).hexdigest(), len(data))
+    assert read_blob(store, stored.sha256) == data
+    assert stored_blobs(store) == [stored.sha256]
+    assert temp_files(store) == []
 
 
 def test_a_large_upload_streams_through(store: ArchiveStore) -> None:
+    """Past the S3 store's multipart size (16 MiB), in parts; read back a chunk at a time."""
     block = os.urandom(1024 * 1024)
     digest = hashlib.sha256()
     with store.new_upload() as upload:
-        for _ in range(5):
+        for _ in range(18):
             upload.write(block)
             digest.update(block)
         stored = upload.finish()
     assert stored.sha256 == digest.hexdigest()
-    assert stored.size == 5 * len(block)
+    assert stored.size == 18 * len(block)
     assert store.verify(stored.sha256)
+    with store.open(stored.sha256) as blob:
+        assert blob.size == stored.size
+        assert blob.read(len(block)) == block
+    assert temp_files(store) == []
 
 
 def test_root_layout_and_modes(tmp_path: Path, strict_umask: None) -> None:
-    store = ArchiveStore(tmp_path / "storage")
+    store = LocalArchiveStore(tmp_path / "storage")
     for folder in ("archives", "tmp"):
         assert (tmp_path / "storage" / folder).is_dir()
         assert mode(tmp_path / "storage" / folder) == 0o750
 
     stored = store.store_bytes(b"some archive")
-    assert mode(stored.path) == 0o640
-    assert mode(stored.path.parent) == 0o750
+    assert mode(store.path(stored.sha256)) == 0o640
+    assert mode(store.path(stored.sha256).parent) == 0o750
 
 
 def test_head_is_the_first_two_bytes_however_they_arrive(store: ArchiveStore) -> None:
@@ -99,17 +158,23 @@ def test_head_is_the_first_two_bytes_however_they_arrive(store: ArchiveStore) ->
 
 def test_identical_uploads_are_stored_once(store: ArchiveStore) -> None:
     first = store.store_bytes(b"the same bytes")
-    inode = first.path.stat().st_ino
     with store.new_upload() as upload:
         upload.write(b"the same ")
         upload.write(b"bytes")
         second = upload.finish()
 
     assert first == second
-    assert stored_files(store) == [first.path]
-    # The copy already stored is kept, not replaced by the newcomer.
-    assert first.path.stat().st_ino == inode
-    assert list(store.tmp.iterdir()) == []
+    assert stored_blobs(store) == [first.sha256]
+    assert read_blob(store, first.sha256) == b"the same bytes"
+    assert temp_files(store) == []
+
+
+def test_the_local_store_keeps_the_copy_already_stored(local: LocalArchiveStore) -> None:
+    first = local.store_bytes(b"the same bytes")
+    inode = local.path(first.sha256).stat().st_ino
+    local.store_bytes(b"the same bytes")
+    assert stored_files(local) == [local.path(first.sha256)]
+    assert local.path(first.sha256).stat().st_ino == inode
 
 
 def test_too_large_at_the_byte_past_the_limit(store: ArchiveStore) -> None:
@@ -117,13 +182,13 @@ def test_too_large_at_the_byte_past_the_limit(store: ArchiveStore) -> None:
     upload.write(b"123456")
     upload.write(b"7890")  # exactly the limit is allowed
     assert upload.size == 10
-    assert list(store.tmp.iterdir()) != []
+    assert temp_files(store) != []
 
     with pytest.raises(TooLarge) as caught:
         upload.write(b"x")
     assert "10 bytes" in caught.value.note
-    assert list(store.tmp.iterdir()) == []
-    assert stored_files(store) == []
+    assert temp_files(store) == []
+    assert stored_blobs(store) == []
     with pytest.raises(ValueError):
         upload.write(b"")
     with pytest.raises(ValueError):
@@ -135,31 +200,31 @@ def test_too_large_in_one_chunk_writes_nothing(store: ArchiveStore) -> None:
         with pytest.raises(TooLarge):
             upload.write(b"123456")
         assert upload.size == 0
-    assert list(store.tmp.iterdir()) == []
+    assert temp_files(store) == []
 
 
 def test_abort_removes_the_temp_file_and_may_repeat(store: ArchiveStore) -> None:
     upload = store.new_upload()
     upload.write(b"half an upload")
-    assert len(list(store.tmp.iterdir())) == 1
+    assert len(temp_files(store)) == 1
     upload.abort()
     upload.abort()
-    assert list(store.tmp.iterdir()) == []
-    assert stored_files(store) == []
+    assert temp_files(store) == []
+    assert stored_blobs(store) == []
 
 
 def test_context_manager_aborts_on_exception(store: ArchiveStore) -> None:
     with pytest.raises(RuntimeError), store.new_upload() as upload:
         upload.write(b"interrupted")
         raise RuntimeError("client went away")
-    assert list(store.tmp.iterdir()) == []
-    assert stored_files(store) == []
+    assert temp_files(store) == []
+    assert stored_blobs(store) == []
 
 
 def test_context_manager_discards_an_unfinished_upload(store: ArchiveStore) -> None:
     with store.new_upload() as upload:
         upload.write(b"never finished")
-    assert list(store.tmp.iterdir()) == []
+    assert temp_files(store) == []
 
 
 def test_abort_after_finish_keeps_the_archive(store: ArchiveStore) -> None:
@@ -168,26 +233,51 @@ def test_abort_after_finish_keeps_the_archive(store: ArchiveStore) -> None:
     stored = upload.finish()
     upload.abort()
     assert upload.finish() == stored
-    assert stored.path.read_bytes() == b"kept"
+    assert read_blob(store, stored.sha256) == b"kept"
     with pytest.raises(ValueError):
         upload.write(b"more")
 
 
 def test_archives_survive_a_new_store_on_the_same_root(tmp_path: Path) -> None:
-    stored = ArchiveStore(tmp_path).store_bytes(b"\x1f\x8b durable bytes")
+    stored = LocalArchiveStore(tmp_path).store_bytes(b"\x1f\x8b durable bytes")
 
-    reopened = ArchiveStore(tmp_path)
+    reopened = LocalArchiveStore(tmp_path)
     assert reopened.exists(stored.sha256)
-    assert reopened.path(stored.sha256) == stored.path
-    with reopened.open(stored.sha256) as archive:
-        assert archive.read() == b"\x1f\x8b durable bytes"
+    assert read_blob(reopened, stored.sha256) == b"\x1f\x8b durable bytes"
     assert reopened.verify(stored.sha256)
+
+
+def test_an_auditors_s3_store_reads_what_the_service_stored(store: ArchiveStore, tmp_path: Path) -> None:
+    stored = store.store_bytes(b"\x1f\x8b durable bytes")
+    if isinstance(store, S3ArchiveStore):
+        auditor: ArchiveStore = S3ArchiveStore(
+            bucket=store.bucket,
+            prefix=store.prefix,
+            tmp=tmp_path / "auditor",
+            endpoint_url=shared_s3().url,
+            addressing_style="path",
+            create=False,
+        )
+        assert not (tmp_path / "auditor").exists()  # created nothing
+    else:
+        auditor = LocalArchiveStore(store.root, create=False)  # type: ignore[attr-defined]
+    assert auditor.exists(stored.sha256) and auditor.verify(stored.sha256)
+    assert stored_blobs(auditor) == [stored.sha256]
+
+
+def corrupt(store: ArchiveStore, sha256: str, data: bytes) -> None:
+    """Change the stored bytes behind the store's back (a failing disk, a hand on the bucket)."""
+    if isinstance(store, S3ArchiveStore):
+        store.client.put_object(Bucket=store.bucket, Key=f"{store.prefix}archives/{sha256}", Body=data)
+    else:
+        assert isinstance(store, LocalArchiveStore)
+        store.path(sha256).write_bytes(data)
 
 
 def test_verify_detects_a_tampered_archive(store: ArchiveStore) -> None:
     stored = store.store_bytes(b"original bytes")
     assert store.verify(stored.sha256)
-    stored.path.write_bytes(b"original bytez")
+    corrupt(store, stored.sha256, b"original bytez")
     assert not store.verify(stored.sha256)
 
 
@@ -201,40 +291,51 @@ def _age(path: Path, seconds: float) -> None:
     os.utime(path, (when, when), follow_symlinks=False)
 
 
-def test_collect_removes_an_old_blob(store: ArchiveStore) -> None:
-    stored = store.store_bytes(b"to be collected")
-    _age(stored.path, 100)
+#: The object store's times are whole seconds: a test waits this long for "older than the cutoff".
+ONE_SECOND = 1.1
 
-    assert store.collect(stored.sha256, cutoff=time.time() - 50) is True
-    assert not stored.path.exists() and not store.exists(stored.sha256)
+
+def test_collect_removes_an_unowned_blob(store: ArchiveStore) -> None:
+    stored = store.store_bytes(b"to be collected")
+    time.sleep(ONE_SECOND)
+    assert store.collect(stored.sha256, cutoff=time.time()) is True
+    assert not store.exists(stored.sha256) and stored_blobs(store) == []
     assert store.collect(stored.sha256, cutoff=time.time()) is False  # already gone
-    assert not list(store.tmp.iterdir())  # nothing left aside
+    assert store.remove_leftovers(cutoff=time.time() + 5) == []  # nothing left aside
     with pytest.raises(NotFound):
-        store.path(stored.sha256)
+        store.open(stored.sha256)
+
+
+def test_collect_keeps_a_blob_stored_after_the_cutoff(store: ArchiveStore) -> None:
+    stored = store.store_bytes(b"young bytes")
+    assert store.collect(stored.sha256, cutoff=time.time() - 60) is False
+    assert store.verify(stored.sha256)
 
 
 def test_storing_the_same_bytes_again_keeps_a_blob_from_the_collector(store: ArchiveStore) -> None:
     """An upload of a blob's bytes marks it stored again: the collector, deciding on the older time, keeps it."""
     stored = store.store_bytes(b"shared bytes")
-    _age(stored.path, 100)
-    cutoff = time.time() - 50  # the collector's cutoff, taken before the upload below
+    time.sleep(ONE_SECOND)
+    cutoff = time.time()  # the collector's cutoff, taken before the upload below
     assert store.store_bytes(b"shared bytes").sha256 == stored.sha256
+    assert dict(store.blobs())[stored.sha256] > cutoff - 1  # whole seconds
     assert store.collect(stored.sha256, cutoff) is False
     assert store.verify(stored.sha256)
-    assert not list(store.tmp.iterdir())
+    assert temp_files(store) == []
 
 
 def test_an_upload_finishing_after_the_blob_was_set_aside_stores_its_own_copy(store: ArchiveStore) -> None:
     stored = store.store_bytes(b"raced bytes")
-    _age(stored.path, 100)
     upload = store.new_upload()
     upload.write(b"raced bytes")
-    assert store.collect(stored.sha256, cutoff=time.time() - 50) is True
+    time.sleep(ONE_SECOND)
+    assert store.collect(stored.sha256, cutoff=time.time()) is True
     assert upload.finish().sha256 == stored.sha256
     assert store.verify(stored.sha256)
 
 
-def test_leftovers_are_old_partial_uploads_and_the_trees_earlier_versions_unpacked(store: ArchiveStore) -> None:
+def test_leftovers_are_old_partial_uploads_and_the_trees_earlier_versions_unpacked(local: LocalArchiveStore) -> None:
+    store = local
     partial = store.new_upload()
     partial.write(b"half of it")  # a crashed API's upload: never finished nor aborted
     (partial_path,) = store.tmp.iterdir()
@@ -252,18 +353,25 @@ def test_leftovers_are_old_partial_uploads_and_the_trees_earlier_versions_unpack
     for path in (partial_path, old_tree, old_staging):
         _age(path, 100)
 
-    found = set(store.leftovers(cutoff=time.time() - 50))
-    assert found == {partial_path, old_tree, old_staging}
-    for path in found:
-        store.remove_leftover(path)
+    found = store.remove_leftovers(cutoff=time.time() - 50)
+    assert sorted(found) == sorted(str(path) for path in (partial_path, old_tree, old_staging))
     assert store.exists(kept.sha256) and store.verify(kept.sha256)
-    assert young_tree.exists()
+    assert young_tree.exists() and not old_tree.exists()
     assert len(list(store.tmp.iterdir())) == 1  # the fresh upload
     fresh.abort()
 
 
+def test_partial_uploads_older_than_the_cutoff_are_leftovers(store: ArchiveStore) -> None:
+    partial = store.new_upload()
+    partial.write(b"half of it")  # a crashed API's upload: never finished nor aborted
+    (partial_path,) = temp_files(store)
+    assert store.remove_leftovers(cutoff=time.time() - 60) == []  # young: perhaps still arriving
+    assert store.remove_leftovers(cutoff=time.time() + 5) == [str(partial_path)]
+    assert temp_files(store) == []
+
+
 def test_an_auditors_store_creates_nothing(tmp_path: Path) -> None:
-    store = ArchiveStore(tmp_path / "backup", create=False)
+    store = LocalArchiveStore(tmp_path / "backup", create=False)
     assert list(store.blobs()) == [] and not (tmp_path / "backup").exists()
 
 
@@ -284,16 +392,19 @@ BAD_NAMES = [
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_malformed_names_are_refused(store: ArchiveStore, name: str) -> None:
     with pytest.raises(NotFound):
-        store.path(name)
-    with pytest.raises(NotFound):
         store.open(name)
+    with pytest.raises(NotFound):
+        store.verify(name)
     assert store.exists(name) is False
     with pytest.raises(NotFound):
         store.collect(name, time.time())
+    if isinstance(store, LocalArchiveStore):
+        with pytest.raises(NotFound):
+            store.path(name)
 
 
 def test_malformed_name_cannot_reach_a_file_outside(tmp_path: Path) -> None:
-    store = ArchiveStore(tmp_path / "storage")
+    store = LocalArchiveStore(tmp_path / "storage")
     secret = tmp_path / "secret"
     secret.write_bytes(b"do not serve")
     with pytest.raises(NotFound):
@@ -304,8 +415,6 @@ def test_malformed_name_cannot_reach_a_file_outside(tmp_path: Path) -> None:
 def test_absent_archive_is_not_found(store: ArchiveStore) -> None:
     absent = hashlib.sha256(b"absent").hexdigest()
     assert not store.exists(absent)
-    with pytest.raises(NotFound):
-        store.path(absent)
     with pytest.raises(NotFound):
         store.open(absent)
 
@@ -336,6 +445,6 @@ def test_concurrent_uploads_of_the_same_bytes(store: ArchiveStore) -> None:
     assert len(results) == 8
     assert len(set(results)) == 1
     assert results[0].sha256 == hashlib.sha256(data).hexdigest()
-    assert stored_files(store) == [results[0].path]
-    assert results[0].path.read_bytes() == data
-    assert list(store.tmp.iterdir()) == []
+    assert stored_blobs(store) == [results[0].sha256]
+    assert read_blob(store, results[0].sha256) == data
+    assert temp_files(store) == []

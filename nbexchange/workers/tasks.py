@@ -218,9 +218,7 @@ def collect(ctx: WorkerContext, grace: float | None = None) -> Collection:
     with translate_errors(), ctx.engine.connect() as conn:
         kept = owned(conn, candidates)
     removed = tuple(sha for sha in candidates if sha not in kept and ctx.archives.collect(sha, cutoff))
-    leftovers = ctx.archives.leftovers(cutoff)
-    for path in leftovers:
-        ctx.archives.remove_leftover(path)
+    leftovers = ctx.archives.remove_leftovers(cutoff)
     if removed or leftovers:
         log.info(
             "Collected %d blob(s) no event owns and %d leftover(s) older than %.0f s (log at %d)",
@@ -229,7 +227,7 @@ def collect(ctx: WorkerContext, grace: float | None = None) -> Collection:
             grace,
             head,
         )
-    return Collection(head, removed, tuple(str(p) for p in leftovers))
+    return Collection(head, removed, tuple(leftovers))
 
 
 def _advance(engine: Engine, name: str, position: int) -> None:

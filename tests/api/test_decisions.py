@@ -8,23 +8,19 @@ at a setting of its own.
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 import pytest
 import requests
 from builders import make_archive
 from httpclient import COURSE, course_events, get, headers, ok, refused, release, submit, until
-from service import REDIS_URL, Service, collect
+from service import REDIS_URL, Service, collect, service_archives, verify
 
 from nbexchange.clock import format_timestamp
 
@@ -36,16 +32,6 @@ STUDENTS = [name for name in USERS if name != "ada"]
 def no_worker(exchange_service: Callable[..., Service]) -> Service:
     """The production topology (a real Redis broker, a queue of its own) with no worker process running."""
     return exchange_service(USERS, broker_url=REDIS_URL, workers=0)
-
-
-def verify(svc: Service) -> dict[str, Any]:
-    """``nbexchange verify`` on the service's database and store: its report."""
-    done = subprocess.run(
-        [sys.executable, "-m", "nbexchange", "verify", *svc.flags], capture_output=True, text=True, timeout=120
-    )
-    report: dict[str, Any] = json.loads(done.stdout)
-    assert (done.returncode == 0) == report["ok"], done.stderr
-    return report
 
 
 def unrelease(svc: Service, assignment: str, purge: bool = False, key: str | None = None) -> requests.Response:
@@ -200,7 +186,7 @@ def test_bytes_of_a_refused_request_are_not_kept(exchange_service: Callable[...,
     assert collect(svc, grace=3600)["blobs"] == []  # young: kept for the grace
     assert collect(svc)["blobs"] == [sha_b]
     assert verify(svc)["unnamed"] == []
-    assert (svc.storage / "store" / "archives" / sha_a[:2] / sha_a).is_file()
+    assert service_archives(svc).exists(sha_a)
 
 
 def test_a_crash_mid_upload_leaves_nothing_the_collector_keeps(exchange_service: Callable[..., Service]) -> None:
@@ -286,11 +272,10 @@ def test_the_workers_collect_what_a_purge_disowned(exchange_service: Callable[..
     ok(submit(svc, "s1", "ps-shared", archive=shared), 201)
     ok(unrelease(svc, "ps-alone", purge=True))
     ok(unrelease(svc, "ps-shared", purge=True))
-    archives = svc.storage / "store" / "archives"
+    archives = service_archives(svc)
 
     def stored(data: bytes) -> bool:
-        sha = hashlib.sha256(data).hexdigest()
-        return (archives / sha[:2] / sha).is_file()
+        return archives.exists(hashlib.sha256(data).hexdigest())
 
     until(lambda: not stored(alone), timeout=30, message=svc.log_text)
     assert stored(shared)

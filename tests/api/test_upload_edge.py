@@ -14,7 +14,7 @@ import pytest
 import requests
 from builders import make_archive
 from httpclient import COURSE, STAMP, ok, path_of, refused, release, submit, until
-from service import TEST_BROKER_URL, Service, drop_db, fresh_db_url, start_service
+from service import TEST_BLOB_STORE, TEST_BROKER_URL, Service, drop_db, fresh_db_url, start_service
 
 USERS = {
     "ada": {COURSE: "Instructor"},
@@ -243,6 +243,8 @@ def inodes_used(path: Path) -> int:
 )
 @pytest.mark.parametrize("spare", [0, 1])
 def test_a_store_out_of_inodes_answers_507(small_disk, spare):
+    if spare and TEST_BLOB_STORE == "s3":
+        pytest.skip("the S3 store makes no folder on this disk when an upload is made durable: nothing to refuse")
     svc = small_disk
     store = svc.storage / "store"
     subprocess.run(

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,7 +24,7 @@ import sqlalchemy as sa
 from builders import make_archive, student
 from httpclient import COURSE, course_events, get, ok, release, submit, until
 from servers import PostgresServer, RedisServer, redis_answers
-from service import TEST_BROKER_URL, TEST_DB_URL, Service
+from service import TEST_BROKER_URL, TEST_DB_URL, Service, replace_blob
 
 from nbexchange.clock import format_timestamp
 from nbexchange.db import make_engine, upgrade
@@ -434,9 +433,9 @@ class Context:
 
 
 @pytest.fixture
-def ctx(engine: sa.Engine, tmp_path: Path) -> Context:
+def ctx(engine: sa.Engine, archive_store: ArchiveStore) -> Context:
     store = SQLEventStore(engine)
-    return Context(engine, store, store, ArchiveStore(tmp_path / "store"), ArchiveLimits(), sweep_grace=0)
+    return Context(engine, store, store, archive_store, ArchiveLimits(), sweep_grace=0)
 
 
 def stored(ctx: Context, content: bytes) -> StoredArchive:
@@ -624,13 +623,13 @@ def test_a_worker_projector_follows_the_log_without_being_told(ctx: Context) -> 
 
 @pytest.mark.timeout(120)
 def test_a_database_outage_is_logged_once_each_way_by_the_projector_and_the_sweeper(
-    own_postgres: PostgresServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    own_postgres: PostgresServer, archive_store: ArchiveStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """They try ten and twenty times a second here: a line per try would bury the outage's one."""
     engine = make_engine(own_postgres.url)
     upgrade(engine)
     store = SQLEventStore(engine)
-    ctx = Context(engine, store, store, ArchiveStore(tmp_path / "store"), ArchiveLimits(), sweep_grace=0)
+    ctx = Context(engine, store, store, archive_store, ArchiveLimits(), sweep_grace=0)
     projector, sweeper = Projector(ctx, poll=0.05), Sweeper(ctx, interval=0.1)
     sweeper.start()
     try:
@@ -679,18 +678,15 @@ def test_a_blob_the_store_lost_or_changed_is_rejected_with_the_reason(ctx: Conte
     append_release(ctx)
     broken = append_submission(ctx, "s1", b"my work")
     sha = broken.payload["archive_sha256"]
-    path = ctx.archives.path(sha)
-    original = path.read_bytes()
-    if damage == "missing":
-        path.unlink()
-    else:
-        os.chmod(path, 0o600)
-        damaged = {
-            "changed bytes": original[:-9] + bytes([original[-9] ^ 0xFF]) + original[-8:],
-            "truncated": original[: len(original) // 2],
-            "grown": original + b"\0" * 512,
-        }[damage]
-        path.write_bytes(damaged)
+    with ctx.archives.open(sha) as blob:
+        original = blob.read()
+    damaged = {
+        "missing": None,
+        "changed bytes": original[:-9] + bytes([original[-9] ^ 0xFF]) + original[-8:],
+        "truncated": original[: len(original) // 2],
+        "grown": original + b"\0" * 512,
+    }[damage]
+    replace_blob(ctx.archives, sha, damaged)
 
     tasks.sweep(ctx)
 
