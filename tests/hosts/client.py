@@ -27,6 +27,8 @@ from typing import Any
 
 import requests
 
+from nbexchange.plugin.exchange import RETRY_ERRORS, RETRY_STATUSES
+
 
 def archive(text: str) -> bytes:
     """A small submission archive: one notebook holding ``text``."""
@@ -60,17 +62,23 @@ def release(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def retried(call: Any, deadline: float) -> tuple[int, Any, int]:
-    """``call()`` until it answers below 500 or ``deadline`` passes: (status or 0, JSON or note, attempts)."""
+    """``call()`` until its answer is not one the nbgrader plugin retries, or ``deadline`` passes.
+
+    Returns (status or 0, JSON or what went wrong, attempts). The plugin's own
+    policy: connection errors, 503 and a load balancer's 502 and 504 are tried
+    again (with the same request, hence the same Idempotency-Key); anything
+    else, a 500 included, is the answer.
+    """
     attempts, last = 0, None
     while True:
         attempts += 1
         try:
             answer = call()
-            if answer.status_code < 500:
+            if answer.status_code not in RETRY_STATUSES:
                 body = answer.json() if "json" in answer.headers.get("Content-Type", "") else None
                 return answer.status_code, body, attempts
             last = f"{answer.status_code}"
-        except requests.RequestException as e:
+        except RETRY_ERRORS as e:
             last = f"{type(e).__name__}"
         if time.monotonic() > deadline:
             return 0, last, attempts
