@@ -6,21 +6,24 @@ address on a private subnet that exists only inside these namespaces. Nothing
 is ever created in the machine's own namespace, and nothing listens there:
 
 - ``services``: a PostgreSQL cluster of its own (``initdb`` in a temporary
-  folder), ``redis-server`` (nothing persisted) and, where asked, moto's S3 server;
+  folder), ``redis-server`` (nothing persisted) and moto's S3 server (where
+  asked: otherwise the hosts share a local store folder);
 - ``apiN``: ``nbexchange`` (the API, no embedded worker) on the production settings;
 - ``worker``: ``nbexchange worker``;
 - ``lb``: HAProxy in front of the API hosts, health-checking each; the clients run here too.
 
-Every name carries a prefix and this process's pid, so parallel runs never
-meet. :meth:`Topology.close` kills every process it started (by its own pid)
+Every name carries a prefix, this process's pid and a count, so parallel
+runs never meet. :meth:`Topology.close` kills every process it started (by its own pid)
 and deletes every namespace, whatever happened before. Needs root and ``ip``.
 The namespaces share the machine's file system, so every host sees the same
-folders: a local archive store is then shared as a network file system would be.
+folders: a local archive store is then shared as a network file system would
+be; with S3 the archives are only on the services host's S3 server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -60,6 +63,10 @@ def address(host: str) -> str:
     return f"{SUBNET}.{ADDRESSES[host]}"
 
 
+#: Topologies made by this process: with its pid, each one's unique name prefix.
+_BUILT = itertools.count()
+
+
 def _ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
@@ -72,7 +79,7 @@ class Topology:
 
     folder: Path
     hosts: list[str]
-    prefix: str = field(default_factory=lambda: f"nbx{os.getpid()}")
+    prefix: str = field(default_factory=lambda: f"nbx{os.getpid()}-{next(_BUILT)}")
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     made: list[str] = field(default_factory=list)
     #: What to undo once the processes have stopped (temporary folders), last first.
@@ -166,11 +173,19 @@ class Topology:
             self.cleanup.pop()()
 
 
+#: moto accepts any credentials; the AWS SDK only needs some to sign with.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+S3_BUCKET = "nbexchange"
+
+
 def clean_env() -> dict[str, str]:
-    """This process's environment without the JupyterHub and nbexchange settings nobody chose here."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_"))}
+    """This process's environment without the JupyterHub and nbexchange settings nobody chose here.
+
+    With the S3 credentials moto's server takes: the only S3 server any host here talks to.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NBEX_", "AWS_"))}
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return {**env, **S3_CREDENTIALS}
 
 
 # -- the services host ---------------------------------------------------------------------
@@ -185,7 +200,7 @@ class Services:
     s3_url: str = ""
 
 
-def start_services(topo: Topology, s3: bool = False) -> Services:
+def start_services(topo: Topology, s3: bool = True) -> Services:
     """Start PostgreSQL (a fresh cluster, trust for the private subnet only), Redis and, if asked, moto's S3 server."""
     host = address("services")
     pg = Path(tempfile.mkdtemp(prefix="nbex-hosts-pg-"))
@@ -238,12 +253,35 @@ def start_services(topo: Topology, s3: bool = False) -> Services:
         )
         topo.wait_port("services", S3_PORT, proc)
         s3_url = f"http://{host}:{S3_PORT}"
+        # The bucket is made once, as an operator would, before any host starts.
+        make = f"import boto3; boto3.client('s3', endpoint_url={s3_url!r}).create_bucket(Bucket={S3_BUCKET!r})"
+        done = topo.run("services", [sys.executable, "-c", make])
+        if done.returncode != 0:
+            raise RuntimeError(f"the bucket was not made: {done.stderr}")
     return Services(
         f"postgresql+psycopg://postgres@{host}:{PG_PORT}/postgres", f"redis://{host}:{REDIS_PORT}/0", s3_url
     )
 
 
 # -- the exchange's hosts ------------------------------------------------------------------
+
+
+def store_flags(services: Services, folder: Path) -> list[str]:
+    """Where every host keeps archives: the services host's S3 server if it runs one, else ``folder``.
+
+    ``folder`` is also the store's working folder (uploads in progress) on
+    each host; the namespaces share it, which real hosts need not do with S3.
+    """
+    flags = [f"--NbExchange.base_storage_location={folder}"]
+    if services.s3_url:
+        flags += [
+            "--NbExchange.blob_store=s3",
+            f"--NbExchange.s3_endpoint_url={services.s3_url}",
+            f"--NbExchange.s3_bucket={S3_BUCKET}",
+            "--NbExchange.s3_prefix=exchange/",
+            "--NbExchange.s3_addressing_style=path",
+        ]
+    return flags
 
 
 def start_exchange(topo: Topology, services: Services, flags: list[str], apis: list[str]) -> None:
