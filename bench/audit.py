@@ -30,7 +30,7 @@ from nbexchange.db import make_engine, upgrade
 from nbexchange.events.domain import INSTRUCTOR, STUDENT, Actor, Collected, Fetched, Released, Submitted
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import AppendRequest
-from nbexchange.storage import ArchiveStore
+from nbexchange.storage import LocalArchiveStore
 
 TEACHER = Actor("ada", INSTRUCTOR)
 STUDENTS = 2000
@@ -40,7 +40,7 @@ def seed(root: Path, events: int) -> None:
     """The log and the two archives its events name, in ``root``."""
     engine = make_engine(f"sqlite:///{root / 'nbexchange.sqlite'}")
     upgrade(engine)
-    store, archives = SQLEventStore(engine), ArchiveStore(root)
+    store, archives = SQLEventStore(engine), LocalArchiveStore(root)
     released = archives.store_bytes(b"the assignment").sha256
     work = archives.store_bytes(b"a submission").sha256
     actors = [Actor(f"s{i}", STUDENT, full_name=f"Student {i}", email=f"s{i}@example.org") for i in range(STUDENTS)]

@@ -463,20 +463,23 @@ class Exchange:
         archive_of: Callable[[D], Any],
     ) -> Download:
         """``_write`` a download's event, opening its archive first: a store that cannot serve it records none."""
-        opened: list[BlobReader] = []
+        opened: list[tuple[str, BlobReader]] = []
 
         def open_then_append(state: D) -> Written:
-            opened.append(self.rt.archives.open(archive_of(state)))
+            sha = archive_of(state)
+            opened.append((sha, self.rt.archives.open(sha)))
             return append(state)
 
         try:
             written = self._write(user, key, event_type, fingerprint, decide, open_then_append)
-            if not opened:  # a retried request's first answer: its event was appended then
-                opened.append(self.rt.archives.open(written.event.payload["archive_sha256"]))
-            file = opened.pop()
+            sha = written.event.payload["archive_sha256"]
+            if not opened or opened[-1][0] != sha:
+                # A retried request's first answer, whose event was appended then (perhaps of another release).
+                opened.append((sha, self.rt.archives.open(sha)))
+            _, file = opened.pop()
             return Download(file, file.size, written.event)
         finally:
-            for unused in opened:  # opened for an attempt that conflicted, or before a failure
+            for _, unused in opened:  # opened for an attempt that conflicted, or before a failure
                 unused.close()
 
     def may_submit(

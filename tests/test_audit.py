@@ -25,7 +25,7 @@ from nbexchange.events.domain import Collected, Submitted
 from nbexchange.events.sql import SQLEventStore
 from nbexchange.events.store import GENESIS, AppendRequest, RecordedEvent, canonical_json, chain_hash
 from nbexchange.projections import catch_up_all
-from nbexchange.storage import ArchiveStore
+from nbexchange.storage import LocalArchiveStore
 
 DUE = datetime(2026, 1, 31, 23, 59, tzinfo=timezone.utc)
 
@@ -53,7 +53,7 @@ def make_log(root: Path) -> Backup:
     backup = Backup(root)
     engine = make_engine(f"sqlite:///{backup.db}")
     upgrade(engine)
-    store, archives = SQLEventStore(engine), ArchiveStore(root)
+    store, archives = SQLEventStore(engine), LocalArchiveStore(root)
     released = archives.store_bytes(make_archive())
     store.append(release(sha=released.sha256))
     for name in ("s1", "zoë"):
@@ -375,7 +375,7 @@ def test_extract_writes_a_submissions_archive_and_its_sha256_appending_nothing(b
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     sha = answer["archive_sha256"]
-    assert answer["position"] == 3 and out.read_bytes() == ArchiveStore(backup.root).open(sha).read()
+    assert answer["position"] == 3 and out.read_bytes() == LocalArchiveStore(backup.root).open(sha).read()
     assert (tmp_path / "zoe.tar.gz.sha256").read_text() == f"{sha}  zoe.tar.gz\n"
     assert tree(backup.root) == before  # no collected event, nothing in the store
 
@@ -401,7 +401,7 @@ def test_extract_never_overwrites_and_never_writes_changed_bytes(backup, tmp_pat
     engine = make_engine(f"sqlite:///{backup.db}")
     sha = SQLEventStore(engine).get(2).payload["archive_sha256"]
     engine.dispose()
-    path = ArchiveStore(backup.root).path(sha)
+    path = LocalArchiveStore(backup.root).path(sha)
     path.write_bytes(path.read_bytes() + b"\0")
     changed = tmp_path / "changed.tar.gz"
     result = backup.run("extract", "--submission=2", f"--output={changed}")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from builders import make_archive
 from httpclient import COURSE, course_events, get, ok, refused, release, submit, until
 from s3server import S3Server, new_bucket_name
-from service import REDIS_URL, Service, service_archives, verify
+from service import REDIS_URL, Service, run_nbexchange, service_archives, verify
 
 from nbexchange.storage_s3 import S3ArchiveStore
 
@@ -45,7 +47,7 @@ def on_own_s3(exchange_service: Callable[..., Service], own_s3: S3Server) -> Ser
     return exchange_service(USERS, extra=on_s3(own_s3))
 
 
-def test_the_service_keeps_its_archives_in_the_bucket(on_own_s3: Service) -> None:
+def test_the_service_keeps_its_archives_in_the_bucket(on_own_s3: Service, tmp_path: Path) -> None:
     svc = on_own_s3
     archive = make_archive({"nb1.ipynb": b"in the bucket"})
     ok(release(svc, "ada", "ps1", archive=archive), 201)
@@ -55,7 +57,17 @@ def test_the_service_keeps_its_archives_in_the_bucket(on_own_s3: Service) -> Non
     assert not (svc.storage / "exchange-0" / "store" / "archives").exists()
     fetched = get(svc, "assignment", "s1", course_id=COURSE, assignment_id="ps1")
     assert fetched.status_code == 200 and fetched.content == archive
+    work = make_archive({"nb1.ipynb": b"my work"})
+    position = ok(submit(svc, "s1", "ps1", archive=work), 201)["position"]
     assert verify(svc)["ok"]
+
+    # An auditor's extract reads the bucket and writes nothing there, nor in the store's folder.
+    before = sorted(key for key, _ in store.blobs())
+    out = tmp_path / "evidence.tar.gz"
+    done = run_nbexchange("extract", f"--submission={position}", f"--output={out}", *svc.flags)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == work and json.loads(done.stdout)["archive_sha256"] == hashlib.sha256(work).hexdigest()
+    assert sorted(key for key, _ in store.blobs()) == before
 
 
 def test_an_unreachable_object_store_answers_503_and_records_nothing(on_own_s3: Service, own_s3: S3Server) -> None:
