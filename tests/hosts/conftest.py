@@ -23,6 +23,7 @@ from topology import (
     start_balancer,
     start_exchange,
     start_services,
+    store_flags,
 )
 
 CLIENT = Path(__file__).with_name("client.py")
@@ -98,7 +99,7 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """Two API hosts behind HAProxy, one worker host, and PostgreSQL and Redis on a services host."""
+    """Two API hosts behind HAProxy, one worker host, and PostgreSQL, Redis and S3 on a services host."""
     why = missing_tools()
     if why:
         pytest.skip(why)
@@ -109,11 +110,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         services = start_services(topo)
         users = {"ada": {COURSE: "Instructor"}, **{s: {COURSE: "Student"} for s in STUDENTS}}
         tokens = write_users(topo.folder / "users.yaml", users)
-        flags = [
-            # Every host reads the same folder: the namespaces share this machine's file system.
-            f"--NbExchange.base_storage_location={topo.folder / 'store'}",
-            f"--NbExchange.users_file={topo.folder / 'users.yaml'}",
-        ]
+        # Archives on the services host's S3 server, reached over the virtual network like the database.
+        flags = [*store_flags(services, topo.folder / "store"), f"--NbExchange.users_file={topo.folder / 'users.yaml'}"]
         start_exchange(topo, services, flags, APIS)
         sock = start_balancer(topo, APIS)
         cluster = Cluster(topo, services, tokens, sock, flags)

@@ -1,5 +1,8 @@
 """Several hosts: two API hosts behind HAProxy, a worker host and a services host, joined by a virtual network.
 
+The services host runs PostgreSQL, Redis and an S3 server (moto's); every
+other host reaches them over the virtual network only.
+
 Each host is a network namespace (see ``topology.py``); traffic between them
 crosses veth links and a bridge, as between machines. The clients run on the
 balancer's host and see one URL.
@@ -57,6 +60,8 @@ def check_log(cluster: Cluster, results: list[dict[str, Any]]) -> None:
     listed = Counter(item["student_id"] for item in listing)
     assert listed == Counter({r["student"]: 1 for r in acknowledged})
 
+    # The archives are on the services host's S3 server (verify reads them there), none in the shared folder.
+    assert not (cluster.topo.folder / "store" / "archives").exists()
     verified = cluster.nbexchange("verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert json.loads(verified.stdout)["ok"] is True
