@@ -247,6 +247,15 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "(publisher confirms). A message refused or not confirmed in time counts as not sent: the sweep does its "
         "work. 0: send without confirms.",
     )
+    db_dead_client_timeout = Float(
+        15.0,
+        config=True,
+        help="PostgreSQL: seconds after which the server ends the session of a process whose host it can no "
+        "longer reach (cut off, powered off), releasing its locks; without it a host lost mid-append holds the "
+        "log's lock, and every other host's writes wait, until TCP gives up (hours by default). Set as the "
+        "session's TCP keepalive and user timeout; a live client, however slow, is never cut. 0: the server's "
+        "own settings.",
+    )
     worker_concurrency = Int(2, config=True, help="Tasks a worker (thread or process) runs at once.")
     sweep_interval = Float(
         15.0, config=True, help="Seconds between a worker's sweeps of the log (catch-up after a lost message)."
@@ -639,7 +648,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         must_exist = audit or existing
         if must_exist and url.get_backend_name() == "sqlite" and not Path(url.database or ":memory:").is_file():
             self._no_log(url)  # connecting would create an empty file
-        engine = open_read_only(self.db_url) if audit else make_engine(self.db_url)
+        engine = open_read_only(self.db_url) if audit else make_engine(self.db_url, self.db_dead_client_timeout)
         if must_exist and not sa.inspect(engine).has_table("events"):
             self._no_log(url)
         if not audit and self.upgrade_db:

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from nbexchange.clock import format_iso, format_timestamp, parse_timestamp
+from nbexchange.db import with_pg_options
 from nbexchange.errors import ExchangeError, Invalid
 from nbexchange.events.domain import (
     Actor,
@@ -62,11 +63,7 @@ def open_read_only(url: str) -> Engine:
     """
     sa_url = sa.make_url(url)
     if sa_url.get_backend_name() != "sqlite":
-        # Added to the URL's own ``options`` (a search_path, say), which connect_args would replace.
-        given = sa_url.query.get("options", "")
-        options = " ".join(given) if isinstance(given, tuple) else given
-        read_only = sa_url.update_query_dict({"options": f"{options} -c default_transaction_read_only=on".strip()})
-        return sa.create_engine(read_only)
+        return sa.create_engine(with_pg_options(sa_url, "default_transaction_read_only=on"))
     path = Path(sa_url.database or "")
     uri = f"file:{quote(str(path.resolve()))}?mode=ro"
     if _sqlite_wal_mode(path) and not path.with_name(path.name + "-wal").exists():

@@ -78,12 +78,49 @@ def _aware_utc(value: datetime | None) -> datetime | None:
 POSITION = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-def make_engine(url: str, *, scratch: bool = False, **kwargs: Any) -> Engine:
+def with_pg_options(url: sa.URL, *settings: str) -> sa.URL:
+    """``url`` with server settings (``name=value``) added to its own ``options`` (a search_path, say).
+
+    Added to the URL rather than given as ``connect_args``, which would
+    replace the URL's ``options`` instead of adding to them.
+    """
+    given = url.query.get("options", "")
+    options = " ".join(given) if isinstance(given, tuple) else given
+    return url.update_query_dict({"options": " ".join([options, *(f"-c {s}" for s in settings)]).strip()})
+
+
+def dead_client_settings(timeout: float) -> list[str]:
+    """PostgreSQL's session settings that end a session within ``timeout`` s of its client becoming unreachable.
+
+    A client host that vanishes (cut off, powered off) sends no FIN: the
+    server keeps its session, and any lock it holds, until TCP gives up,
+    which by the kernel's defaults takes hours. Every append holds one lock
+    (the log's), so a host lost mid-append would stop every host's writes.
+    Keepalive probes end an idle session (one waiting, inside a transaction,
+    for its client's next statement) after half of ``timeout`` plus three
+    unanswered probes; ``tcp_user_timeout`` ends one whose last answer was
+    never acknowledged. A client that is alive answers both, however slow it
+    is. 0: the server's own settings.
+    """
+    if timeout <= 0:
+        return []
+    idle, interval = max(1, round(timeout / 2)), max(1, round(timeout / 6))
+    return [
+        f"tcp_keepalives_idle={idle}",
+        f"tcp_keepalives_interval={interval}",
+        "tcp_keepalives_count=3",
+        f"tcp_user_timeout={round(timeout * 1000)}",
+    ]
+
+
+def make_engine(url: str, dead_client_timeout: float = 0.0, *, scratch: bool = False, **kwargs: Any) -> Engine:
     """An engine for ``url``: SQLite in WAL mode with fsync'd commits, or PostgreSQL.
 
     On SQLite, transactions begin ``DEFERRED`` unless the connection's
     execution option ``sqlite_immediate`` is set, in which case they take the
-    write lock at ``BEGIN`` (see :func:`write_transaction`).
+    write lock at ``BEGIN`` (see :func:`write_transaction`). On PostgreSQL,
+    with ``dead_client_timeout``, the server drops a session whose client it
+    cannot reach within that many seconds (see :func:`dead_client_settings`).
 
     ``scratch``: a private SQLite file that nothing needs after a crash (a
     replay's): its journal is in memory and nothing is fsync'd, since
@@ -93,7 +130,7 @@ def make_engine(url: str, *, scratch: bool = False, **kwargs: Any) -> Engine:
     if sa_url.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
-        engine = sa.create_engine(sa_url, **kwargs)
+        engine = sa.create_engine(with_pg_options(sa_url, *dead_client_settings(dead_client_timeout)), **kwargs)
         if not kwargs.get("pool_pre_ping"):
             _ping_idle_connections(engine)
         return engine

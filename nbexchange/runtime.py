@@ -36,7 +36,7 @@ class Runtime:
     """
 
     def __init__(self, settings: NbExchange, *, follow_log: bool = False) -> None:
-        self.engine = make_engine(settings.db_url)
+        self.engine = make_engine(settings.db_url, settings.db_dead_client_timeout)
         if settings.upgrade_db:
             wait_until_reachable(self.engine, DATABASE_WAIT)
             upgrade(self.engine)

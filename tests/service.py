@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 import sqlalchemy as sa
 import yaml
@@ -74,6 +76,19 @@ c.ExchangeFactory.release_assignment = 'nbexchange.plugin.ExchangeReleaseAssignm
 c.ExchangeFactory.release_feedback = 'nbexchange.plugin.ExchangeReleaseFeedback'
 c.ExchangeFactory.submit = 'nbexchange.plugin.ExchangeSubmit'
 """
+
+
+def missing(message: str) -> None:
+    """Skip a test whose program is missing, saying which; under CI (CI=true) fail instead."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + " (CI=true: .ci/run installs it)")
+    pytest.skip(message)
+
+
+def require(program: str, how: str) -> None:
+    """``program`` must be on PATH."""
+    if not shutil.which(program):
+        missing(f"{program} is not installed ({how})")
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 20) -> None:

@@ -227,6 +227,37 @@ def test_an_append_on_a_connection_the_server_just_dropped_is_retried_once(db_ur
     engine.dispose()
 
 
+def test_the_server_ends_a_session_whose_client_it_cannot_reach(db_url):
+    """PostgreSQL: every session carries TCP keepalives and a user timeout summing to ``dead_client_timeout``.
+
+    A host cut off mid-append would otherwise hold the log's lock, and stop every
+    other host's writes, for hours (tests/hosts cuts one off mid-burst). The URL's
+    own ``options`` (this test's search_path) are kept beside them.
+    """
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite has no server")
+    engine = make_engine(db_url, dead_client_timeout=12)
+    with engine.connect() as conn:
+        shown = {
+            name: conn.exec_driver_sql(f"SHOW {name}").scalar()
+            for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout")
+        }
+        search_path = conn.exec_driver_sql("SHOW search_path").scalar()
+    engine.dispose()
+    assert shown == {
+        "tcp_keepalives_idle": "6",
+        "tcp_keepalives_interval": "2",
+        "tcp_keepalives_count": "3",
+        "tcp_user_timeout": "12000",
+    }
+    assert search_path == sa.make_url(db_url).query["options"].split("=", 1)[1]
+    # 0: the server's own settings, untouched.
+    engine = make_engine(db_url, dead_client_timeout=0)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW tcp_user_timeout").scalar() == "0"
+    engine.dispose()
+
+
 def test_the_drivers_own_cursor_raises_sqlalchemys_errors(db_url):
     """The hot paths' driver cursor keeps what translate_errors and the append's retry rely on."""
     engine = make_engine(db_url)

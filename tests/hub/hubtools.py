@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,9 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
 import requests
-from service import PLUGIN_FACTORY_CONFIG, free_port, stop_processes
+from service import PLUGIN_FACTORY_CONFIG, free_port, missing, require, stop_processes
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "hub-test-password"
@@ -32,18 +30,6 @@ COURSE = "phys101"
 GROUPS = {f"formgrade-{COURSE}": ["ada"], f"nbgrader-{COURSE}": ["s1", "s2"]}
 #: The plugin's settings in each home: the factory only. No service_url, no token: the hub's environment gives both.
 NBGRADER_CONFIG = "c = get_config()\n" + PLUGIN_FACTORY_CONFIG + f"c.CourseDirectory.course_id = {COURSE!r}\n"
-
-def missing(message: str) -> None:
-    """Skip a test whose program is missing, saying which; under CI (CI=true) fail instead."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: .ci/run installs it)")
-    pytest.skip(message)
-
-
-def require(program: str, how: str) -> None:
-    """``program`` must be on PATH."""
-    if not shutil.which(program):
-        missing(f"{program} is not installed ({how})")
 
 
 def require_jupyterhub() -> None:

@@ -35,8 +35,10 @@ FALLBACK_SERVICE_URL = f"http://127.0.0.1:9000/services/{SERVICE_NAME}/"
 HUB_TIMEOUT = 10.0
 #: What to tell a user whose exchange cannot be reached.
 TRY_LATER = "Try again in a few minutes; if it keeps failing, tell your instructor."
-#: Answers worth another try: the service (or the proxy before it) is briefly unavailable.
-RETRY_STATUSES = frozenset({503})
+#: Answers worth another try: the service (or the proxy before it) is briefly unavailable, or a load
+#: balancer's API host did not answer (502, 504: it may have vanished mid-request; the retry, with the
+#: same Idempotency-Key, gets the first answer if the write was committed, on whichever host takes it).
+RETRY_STATUSES = frozenset({502, 503, 504})
 #: Where the API token comes from, named whenever the token is missing or refused.
 TOKEN_SETTINGS = (
     "c.Exchange.api_token, or the environment variable NBEX_API_TOKEN (JUPYTERHUB_API_TOKEN under JupyterHub)"
@@ -97,7 +99,9 @@ class Exchange(ABCExchange):
     ).tag(config=True)
 
     max_retries = Integer(
-        5, help="How many times to retry a request the service could not take (no connection, or 503)."
+        5,
+        help="How many times to retry a request the service could not take (no connection, 503; a load "
+        "balancer's 502 or 504).",
     ).tag(config=True)
 
     retry_backoff = Float(
