@@ -436,7 +436,7 @@ def test_a_broker_outage_is_logged_once_and_its_end_once(
     def logged() -> list[str]:
         return _problems(_log_of(svc, api))[before:]
 
-    until(lambda: any("takes messages again" in line for line in logged()), 15, lambda: "\n".join(logged()))
+    until(lambda: any("takes messages again" in line for line in logged()), 60, lambda: "\n".join(logged()))
     lines = logged()
     down = [line for line in lines if "Could not send to the broker" in line]
     back = [line for line in lines if "The broker takes messages again" in line]
