@@ -77,7 +77,7 @@ def _url_prefix(value: str) -> str:
     return re.sub("/+", "/", "/" + value + "/")
 
 
-class NbExchange(Application):  # type: ignore[misc]
+class NbExchange(Application):  # type: ignore[misc, unused-ignore]
     """The nbexchange service: one settings object for API processes and workers."""
 
     name = "nbexchange"
@@ -516,6 +516,12 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     def _default_log_level(self) -> int:
         return logging.INFO
 
+    @property
+    def log_level_number(self) -> int:
+        """``log_level`` as a number (traitlets' validator turns a level's name into its number)."""
+        level = self.log_level
+        return level if isinstance(level, int) else int(logging.getLevelName(str(level).upper()))
+
     @classmethod
     def class_get_trait_help(cls, trait: Any, inst: Any = None, helptext: str | None = None) -> str:
         """A setting's help; a default computed at start-up (from the environment, from another setting)
@@ -581,7 +587,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
 
     def start(self) -> None:
         """Run the chosen command."""
-        logging.basicConfig(level=self.log_level, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
+        logging.basicConfig(level=self.log_level_number, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
         getattr(self, "cmd_" + self.command.replace("-", "_"))()
 
     def cmd_serve(self) -> None:
@@ -608,7 +614,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
                     pool="threads",
                     concurrency=self.worker_concurrency,
                     queues=[self.queue_name],
-                    loglevel=logging.getLevelName(self.log_level),
+                    loglevel=logging.getLevelName(self.log_level_number),
                     without_mingle=True,
                     without_gossip=True,
                 )

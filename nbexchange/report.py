@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import html
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -350,10 +350,12 @@ def plot_svg(report: dict[str, Any]) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.dates import date2num
+    from matplotlib import dates
 
+    # matplotlib's own date numbers (its axes take no datetimes in its type stubs); typed here, as it is not there.
+    date2num: Callable[[datetime], float] = dates.date2num
     times = sorted(
-        (float(date2num(datetime.fromisoformat(s["recorded_at"]))), s["late"])
+        (date2num(datetime.fromisoformat(s["recorded_at"])), s["late"])
         for student in report["students"]
         for s in student["submission_list"]
     )
@@ -368,7 +370,7 @@ def plot_svg(report: dict[str, Any]) -> str:
                     xs, ys = [t for t, _ in late], [n for _, n in late]
                     axes.scatter(xs, ys, color="#c00", s=12, zorder=3, label="late")
             if report["due_date"]:
-                due = float(date2num(datetime.fromisoformat(report["due_date"])))
+                due = date2num(datetime.fromisoformat(report["due_date"]))
                 axes.axvline(due, color="#c00", linestyle="--", label="due")
             axes.xaxis_date()
             axes.set_xlabel("server time (UTC)")

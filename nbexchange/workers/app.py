@@ -11,8 +11,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
-from kombu import Connection
+from kombu.connection import Connection as _Connection
 from kombu.utils.url import maybe_sanitize_url
+
+# kombu's Connection is untyped; it is only asked which transport a URL names.
+Connection: Callable[[str], Any] = _Connection
 
 from nbexchange.errors import Unavailable
 from nbexchange.events.store import RecordedEvent
