@@ -7,10 +7,13 @@ archives there (``tests/service.py``), each in a bucket of its own.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -56,6 +59,69 @@ class S3Server:
         if self.proc is not None:
             stop_processes([self.proc], timeout=10)
             self.proc = None
+
+
+class CuttableLink:
+    """A TCP relay on a free loopback port in front of ``upstream`` ("http://host:port"), that passes at
+    most ``down_limit`` bytes back on each connection and can cut every connection at once.
+
+    A server that stops mid-download is not enough to test a download cut short: the kernel's socket
+    buffers (tcp_rmem grows to 32 MB here) may already hold the whole body. Held back here, the rest
+    of the body never reaches the client before :meth:`cut`.
+    """
+
+    def __init__(self, upstream: str, down_limit: int) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self._upstream = (host, int(port))
+        self._down_limit = down_limit
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # the listener was closed by cut()
+            server = socket.create_connection(self._upstream)
+            with self._lock:
+                if self._cut:
+                    client.close()
+                    server.close()
+                    continue
+                self._sockets += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, self._down_limit), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+        passed = 0
+        try:
+            while limit is None or passed < limit:
+                data = source.recv(min(65536, limit - passed) if limit is not None else 65536)
+                if not data:
+                    sink.shutdown(socket.SHUT_WR)
+                    return
+                sink.sendall(data)
+                passed += len(data)
+        except OSError:
+            pass  # cut
+
+    def cut(self) -> None:
+        """End every connection now (what was held back is never delivered) and take no new ones."""
+        with self._lock:
+            self._cut = True
+            self._listener.close()
+            for sock in self._sockets:
+                # shutdown, not only close: a thread blocked in recv on it keeps a closed socket open.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._sockets.clear()
 
 
 _shared: S3Server | None = None

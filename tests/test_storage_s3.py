@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3server import S3Server, new_bucket_name, shared_s3
+from s3server import CuttableLink, S3Server, new_bucket_name, shared_s3
 from service import free_port
 
 from nbexchange.errors import NotFound, Unavailable
@@ -155,16 +155,20 @@ def test_an_unreachable_store_is_unavailable_and_keeps_no_temp_file(tmp_path: Pa
 def test_a_store_that_went_away_mid_download_is_unavailable(tmp_path: Path) -> None:
     server = S3Server()
     server.start()
+    # At most 2 MB of any answer reaches the store before the cut: the rest cannot wait in socket buffers.
+    link = CuttableLink(server.url, down_limit=2 * 1024 * 1024)
     try:
-        store = s3_store(tmp_path / "tmp", url=server.url, create_bucket=True)
+        store = s3_store(tmp_path / "tmp", url=link.url, create_bucket=True)
         stored = store.store_bytes(bytes(range(256)) * 40_000)  # 10 MB: more than one read
         with store.open(stored.sha256) as blob:
-            blob.read(1024 * 1024)
+            assert len(blob.read(1024 * 1024)) == 1024 * 1024
+            link.cut()
             server.stop()
             with pytest.raises(Unavailable):
                 while blob.read(1024 * 1024):
                     pass
     finally:
+        link.cut()
         server.stop()
 
 
