@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import math
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -118,6 +119,8 @@ class S3ArchiveStore(ArchiveStore):
         create_bucket: bool = False,
     ) -> None:
         self.bucket = bucket
+        #: Unfinished multipart uploads this process has listed, and when it first did (remove_leftovers).
+        self._unfinished_seen: dict[str, float] = {}
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.tmp = Path(tmp)
         config = Config(
@@ -268,17 +271,25 @@ class S3ArchiveStore(ArchiveStore):
                     with _translated(f"removal of {obj['Key']}"):
                         self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])
                     removed.append(f"s3://{self.bucket}/{obj['Key']}")
+        now = time.time()
+        unfinished: dict[str, float] = {}
         with _translated("listing of multipart uploads"):
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=self.prefix + BLOBS
             )
             for page in pages:
                 for upload in page.get("Uploads", ()):
-                    if upload["Initiated"].timestamp() < cutoff:
-                        self.client.abort_multipart_upload(
-                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                        )
-                        removed.append(f"s3://{self.bucket}/{upload['Key']}?uploadId={upload['UploadId']}")
+                    upload_id = upload["UploadId"]
+                    first_seen = self._unfinished_seen.get(upload_id, now)
+                    # Abandoned only when the store says it began before the cutoff *and* this process saw it
+                    # unfinished before then: the store's time alone is not enough (moto says every upload
+                    # began in 2010; another store's clock may be off), and an upload in flight is never cut.
+                    if max(upload["Initiated"].timestamp(), first_seen) < cutoff:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload_id)
+                        removed.append(f"s3://{self.bucket}/{upload['Key']}?uploadId={upload_id}")
+                    else:
+                        unfinished[upload_id] = first_seen
+        self._unfinished_seen = unfinished
         return removed
 
 

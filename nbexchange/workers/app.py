@@ -14,14 +14,14 @@ from celery import Celery
 from kombu.connection import Connection as _Connection
 from kombu.utils.url import maybe_sanitize_url
 
-# kombu's Connection is untyped; it is only asked which transport a URL names.
-Connection: Callable[[str], Any] = _Connection
-
 from nbexchange.errors import Unavailable
 from nbexchange.events.store import RecordedEvent
 from nbexchange.periodic import Periodic
 from nbexchange.workers import tasks
 from nbexchange.workers.tasks import WorkerContext
+
+# kombu's Connection is untyped; it is only asked which transport a URL names.
+Connection: Callable[[str], Any] = _Connection
 
 log = logging.getLogger(__name__)
 
