@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from nbexchange.clock import format_iso, utcnow
 from nbexchange.events.sql import SQLEventStore
-from nbexchange.periodic import Periodic
+from nbexchange.periodic import Periodic, log_failure
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Anchorer(Periodic):
         try:
             self.anchor()
         except Exception:
-            log.exception("Could not anchor the log's head at shutdown")
+            log_failure(log, "Could not anchor the log's head at shutdown")
 
     def anchor(self) -> dict[str, Any] | None:
         """Anchor the current head if it moved since the last anchor; returns it, or None."""

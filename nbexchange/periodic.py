@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Protocol
 
+from nbexchange.errors import Unavailable
+
 log = logging.getLogger(__name__)
+
+
+def log_failure(logger: logging.Logger, message: str, *args: object) -> None:
+    """Log the exception being handled by background work that will try again: a service the exchange
+    depends on being away (``Unavailable``, already explained by its note) in one line, anything else,
+    which nobody expected, with its traceback."""
+    error = sys.exc_info()[1]
+    if isinstance(error, Unavailable):
+        logger.warning(message + " (%s)", *args, error.note)
+    else:
+        logger.exception(message, *args)
 
 
 class Outage(Protocol):
@@ -50,7 +64,7 @@ class Periodic:
                 self.tick()
             except Exception as e:
                 if self.outage is None:
-                    log.exception("%s failed; trying again in %s s", self._thread.name, self.interval)
+                    log_failure(log, "%s failed; trying again in %s s", self._thread.name, self.interval)
                 else:
                     self.outage.failed(e)
             else:

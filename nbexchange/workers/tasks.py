@@ -16,6 +16,7 @@ from nbexchange.db import translate_errors, write_transaction
 from nbexchange.errors import BlobCorrupt, ExchangeError, NotFound, Unavailable, UnsafeArchive, UnsupportedMedia
 from nbexchange.events.domain import SYSTEM_ACTOR, ArchiveRejected, ArchiveUnpacked, DomainEvent, StudentEvent
 from nbexchange.events.store import Appended, AppendRequest, EventStore, RecordedEvent
+from nbexchange.periodic import log_failure
 from nbexchange.projections import catch_up_all
 from nbexchange.projections.base import checkpoint, lock_checkpoint, move_checkpoint
 from nbexchange.projections.blobs import BlobsProjection, owned
@@ -178,7 +179,7 @@ def sweep(ctx: WorkerContext) -> int:
     except Exception:
         # The checkpoint stays before the event that failed, so the next
         # sweep tries it again; the projections still catch up below.
-        log.exception("Sweep stopped after position %d; it will retry from there", last)
+        log_failure(log, "Sweep stopped after position %d; it will retry from there", last)
     if last > after:
         _advance(ctx.engine, SWEEP_CHECKPOINT, last)
     catch_up(ctx)
@@ -186,7 +187,7 @@ def sweep(ctx: WorkerContext) -> int:
         try:
             collect(ctx)
         except Exception:
-            log.exception("Blob collection failed; it runs again at its next interval")
+            log_failure(log, "Blob collection failed; it runs again at its next interval")
     return last
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,7 +27,7 @@ from builders import make_archive, student
 from httpclient import COURSE, course_events, get, ok, release, submit, until
 from kombu import Connection
 from servers import PostgresServer, RabbitMQServer, RedisServer, amqp_answers, redis_answers
-from service import TEST_BROKER_URL, TEST_DB_URL, Service, replace_blob
+from service import TEST_BROKER_URL, TEST_DB_URL, Service, free_port, replace_blob
 
 from nbexchange.clock import format_timestamp
 from nbexchange.db import make_engine, upgrade
@@ -35,6 +37,7 @@ from nbexchange.events.store import AppendRequest, RecordedEvent
 from nbexchange.projections import NAMES, checkpoints
 from nbexchange.projections.collections import list_submissions
 from nbexchange.storage import ArchiveStore, StoredArchive
+from nbexchange.storage_s3 import S3ArchiveStore
 from nbexchange.workers import tasks
 from nbexchange.workers.app import FOLLOW_POLL_IDLE, Projector, Sweeper, is_rabbitmq
 from nbexchange.workers.archives import ArchiveLimits
@@ -411,6 +414,11 @@ def _problems(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(("[W ", "[E ", "[C "))]
 
 
+def _broker_back(lines: list[str]) -> list[str]:
+    """The lines that log an outage's end (not "takes messages again" alone: its start says "until it …")."""
+    return [line for line in lines if "The broker takes messages again" in line]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_broker_outage_is_logged_once_and_its_end_once(
@@ -436,10 +444,10 @@ def test_a_broker_outage_is_logged_once_and_its_end_once(
     def logged() -> list[str]:
         return _problems(_log_of(svc, api))[before:]
 
-    until(lambda: any("takes messages again" in line for line in logged()), 60, lambda: "\n".join(logged()))
+    until(lambda: _broker_back(logged()), 60, lambda: "\n".join(logged()))
     lines = logged()
     down = [line for line in lines if "Could not send to the broker" in line]
-    back = [line for line in lines if "The broker takes messages again" in line]
+    back = _broker_back(lines)
     assert len(down) == 1 and len(back) == 1, "\n".join(lines)
     assert lines == [*down, *back], "other warnings during the outage:\n" + "\n".join(lines)
     # What the broker did not carry, the sweep checked: nothing was lost.
@@ -482,7 +490,7 @@ def test_messages_rabbitmq_refuses_are_logged_once_and_their_checks_swept(
     assert done.returncode == 0, done.stdout + done.stderr
     svc.start_worker()
     accepted |= submit_all(svc, "ps-refused", jobs[8:], threads=1)
-    until(lambda: any("takes messages again" in line for line in logged()), 15, lambda: "\n".join(logged()))
+    until(lambda: _broker_back(logged()), 15, lambda: "\n".join(logged()))
     lines = logged()
     assert len(lines) == 2, "\n".join(lines)
     assert "Could not send to the broker" in lines[0] and "MessageNacked" in lines[0], lines[0]
@@ -550,6 +558,35 @@ def append_submission(ctx: Context, name: str, content: bytes, assignment: str =
 
 def outcomes_of(ctx: Context, position: int) -> list[RecordedEvent]:
     return [e for e in ctx.store.read() if e.type in OUTCOMES and e.payload["source_position"] == position]
+
+
+def test_a_sweep_while_the_archive_store_is_away_logs_a_line_and_loses_nothing(
+    ctx: Context, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage of the store (a real S3 client on a port nobody answers) is expected: one warning line per
+    failed piece of the sweep, with its note, no traceback; the next sweep with the store back does the work."""
+    released = append_release(ctx)
+    submitted = append_submission(ctx, "s1", b"my work")
+    present = ctx.archives
+    ctx.archives = S3ArchiveStore(
+        bucket="nbx-away", tmp=tmp_path / "tmp", endpoint_url=f"http://127.0.0.1:{free_port()}", create=False
+    )
+    ctx.collecting = True
+    with caplog.at_level(logging.WARNING):
+        tasks.sweep(ctx)
+    failures = [r for r in caplog.records if r.name == tasks.__name__]
+    assert [r.getMessage().split(" (")[0] for r in failures] == [
+        f"Sweep stopped after position {released.position - 1}; it will retry from there",
+        "Blob collection failed; it runs again at its next interval",
+    ]
+    assert all("unreachable" in r.getMessage() and r.exc_info is None for r in failures), failures
+    assert ctx.store.by_idempotency_key(tasks.outcome_key(released.position)) is None
+
+    ctx.archives, ctx.collecting = present, False
+    tasks.sweep(ctx)
+    for source in (released, submitted):
+        outcome = ctx.store.by_idempotency_key(tasks.outcome_key(source.position))
+        assert outcome is not None and outcome.type == "archive_unpacked", outcome
 
 
 def test_sweep_does_what_a_lost_message_would_have(ctx: Context) -> None:
