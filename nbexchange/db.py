@@ -113,6 +113,29 @@ def dead_client_settings(timeout: float) -> list[str]:
     ]
 
 
+def _enter_wal(cursor: Any, timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting out other connections' locks as a statement would.
+
+    SQLite does not call its busy handler for a change of journal mode: on a
+    new database that several processes open at once (replicas starting
+    together), the one that does not convert it gets "database is locked"
+    at once. It is tried again here, for as long as the busy timeout.
+    """
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
 def make_engine(url: str, dead_client_timeout: float = 0.0, *, scratch: bool = False, **kwargs: Any) -> Engine:
     """An engine for ``url``: SQLite in WAL mode with fsync'd commits, or PostgreSQL.
 
@@ -161,7 +184,7 @@ def make_engine(url: str, dead_client_timeout: float = 0.0, *, scratch: bool = F
             synchronous = "OFF"
         else:
             if not in_memory:
-                cur.execute("PRAGMA journal_mode=WAL")
+                _enter_wal(cur, timeout=float(connect_args["timeout"]))
             # FULL: every commit is fsync'd, so a 2xx answer survives power loss
             # (the begin hook below relaxes it for derived rows only).
             synchronous = "FULL"
