@@ -67,7 +67,7 @@ def test_a_new_sqlite_database_opened_by_many_at_once_opens_for_all(tmp_path):
         engines = [make_engine(url) for _ in range(6)]
         start = threading.Barrier(len(engines))
 
-        def open_and_write(engine: sa.Engine, n: int) -> str:
+        def open_and_write(engine: sa.Engine, n: int, start: threading.Barrier = start) -> str:
             start.wait()
             with write_transaction(engine) as conn:  # the way the exchange writes: no read lock to upgrade
                 conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS opened (n INTEGER)")
