@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 from typing import IO, TYPE_CHECKING
 
 from nbexchange.errors import UnsafeArchive, UnsupportedMedia
-from nbexchange.storage import CHUNK_SIZE, Readable
+from nbexchange.storage import Readable
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -24,8 +24,13 @@ GZIP_MAGIC = b"\x1f\x8b"
 HEADER_ALLOWANCE = 1024 * 1024
 HEADER_ALLOWANCE_PER_MEMBER = 4096
 
-#: Compressed bytes read from the upload at a time.
-INFLATE_PIECE = 16 * 1024
+#: Compressed bytes read from the upload at a time (``consumed`` stays exact whatever the size).
+INFLATE_PIECE = 64 * 1024
+#: Decompressed bytes asked of tarfile's stream, and of a member, at a time. Pieces of a megabyte
+#: cost more than their inflating (each a fresh allocation, its pages faulted in, then copied):
+#: a 1 MB archive took 2.4-2.8 ms of CPU to check with them, 0.7-0.9 ms with these.
+TAR_PIECE = 64 * 1024
+MEMBER_PIECE = 128 * 1024
 #: zlib's window bits for a gzip header and trailer (CRC-32 and length checked).
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
@@ -78,7 +83,8 @@ def inspect_archive(source: Readable, limits: ArchiveLimits) -> ArchiveReport:
         raise UnsupportedMedia("The archive is not gzip-compressed.")
     checker = _Checker(limits)
     try:
-        with tarfile.open(fileobj=_BoundedStream(_Inflater(source, head), checker), mode="r|") as tar:
+        stream = _BoundedStream(_Inflater(source, head), checker)
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_PIECE) as tar:
             for member in tar:
                 checker.admit(member)
                 if member.type in _FILE_TYPES:
@@ -136,7 +142,7 @@ class _Checker:
 
     def read_through(self, data: IO[bytes], raw: str) -> None:
         """Read a member's bytes in chunks, counting each against the limits."""
-        while chunk := data.read(CHUNK_SIZE):
+        while chunk := data.read(MEMBER_PIECE):
             self.count(raw, len(chunk))
 
     def count(self, raw: str, size: int) -> None:
@@ -209,7 +215,7 @@ class _BoundedStream(io.RawIOBase):
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         with memoryview(buffer) as view:
-            count = self._inflater.readinto(view[:CHUNK_SIZE])
+            count = self._inflater.readinto(view[:MEMBER_PIECE])
         self._read += count
         limits = self._checker.limits
         bound = min(limits.max_total_size, int(limits.max_ratio * self._inflater.consumed)) + self._headers
