@@ -187,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"unknown mode {mode!r}")
     if args.plot and not args.until_idle:
         p.error("--plot needs --until-idle (the timeline is made there)")
+    if args.profile and shutil.which("py-spy") is None:
+        p.error("--profile needs py-spy on the PATH (pip install py-spy); found none")
     args.blob_stores = [b for b in args.blob_stores.split(",") if b]
     for store in args.blob_stores:
         if store not in ("local", "s3"):
