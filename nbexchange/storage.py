@@ -33,6 +33,10 @@ FILE_MODE = 0o640
 DIR_MODE = 0o750
 #: How much is read or hashed at a time: files are never held whole in memory.
 CHUNK_SIZE = 1024 * 1024
+#: A stored blob's read buffer: small enough that what it holds is still in the CPU's cache when it is
+#: used (a check that hashes and inflates a 1 MB archive took 2.1 ms of CPU with a 1 MB buffer, 1.4-1.5 ms
+#: with this).
+READ_BUFFER = 256 * 1024
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -52,7 +56,7 @@ class BlobReader(io.BufferedReader):
     """A stored blob opened for reading, as a stream; ``size`` is its length in bytes."""
 
     def __init__(self, raw: io.RawIOBase, size: int) -> None:
-        super().__init__(raw, CHUNK_SIZE)
+        super().__init__(raw, READ_BUFFER)
         self.size = size
 
 
