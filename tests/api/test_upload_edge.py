@@ -73,14 +73,25 @@ ARCHIVE = ("a.tar.gz", make_archive())
 @pytest.mark.parametrize(
     "route, who, files, words",
     [
-        ("assignment", "ada", [("assignment", ARCHIVE), ("assignment", ARCHIVE), ("notebooks", (None, "nb1"))],
-         "second file part"),
-        ("submission", "s1", [("assignment", ARCHIVE), ("assignment", ("b.tar.gz", b"\x1f\x8bmore"))],
-         "second file part"),
-        ("feedback", "ada", [("feedback", ("f.html", b"<p>1")), ("feedback", ("g.html", b"<p>2"))],
-         "second file part"),
-        ("assignment", "ada", [("notebooks", (None, "nb1")), ("comment", (None, "hi")), ("assignment", ARCHIVE)],
-         "'comment'"),
+        (
+            "assignment",
+            "ada",
+            [("assignment", ARCHIVE), ("assignment", ARCHIVE), ("notebooks", (None, "nb1"))],
+            "second file part",
+        ),
+        (
+            "submission",
+            "s1",
+            [("assignment", ARCHIVE), ("assignment", ("b.tar.gz", b"\x1f\x8bmore"))],
+            "second file part",
+        ),
+        ("feedback", "ada", [("feedback", ("f.html", b"<p>1")), ("feedback", ("g.html", b"<p>2"))], "second file part"),
+        (
+            "assignment",
+            "ada",
+            [("notebooks", (None, "nb1")), ("comment", (None, "hi")), ("assignment", ARCHIVE)],
+            "'comment'",
+        ),
         ("submission", "s1", [("assignment", ARCHIVE), ("extra", ("x.bin", b"x"))], "'extra'"),
         ("submission", "s1", [("notebooks", (None, "nb1")), ("assignment", ARCHIVE)], "'notebooks'"),
         ("feedback", "ada", [("assignment", ARCHIVE)], "'assignment'"),
@@ -95,6 +106,37 @@ def test_only_the_documented_form_is_taken(svc, route, who, files, words):
 # -- a client that leaves ----------------------------------------------------------
 
 
+def submission_body(payload: bytes, boundary: str = "b0undary") -> tuple[str, bytes]:
+    """A submission's multipart body around ``payload``, and its Content-Type."""
+    body = (
+        (f'--{boundary}\r\nContent-Disposition: form-data; name="assignment"; filename="s.tar.gz"\r\n\r\n').encode()
+        + payload
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return f"multipart/form-data; boundary={boundary}", body
+
+
+def send_and_reset(svc: Service, who: str, content_type: str, length: int, sent: bytes, wait: float) -> None:
+    """POST a submission's head and ``sent`` of its body, wait, then reset the connection (SO_LINGER 0)."""
+    port = int(svc.url.split(":")[2].split("/")[0])
+    target = path_of(svc, "submission") + f"?course_id={COURSE}&assignment_id=ps1&timestamp=2026-01-01"
+    head = (
+        f"POST {target} HTTP/1.1\r\nHost: x\r\nAuthorization: token {svc.tokens[who]}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.sendall(head + sent)
+        time.sleep(wait)
+
+
+def left_nothing_and_said_nothing_worse_than_a_refusal(svc: Service) -> None:
+    until(lambda: tmp_files(svc) == [], message=lambda: str(tmp_files(svc)))
+    assert ok(requests.get(svc.url + "health", timeout=10))
+    log = svc.log_text()
+    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+
+
 @pytest.mark.hostile(
     "Uploads",
     "60 uploads whose client closes the connection right after the last body byte (while the upload is being "
@@ -102,27 +144,10 @@ def test_only_the_documented_form_is_taken(svc, route, who, files, words):
     "no 500 and no traceback in the log; nothing is left in the store's tmp/",
 )
 def test_a_client_closing_while_its_upload_is_finished_is_no_error(svc):
-    port = int(svc.url.split(":")[2].split("/")[0])
     for i in range(60):
-        boundary = "b0undary"
-        payload = make_archive({"nb1.ipynb": os.urandom(200_000 + i)})
-        body = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"assignment\"; filename=\"s.tar.gz\"\r\n\r\n"
-        ).encode() + payload + f"\r\n--{boundary}--\r\n".encode()
-        target = path_of(svc, "submission") + f"?course_id={COURSE}&assignment_id=ps1&timestamp=2026-01-01"
-        head = (
-            f"POST {target} HTTP/1.1\r\nHost: x\r\nAuthorization: token {svc.tokens['s' + str(1 + i % 3)]}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            s.sendall(head + body)
-            time.sleep((i % 6) * 0.002)
-    until(lambda: tmp_files(svc) == [], message=lambda: str(tmp_files(svc)))
-    # The API still answers, and said nothing worse than a refusal.
-    assert ok(requests.get(svc.url + "health", timeout=10))
-    log = svc.log_text()
-    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+        content_type, body = submission_body(make_archive({"nb1.ipynb": os.urandom(200_000 + i)}))
+        send_and_reset(svc, "s" + str(1 + i % 3), content_type, len(body), body, (i % 6) * 0.002)
+    left_nothing_and_said_nothing_worse_than_a_refusal(svc)
 
 
 @pytest.mark.hostile(
@@ -132,26 +157,11 @@ def test_a_client_closing_while_its_upload_is_finished_is_no_error(svc):
     "no 500 and no traceback in the log; nothing is left in the store's tmp/",
 )
 def test_a_client_leaving_mid_body_leaves_nothing_behind(svc):
-    port = int(svc.url.split(":")[2].split("/")[0])
-    boundary = "b0undary"
-    payload = make_archive({"nb1.ipynb": os.urandom(2_000_000)})
-    body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"assignment\"; filename=\"s.tar.gz\"\r\n\r\n"
-    ).encode() + payload + f"\r\n--{boundary}--\r\n".encode()
-    target = path_of(svc, "submission") + f"?course_id={COURSE}&assignment_id=ps1&timestamp=2026-01-01"
+    content_type, body = submission_body(make_archive({"nb1.ipynb": os.urandom(2_000_000)}))
     for i in range(60):
-        head = (
-            f"POST {target} HTTP/1.1\r\nHost: x\r\nAuthorization: token {svc.tokens['s' + str(1 + i % 3)]}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            s.sendall(head + body[: len(body) * (1 + i % 9) // 10])
-            time.sleep((i % 4) * 0.003)
-    until(lambda: tmp_files(svc) == [], message=lambda: str(tmp_files(svc)))
-    assert ok(requests.get(svc.url + "health", timeout=10))
-    log = svc.log_text()
-    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+        sent = body[: len(body) * (1 + i % 9) // 10]
+        send_and_reset(svc, "s" + str(1 + i % 3), content_type, len(body), sent, (i % 4) * 0.003)
+    left_nothing_and_said_nothing_worse_than_a_refusal(svc)
 
 
 # -- caps on uploads in flight -----------------------------------------------------
@@ -226,8 +236,7 @@ def small_disk(tmp_path: Path) -> Iterator[Service]:
 
 @pytest.mark.hostile(
     "Disk full",
-    "uploads larger than the store's free space (a 4 MiB tmpfs): one 6 MB release, then 6 parallel 1.5 MB "
-    "submissions",
+    "uploads larger than the store's free space (a 4 MiB tmpfs): one 6 MB release, then 6 parallel 1.5 MB submissions",
     "507 with a JSON note for each one that does not fit (every upload gets an HTTP answer, none dropped, no 500); "
     "nothing half-written stays in tmp/; a small upload works once there is room",
 )
