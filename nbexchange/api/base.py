@@ -9,7 +9,7 @@ import logging
 import re
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import datetime
 from typing import Any, TypeVar
@@ -166,9 +166,8 @@ class BaseHandler(web.RequestHandler):
         if declared.isdigit() and int(declared) > limit:
             raise TooLarge(f"This request may carry a body of at most {limit} bytes; only uploads may be larger.")
 
-    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+    def data_received(self, chunk: bytes) -> None:
         """A small body that no route reads (within ``max_body_size``): dropped."""
-        return None
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work (database, disk) in the executor."""

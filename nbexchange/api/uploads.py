@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -30,8 +29,6 @@ _ENVELOPE = 1024 * 1024
 _FIELD_LIMIT = 64 * 1024
 #: The most one part's headers may hold.
 _HEADERS_LIMIT = 16 * 1024
-#: A body chunk this large is parsed, written and hashed in a thread; a smaller one on the event loop.
-_FEED_IN_THREAD = 64 * 1024
 
 
 def multipart_boundary(content_type: str) -> bytes:
@@ -229,8 +226,6 @@ class UploadHandler(BaseHandler):
     #: When the body last sent anything, and the timer that drops a body that stalls.
     _last_chunk = 0.0
     _stall_timer: Any = None
-    #: A chunk being parsed and written in a thread, if one is.
-    _feeding: asyncio.Future[None] | None = None
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -298,8 +293,7 @@ class UploadHandler(BaseHandler):
         self.send_error(408, exc_info=(web.HTTPError, web.HTTPError(408, note), None))
         self.request.connection.close()  # type: ignore[union-attr]
 
-    async def data_received(self, chunk: bytes) -> None:
-        # A coroutine: tornado reads no more of this body until it returns (flow control).
+    def data_received(self, chunk: bytes) -> None:
         self._last_chunk = time.monotonic()
         if self._upload is None or self._failure is not None:
             # After a refusal the rest of the body is read and dropped, so that the client gets the answer.
@@ -309,13 +303,7 @@ class UploadHandler(BaseHandler):
         try:
             if self._received > self._limit + _ENVELOPE:
                 raise TooLarge(f"The upload is larger than {self._limit} bytes, the most this exchange accepts.")
-            if len(chunk) < _FEED_IN_THREAD:
-                self._parser.feed(chunk)
-            else:
-                # The file's write and its sha256 release the GIL: in a thread they leave the event loop
-                # receiving other uploads meanwhile (and a second core to do it).
-                self._feeding = asyncio.get_running_loop().run_in_executor(self.executor, self._parser.feed, chunk)
-                await self._feeding
+            self._parser.feed(chunk)
         except TooLarge as e:
             self._fail(e)
             # Answer now and stop reading: the rest of the body is not worth receiving.
@@ -327,17 +315,8 @@ class UploadHandler(BaseHandler):
 
     def _fail(self, error: Exception) -> None:
         self._failure = error
-        self._discard()
-
-    def _discard(self) -> None:
-        """Discard the upload, once a piece of it being written in a thread is written."""
-        upload = self._upload
-        if upload is None:
-            return
-        if self._feeding is not None and not self._feeding.done():
-            self._feeding.add_done_callback(lambda _: upload.abort())
-        else:
-            upload.abort()
+        if self._upload is not None:
+            self._upload.abort()
 
     def form_list(self, name: str) -> list[str]:
         """The values of a repeated id field (``notebooks``), in order, each in NFC; ``Invalid`` for one
@@ -399,13 +378,13 @@ class UploadHandler(BaseHandler):
         self._received_all()
         self._gone = True
         # Once finishing, the request runs to its end (and answers no one); on_finish cleans up if it failed.
-        if not self._finishing:
-            self._discard()
+        if self._upload is not None and not self._finishing:
+            self._upload.abort()
         super().on_connection_close()
 
     def on_finish(self) -> None:
         self._received_all()
         # A request that failed before ``finish`` leaves no temp file behind.
-        if self.get_status() >= 400:
-            self._discard()
+        if self._upload is not None and self.get_status() >= 400:
+            self._upload.abort()
         super().on_finish()
