@@ -72,7 +72,8 @@ def slow_fsync(args: list[str], delay_ms: float) -> list[str]:
     calls stop the process; everything else runs at full speed.
     """
     inject = f"inject=fsync,fdatasync:delay_exit={round(delay_ms * 1000)}"
-    return ["strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", "trace=fsync,fdatasync", "-e", inject, *args]
+    traced = ["-e", "trace=fsync,fdatasync", "-e", inject]
+    return ["strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", *traced, *args]
 
 
 def _only_child(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:

@@ -82,7 +82,11 @@ STAGES: list[tuple[str, list[Pattern]]] = [
     ),
     (
         "accept: durable write (temp file, write, fsync, rename)",
-        [P(STORAGE, r"Upload\..*"), P(STORAGE, "fsync_dir|make_dirs"), P(UPLOADS, r"UploadHandler\.(with_stored_upload|_received_upload)")],
+        [
+            P(STORAGE, r"Upload\..*"),
+            P(STORAGE, "fsync_dir|make_dirs"),
+            P(UPLOADS, r"UploadHandler\.(with_stored_upload|_received_upload)"),
+        ],
     ),
     ("accept: parse (multipart)", [P("python_multipart/"), P(UPLOADS, r"FormStream\..*|_FilePart\..*|_ListPart\..*")]),
     (

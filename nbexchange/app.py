@@ -46,7 +46,16 @@ COMMAND_OPTIONS = {
     "export": ("output", "config", "log-level"),
     "replay": ("until-position", "until-time", "course", "assignment", "org", "config", "log-level"),
     "report": (
-        "course", "assignment", "org", "deadline", "as-of", "format", "output", "max-clock-skew", "config", "log-level"
+        "course",
+        "assignment",
+        "org",
+        "deadline",
+        "as-of",
+        "format",
+        "output",
+        "max-clock-skew",
+        "config",
+        "log-level",
     ),
     "extract": ("submission", "output", "config", "log-level"),
     "rebuild": ("config", "log-level"),
@@ -353,8 +362,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     max_uploads_total = Int(
         256,
         config=True,
-        help="Most uploads an API process receives at once; more get 503 with Retry-After, before their body "
-        "is read.",
+        help="Most uploads an API process receives at once; more get 503 with Retry-After, before their body is read.",
     )
     archive_max_members = Int(10_000, config=True, help="Most files and folders an archive may hold.")
     archive_max_total_size = Int(5 * 1024**3, config=True, help="Most bytes an archive may unpack to.")
@@ -426,8 +434,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
             except ValueError:
                 option = {"until_time": "until-time", "as_of": "as-of"}.get(proposal["trait"].name, "deadline")
                 raise TraitError(
-                    f"--{option} {proposal['value']!r} is not a time "
-                    "(nbgrader's '2026-01-31 23:59:59 UTC' or ISO 8601)"
+                    f"--{option} {proposal['value']!r} is not a time (nbgrader's '2026-01-31 23:59:59 UTC' or ISO 8601)"
                 ) from None
         return str(proposal["value"])
 
@@ -438,6 +445,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
                 f"--expect-head must be POSITION:HASH (a position and 64 hex digits), not {proposal['value']!r}"
             )
         return str(proposal["value"])
+
     course_id = Unicode("", config=True, help="replay, report: the course to show.")
     assignment_id = Unicode("", config=True, help="replay: the assignment to show (default: all); report: the one.")
     org_id = Int(1, config=True, help="replay, report: the organisation (org_id) whose courses to show.")

@@ -22,10 +22,9 @@ import sqlalchemy as sa
 import yaml
 from kombu import Connection
 
-from nbexchange.workers.app import QUEUE, is_rabbitmq
-
 from nbexchange.app import NbExchange
 from nbexchange.storage import ArchiveStore, LocalArchiveStore, open_archive_store
+from nbexchange.workers.app import QUEUE, is_rabbitmq
 
 BASE_URL = "/services/nbexchange/"
 
@@ -203,7 +202,7 @@ def run_nbexchange(
 def write_users(
     path: Path, users: dict[str, dict[str, str]], orgs: dict[str, int] | None = None, mode: int = 0o600
 ) -> dict[str, str]:
-    """A users file for ``{name: {course: role}}``, private unless ``mode`` says otherwise; returns ``{name: token}``."""
+    """A users file for ``{name: {course: role}}``, private unless ``mode`` says so; returns ``{name: token}``."""
     tokens = {name: secrets.token_hex(16) for name in users}
     entries: list[dict[str, Any]] = [
         {

@@ -173,7 +173,8 @@ def _submissions(engine: sa.Engine) -> list[dict]:
 def test_moments_are_written_and_read_back_in_utc(db_url):
     """Any offset in, the same moment out, aware and in UTC, by SQLAlchemy's inserts and the driver's alike."""
     engine = make_engine(db_url)
-    table = sa.Table("moments", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), sa.Column("at", db.Moment))
+    columns = [sa.Column("id", sa.Integer, primary_key=True), sa.Column("at", db.Moment)]
+    table = sa.Table("moments", sa.MetaData(), *columns)
     table.create(engine)
     utc = datetime(2026, 1, 31, 23, 59, 59, 5, tzinfo=timezone.utc)
     same_moment = utc.astimezone(timezone(timedelta(hours=-5)))  # equal, with an equal hash
@@ -291,9 +292,11 @@ def test_the_drivers_own_cursor_raises_sqlalchemys_errors(db_url):
     """The hot paths' driver cursor keeps what translate_errors and the append's retry rely on."""
     engine = make_engine(db_url)
     with engine.connect() as conn:
-        with pytest.raises(sa.exc.DBAPIError) as raised:
-            with db.driver_cursor(conn, "SELECT nothing FROM no_such_table") as cursor:
-                cursor.execute("SELECT nothing FROM no_such_table")
+        with (
+            pytest.raises(sa.exc.DBAPIError) as raised,
+            db.driver_cursor(conn, "SELECT nothing FROM no_such_table") as cursor,
+        ):
+            cursor.execute("SELECT nothing FROM no_such_table")
         assert isinstance(raised.value.orig, engine.dialect.loaded_dbapi.Error)
         assert not raised.value.connection_invalidated
     engine.dispose()

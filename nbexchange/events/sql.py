@@ -421,7 +421,8 @@ class SQLEventStore:
         with translate_errors(), self.engine.connect() as conn:
             while True:
                 with driver_cursor(conn, rows_query.sql) as cursor:
-                    cursor.execute(rows_query.sql, {**rows_query.constants, "after": after, "until": until, "size": page})
+                    bounds = {"after": after, "until": until, "size": page}
+                    cursor.execute(rows_query.sql, {**rows_query.constants, **bounds})
                     rows = cursor.fetchall()
                 if not rows:
                     return

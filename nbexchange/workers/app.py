@@ -253,9 +253,7 @@ class Dispatcher:
             confirm_timeout=self.confirm_timeout,
         )
 
-    def _due(
-        self, held: list[tuple[int, float]], busy: bool, now: float
-    ) -> tuple[list[int], list[tuple[int, float]]]:
+    def _due(self, held: list[tuple[int, float]], busy: bool, now: float) -> tuple[list[int], list[tuple[int, float]]]:
         """The held checks whose message should go now, and those that keep waiting."""
         if not busy:
             return [position for position, _ in held], []

@@ -14,9 +14,7 @@ import yaml
 
 from nbexchange.api.about import openapi_text
 
-PACKAGED = yaml.safe_load(
-    (importlib.resources.files("nbexchange.api") / "openapi.yaml").read_text(encoding="utf-8")
-)
+PACKAGED = yaml.safe_load((importlib.resources.files("nbexchange.api") / "openapi.yaml").read_text(encoding="utf-8"))
 
 
 def test_the_prefix_answers_what_the_service_is_without_a_token(svc):

@@ -108,8 +108,14 @@ def released(svc) -> str:
 @pytest.fixture(scope="module")
 def withdrawn(svc) -> str:
     ok(release(svc, "ada", "dd-gone"), 201)
-    ok(requests.delete(svc.url + "assignment", params={"course_id": "phys101", "assignment_id": "dd-gone"},
-                       headers=svc.headers("ada"), timeout=30))
+    ok(
+        requests.delete(
+            svc.url + "assignment",
+            params={"course_id": "phys101", "assignment_id": "dd-gone"},
+            headers=svc.headers("ada"),
+            timeout=30,
+        )
+    )
     return "dd-gone"
 
 

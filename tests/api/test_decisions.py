@@ -199,7 +199,7 @@ def test_a_crash_mid_upload_leaves_nothing_the_collector_keeps(exchange_service:
     host, port = "127.0.0.1", int(svc.url.split(":")[2].split("/")[0])
     boundary = "b0undary"
     head = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"assignment\"; filename=\"a.tar.gz\"\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="assignment"; filename="a.tar.gz"\r\n'
         "Content-Type: application/gzip\r\n\r\n"
     ).encode()
     tmp = svc.storage / "store" / "tmp"

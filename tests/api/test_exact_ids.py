@@ -129,9 +129,9 @@ def test_collections_and_collection_are_that_course_and_assignment(world, course
         (course, assignment, s) for s in STUDENTS
     )
     for student in STUDENTS:
-        (mine,) = read(
-            svc, "collections", teacher, at, course_id=course, assignment_id=assignment, user_id=student
-        )["value"]
+        (mine,) = read(svc, "collections", teacher, at, course_id=course, assignment_id=assignment, user_id=student)[
+            "value"
+        ]
         assert mine["student_id"] == student
         got = get(svc, "collection", teacher, course_id=course, assignment_id=assignment, path=mine["path"])
         assert got.status_code == 200 and got.content == submitted(course, assignment, student)

@@ -14,9 +14,7 @@ USERS = {"ada": {"phys101": "Instructor"}, "s1": {"phys101": "Student"}}
 
 def test_the_service_publishes_its_head_and_anchors_it_where_verify_checks_it(exchange_service, tmp_path):
     anchors = tmp_path / "anchors.jsonl"
-    svc = exchange_service(
-        USERS, extra=["--NbExchange.anchor_interval=0.2", f"--NbExchange.anchor_file={anchors}"]
-    )
+    svc = exchange_service(USERS, extra=["--NbExchange.anchor_interval=0.2", f"--NbExchange.anchor_file={anchors}"])
     empty = ok(get(svc, "head", None))
     assert (empty["position"], empty["hash"], empty["recorded_at"]) == (0, None, None)
     ok(release(svc, "ada", "ps1"), 201)

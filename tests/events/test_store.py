@@ -398,8 +398,10 @@ def test_a_stream_reads_whole_and_in_order(store, engine):
         # An index lookup even in the generic plan a prepared statement settles on.
         with engine.connect() as conn:
             conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-            query = sa.select(events_table).where(events_table.c.stream == sa.bindparam("s")).order_by(
-                events_table.c.version
+            query = (
+                sa.select(events_table)
+                .where(events_table.c.stream == sa.bindparam("s"))
+                .order_by(events_table.c.version)
             )
             compiled = query.compile(dialect=engine.dialect)
             cursor = conn.connection.driver_connection.cursor()

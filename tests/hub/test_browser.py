@@ -99,9 +99,7 @@ def wait_for_file(path: Path, text: str, timeout: float = 60) -> None:
     raise AssertionError(f"{path} did not come to hold {text!r} within {timeout}s")
 
 
-def test_a_student_fetches_edits_and_submits_in_jupyterlab_and_the_instructor_collects(
-    hub_factory, browser, tmp_path
-):
+def test_a_student_fetches_edits_and_submits_in_jupyterlab_and_the_instructor_collects(hub_factory, browser, tmp_path):
     hub = hub_factory()
     for name in ("ada", "s1"):
         # As an institution's image would: no "official Jupyter news?" prompt over the students' work.

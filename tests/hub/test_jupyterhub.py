@@ -74,7 +74,6 @@ def cycle(hub: Hub, expected_service_url: str) -> None:
     assert fetched.read_text() == "<html><body>Well done.</body></html>"
 
 
-
 def quiet_service_checks(hub: Hub) -> None:
     """The hub checks the service's URL every 2s here; none of those checks may have met an error."""
     text = "\n".join(log.read_text(errors="replace") for log in (hub.log, hub.root / "service.log") if log.exists())

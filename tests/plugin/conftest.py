@@ -36,7 +36,10 @@ USERS = {
     "student2": {"course101": "Student"},
 }
 
-CONFIG = "c = get_config()\n" + PLUGIN_FACTORY_CONFIG.replace("{", "{{").replace("}", "}}") + """\
+CONFIG = (
+    "c = get_config()\n"
+    + PLUGIN_FACTORY_CONFIG.replace("{", "{{").replace("}", "}}")
+    + """\
 c.Exchange.service_url = {service_url!r}
 c.Exchange.api_token = {token!r}
 c.Exchange.cache = {cache!r}
@@ -44,6 +47,7 @@ c.Exchange.retry_backoff = 0.1
 c.CourseDirectory.course_id = {course_id!r}
 c.CourseDirectory.root = {root!r}
 """
+)
 
 #: The service's prefix, as the scripted stand-in serves it.
 BASE = "/services/nbexchange/"

@@ -135,7 +135,6 @@ def test_no_service_fails_after_retrying(tmp_path, log, caplog):
         exchange.api_request("GET", "assignments", "Listing")
     assert caplog.text.count("the exchange cannot be reached") == 2
 
-
     assert "Max retries exceeded" not in caplog.text and "HTTPConnection" not in caplog.text
     assert "(Connection refused)" in caplog.text
 

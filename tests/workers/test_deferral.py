@@ -67,7 +67,7 @@ def test_catch_up_is_spaced_while_uploads_arrive():
         last_commit = time.monotonic()
         dispatcher([_submitted(i)])
     until(lambda: woken and woken[-1] >= last_commit)  # the burst's last commit is caught up too
-    gaps = [later - earlier for earlier, later in zip(woken, woken[1:])]
+    gaps = [later - earlier for earlier, later in zip(woken, woken[1:], strict=False)]
     assert len(woken) >= 2 and all(gap >= 0.45 for gap in gaps), gaps  # one pass per interval, not per commit
     busy[0] = False
     sent = time.monotonic()
@@ -82,7 +82,7 @@ def test_without_uploads_to_hold_for_checks_and_catch_up_go_at_once():
     dispatcher = Dispatcher(app, catch_up=lambda: woken.append(1))  # a worker process's own commits
     for i in range(3):
         dispatcher([_submitted(i)])
-        until(lambda: len(woken) == i + 1 and (CHECK_ARCHIVES, ([i],)) in app.sent)
+        until(lambda i=i: len(woken) == i + 1 and (CHECK_ARCHIVES, ([i],)) in app.sent)
     dispatcher.close()
 
 

@@ -770,7 +770,7 @@ def test_a_worker_projector_follows_the_log_without_being_told(ctx: Context) -> 
         for student_id in ("s1", "s2"):
             submitted = append_submission(ctx, student_id, student_id.encode())
             until(
-                lambda: min(checkpoints(ctx.engine).get(name, 0) for name in NAMES) >= submitted.position,
+                lambda at=submitted.position: min(checkpoints(ctx.engine).get(name, 0) for name in NAMES) >= at,
                 5,
                 "the projector never caught up with the log",
             )

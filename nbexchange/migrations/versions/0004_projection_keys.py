@@ -42,7 +42,9 @@ def upgrade() -> None:
     ]
     if keys:
         bind.execute(
-            submissions.update().where(submissions.c.position == sa.bindparam("at")).values(path_key=sa.bindparam("key")),
+            submissions.update()
+            .where(submissions.c.position == sa.bindparam("at"))
+            .values(path_key=sa.bindparam("key")),
             keys,
         )
     with op.batch_alter_table("proj_submissions") as batch_op:

@@ -40,7 +40,9 @@ def downgrade() -> None:
     )
     bind = op.get_bind()
     rows = bind.execute(
-        sa.select(table.c.position, table.c.notebooks, table.c.archive_state, table.c.archive_reason, table.c.archive_size)
+        sa.select(
+            table.c.position, table.c.notebooks, table.c.archive_state, table.c.archive_reason, table.c.archive_size
+        )
     ).all()
     if rows:
         bind.execute(

@@ -46,9 +46,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("position", name=op.f("pk_proj_blob_refs")),
     )
     op.create_index(op.f("ix_proj_blob_refs_sha256"), "proj_blob_refs", ["sha256"])
-    op.create_index(
-        "ix_proj_blob_refs_assignment", "proj_blob_refs", ["org_id", "course_id", "assignment_id", "kind"]
-    )
+    op.create_index("ix_proj_blob_refs_assignment", "proj_blob_refs", ["org_id", "course_id", "assignment_id", "kind"])
     if op.get_bind().dialect.name == "postgresql":
         # Streams in byte order (SQLite's BINARY is already): the events
         # route's exact prefix match is then a range of the unique index.
