@@ -254,7 +254,8 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         config=True,
         help="RabbitMQ only: seconds a message sent to the workers waits for the broker's confirm that it has it "
         "(publisher confirms). A message refused or not confirmed in time counts as not sent: the sweep does its "
-        "work. 0: send without confirms.",
+        "work. In an API process, also the longest wait for any answer of the broker (a connection's handshake, "
+        "a reply, a channel's close). 0: send without confirms.",
     )
     db_dead_client_timeout = Float(
         15.0,

@@ -58,6 +58,8 @@ class Runtime:
             settings.queue_name,
             queue_type=settings.queue_type,
             confirm_timeout=settings.publish_confirm_timeout,
+            # A process that follows the log is a worker process, whose Celery worker consumes.
+            sends_only=not follow_log,
         )
         # When bytes of an upload last arrived at this process, kept by the
         # API's upload handlers on the event loop. A worker process never

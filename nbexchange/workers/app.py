@@ -71,6 +71,7 @@ def make_celery(
     *,
     queue_type: str = "quorum",
     confirm_timeout: float = PUBLISH_CONFIRM_TIMEOUT,
+    sends_only: bool = False,
 ) -> Celery:
     """A Celery app whose tasks run against ``ctx``.
 
@@ -83,7 +84,10 @@ def make_celery(
     message is sent with publisher confirms: the send returns once the broker
     has the message, and fails (the sweep then does its work) if the broker
     refuses it or says nothing within ``confirm_timeout`` seconds (0: no
-    confirms).
+    confirms). In a process that ``sends_only`` (an API process, which
+    consumes nothing), every other wait on the broker (a connection's
+    handshake, a reply, closing a channel) gives up after ``confirm_timeout``
+    seconds too, so that a whole send, with its retries, does.
     """
     app = Celery("nbexchange", broker=broker_url or EMBEDDED_BROKER, set_as_current=False)
     app.conf.update(
@@ -104,6 +108,23 @@ def make_celery(
         task_default_queue=queue,
     )
     if is_rabbitmq(broker_url):
+        bounded: dict[str, float] = {}
+        if sends_only and confirm_timeout > 0:
+            # A send that failed leaves kombu closing its pooled connection, and py-amqp
+            # waits for the broker's Channel.Close-Ok, then Connection.Close-Ok, with no
+            # time limit (kombu's Producer.__exit__ -> Resource.replace -> Connection._close
+            # -> amqp's Channel.close). A broker that took a message it cannot confirm (a
+            # quorum queue without a leader) answers only once it gives up on the message,
+            # about a minute later, and every check message of the process waits behind
+            # it. py-amqp bounds each read and write (SO_RCVTIMEO, SO_SNDTIMEO) and each
+            # handshake with these, which kombu passes on from the transport options.
+            # Not in a worker process: its consumer reads the same kind of connection for
+            # as long as no message comes, and stays as Celery configures it.
+            bounded = {
+                "read_timeout": confirm_timeout,
+                "write_timeout": confirm_timeout,
+                "connect_timeout": confirm_timeout,
+            }
         app.conf.update(
             task_default_queue_type=queue_type,
             # A quorum queue has no global QoS: Celery then sets each consumer's prefetch instead.
@@ -111,7 +132,7 @@ def make_celery(
             # With quorum queues, a retry's delay is spent in the broker (Celery's native delayed
             # delivery, through topic exchanges), not in a worker's memory holding the message.
             task_default_exchange_type="topic",
-            broker_transport_options={"confirm_publish": confirm_timeout > 0},
+            broker_transport_options={"confirm_publish": confirm_timeout > 0, **bounded},
         )
 
     # With a broker, a check the database could not serve (down, restarting,

@@ -531,6 +531,82 @@ def test_messages_rabbitmq_refuses_are_logged_once_and_their_checks_swept(
     assert_checked_once(svc, "ps-refused", accepted, release_position)
 
 
+# -- 5c. RabbitMQ takes messages but never confirms them: each send gives up in bounded time ---
+
+#: The test's publish_confirm_timeout (seconds): small, so that the bound below is far from a minute.
+CONFIRM_TIMEOUT = 1.0
+
+
+def _suspend_queue(rabbitmq: RabbitMQServer, queue: str, how: str) -> None:
+    """``sys:suspend`` or ``sys:resume`` the Raft member of a quorum queue on a one-node RabbitMQ.
+
+    Suspended, it takes no command: the node accepts each publish and never
+    confirms it, and answers a channel's close only when it gives up on
+    what the channel published, about a minute later, as with a quorum
+    queue without a leader (rabbitmq-server#10070) or a cluster that lost
+    its majority, but at once and every time.
+    """
+    member = f"'%2F_{queue}'"  # the Ra server's registered name: the vhost (/, quoted) and the queue's name
+    done = rabbitmq.ctl("eval", f"sys:{how}(whereis({member})).")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_send_rabbitmq_never_confirms_gives_up_within_a_few_confirm_timeouts(
+    own_rabbitmq: RabbitMQServer, exchange_service: Callable[..., Service]
+) -> None:
+    if not is_rabbitmq(TEST_BROKER_URL):
+        pytest.skip("runs in the RabbitMQ pass")
+    extra = [f"--NbExchange.publish_confirm_timeout={CONFIRM_TIMEOUT}"]
+    svc = exchange_service(USERS, broker_url=own_rabbitmq.url, workers=1, extra=extra)
+    api, worker = svc.procs
+    release_position = release_and_wait(svc, "ps-unconfirmed")
+    until(lambda: _consumed(own_rabbitmq.url, svc.queue), 30, lambda: _log_of(svc, worker)[-4000:])
+    before = len(_problems(_log_of(svc, api)))
+
+    def logged() -> list[str]:
+        return _problems(_log_of(svc, api))[before:]
+
+    def down() -> list[str]:
+        return [line for line in logged() if "Could not send to the broker" in line]
+
+    _suspend_queue(own_rabbitmq, svc.queue, "suspend")
+    jobs = make_jobs(12)
+    accepted: dict[Job, int] = {}
+    try:
+        sent = time.monotonic()
+        # One commit, and one send, each; they are answered while the dispatcher waits on the broker.
+        for job in jobs[:6]:
+            began = time.monotonic()
+            accepted |= submit_all(svc, "ps-unconfirmed", [job], threads=1)
+            assert time.monotonic() - began < 5, f"an upload waited {time.monotonic() - began:.1f} s"
+        # At most five waits of CONFIRM_TIMEOUT: three tries unconfirmed, then the channel's and the
+        # connection's close; the rest is the retries' pauses and a loaded machine. Without bounds on
+        # the close, the broker answers it after about a minute.
+        bound = 5 * CONFIRM_TIMEOUT + 5
+        until(down, bound, lambda: f"no outage logged within {bound} s\n" + "\n".join(logged()))
+        took = time.monotonic() - sent
+        assert took < bound, took
+    finally:
+        _suspend_queue(own_rabbitmq, svc.queue, "resume")
+    # The outage's end shows at the first message sent after it: a few more commits.
+    for job in jobs[6:]:
+        accepted |= submit_all(svc, "ps-unconfirmed", [job], threads=1)
+    until(lambda: _broker_back(logged()), 60, lambda: "\n".join(logged()))
+    # What the broker takes now reaches the worker: none of it stays in the queue.
+    until(lambda: _consumed(own_rabbitmq.url, svc.queue), 60, lambda: _log_of(svc, worker)[-4000:])
+    # What the broker never confirmed, the sweep checked: nothing was lost.
+    items = settle(svc, "ps-unconfirmed", accepted, timeout=60)
+    assert_listed_once(items, accepted)
+    assert_checked_once(svc, "ps-unconfirmed", accepted, release_position)
+    assert worker.poll() is None, f"the worker died:\n{_log_of(svc, worker)[-4000:]}"
+    lines = logged()
+    assert len(down()) == 1, "\n".join(lines)
+    assert "timed out" in down()[0], down()[0]
+    assert lines == [*down(), *_broker_back(lines)] and len(lines) == 2, "other warnings:\n" + "\n".join(lines)
+
+
 # -- 6. embedded mode: the task functions called directly ----------------------------------
 
 T0 = datetime(2026, 1, 31, 23, 0, tzinfo=timezone.utc)
