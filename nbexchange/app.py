@@ -267,13 +267,6 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "own settings.",
     )
     worker_concurrency = Int(2, config=True, help="Tasks a worker (thread or process) runs at once.")
-    worker_nice = Int(
-        10,
-        config=True,
-        help="The CPU priority (nice, 0-19) an `nbexchange worker` process runs at, every thread of it: where "
-        "workers share cores with API processes, the uploads go first and the checks take what is left. 0: "
-        "the priority it was started with.",
-    )
     sweep_interval = Float(
         15.0, config=True, help="Seconds between a worker's sweeps of the log (catch-up after a lost message)."
     )
@@ -424,12 +417,6 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     verify_projections = Bool(
         False, config=True, help="verify: compare the live read models with ones rebuilt from the log."
     )
-
-    @validate("worker_nice")
-    def _a_niceness(self, proposal: dict[str, Any]) -> int:
-        if not 0 <= proposal["value"] <= 19:
-            raise TraitError(f"worker_nice must be 0 to 19 (a lower priority, never a higher), not {proposal['value']}")
-        return int(proposal["value"])
 
     @validate("until_position", "submission")
     def _not_negative(self, proposal: dict[str, Any]) -> int:
@@ -625,9 +612,6 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         if self.embedded:
             self.log.critical("`nbexchange worker` needs broker_url (NBEX_BROKER_URL); the embedded API runs its own.")
             self.exit(2)
-        # Before any thread starts: on Linux the nice value is each thread's, and new threads inherit it.
-        if os.getpriority(os.PRIO_PROCESS, 0) < self.worker_nice:
-            os.setpriority(os.PRIO_PROCESS, 0, self.worker_nice)
         runtime = Runtime(self, follow_log=True)
         tune_gc()
         sweeper = Sweeper(runtime, self.sweep_interval)

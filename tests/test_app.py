@@ -31,7 +31,6 @@ from service import (
     wait_until_up,
 )
 from service import run_nbexchange as nbexchange
-from traitlets import TraitError
 
 from nbexchange.app import COMMANDS, NbExchange
 from nbexchange.db import current_revision, make_engine, upgrade
@@ -225,12 +224,6 @@ def test_environment_reaches_the_real_command(tmp_path):
 )
 def test_base_url_is_normalised(given, expected):
     assert NbExchange(base_url=given).base_url == expected
-
-
-@pytest.mark.parametrize("value", [-1, -20, 20, 40])
-def test_worker_nice_only_lowers_a_workers_priority_within_linuxs_range(value):
-    with pytest.raises(TraitError, match="worker_nice must be 0 to 19"):
-        NbExchange(worker_nice=value)
 
 
 def test_config_file_in_the_working_folder_is_loaded_and_flags_beat_it(tmp_path):
