@@ -381,8 +381,9 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
                 args.server_cpus,
             )
             servers.procs[f"api-{i}"] = proc
-            if i == 0:
-                wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", [proc])
+            # Every API process listens before the load generator opens its keep-alive connections: one that
+            # binds later gets none of them (SO_REUSEPORT spreads only new connections) and sits idle.
+            _wait_log(root / f"api-{i}.log", "nbexchange listening on", proc)
         for i in range(args.workers):
             log = root / f"worker-{i}.log"
             servers.procs[f"worker-{i}"] = spawn(
@@ -648,6 +649,9 @@ def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[s
             watch = Watch(lambda: process_groups(servers, gen, probe), probe)
         gen = LoadGen(cfg, root, servers, args.profile, f"{args.label or 'deadline'}-{mode}", watch)
         gen.expect("READY", 600)
+        connections = connections_by_process(servers)
+        if any(count == 0 for count in connections.values()):
+            print(f"warning: a server process holds none of the load generator's connections: {connections}")
         if watch is not None:
             watch.start()
         gen.go()
@@ -666,6 +670,7 @@ def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[s
             probe.close()
         servers.stop()
     summary = summarize_deadline(mode, raw, args.concurrency)
+    summary["connections"] = connections
     if watch is not None:
         summary.update(whole_cost(summary, raw, watch, counted_groups(servers), quiet, gen))
     accept_seconds = gen.times["UPLOADS_DONE"] - gen.times["GO"]
@@ -674,6 +679,29 @@ def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[s
     summary["peak_rss_mb"] = peaks(samples["DONE"])
     (root / "raw.json").write_text(json.dumps(raw))
     return summary
+
+
+def connections_by_process(servers: Servers) -> dict[str, int]:
+    """Established connections to the servers' port that each listening process holds (from /proc)."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == servers.port and fields[3] == "01":
+                    established.add(fields[9])
+    counts = {}
+    for role, pid in servers.pids().items():
+        if role.startswith(("api", "baseline")):
+            inodes = set()
+            with contextlib.suppress(FileNotFoundError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                        if link.startswith("socket:["):
+                            inodes.add(link[8:-1])
+            counts[role] = len(inodes & established)
+    return counts
 
 
 # -- the whole cost (--until-idle) -------------------------------------------------------------
