@@ -752,6 +752,12 @@ def whole_cost(
         "watch_errors": watch.errors[:10],
         "timeline": timeline(raw, watch, visibility(raw.get("positions") or [], ok), counted),
     }
+    # The listing waited for idle, so when the last check ended comes from the log's watch (1 s buckets).
+    checked = [
+        b["t"] + 1 for b in out["timeline"] if b.get("archives", 0) > accepted and b.get("checks_done") == b["archives"]
+    ]
+    if checked:
+        out["all_checked_after_last_upload_s"] = round(max(0.0, checked[0] - out["uploads_done_s"]), 1)
     if gen.profiles:
         total = out["cost"]["total"]["groups"]
         out["stages"] = {
