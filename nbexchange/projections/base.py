@@ -109,8 +109,14 @@ REBUILDING = "__rebuilding"
 
 def checkpoint(conn: Connection, name: str) -> int:
     """The position a projection has applied up to (0 if it never ran)."""
-    value = conn.execute(sa.select(checkpoints_table.c.position).where(checkpoints_table.c.name == name)).scalar()
-    return int(value or 0)
+    return checkpoints_of(conn, [name])[name]
+
+
+def checkpoints_of(conn: Connection, names: Sequence[str]) -> dict[str, int]:
+    """The positions these projections have applied up to (0 for one that never ran), in one query."""
+    query = sa.select(checkpoints_table.c.name, checkpoints_table.c.position).where(checkpoints_table.c.name.in_(names))
+    found = {row.name: int(row.position) for row in conn.execute(query)}
+    return {name: found.get(name, 0) for name in names}
 
 
 def checkpoints(engine: Engine) -> dict[str, int]:
@@ -121,38 +127,71 @@ def checkpoints(engine: Engine) -> dict[str, int]:
 
 def lock_checkpoint(conn: Connection, name: str) -> int:
     """Take a projection's checkpoint for this transaction (creating it at 0) and return it."""
-    # Row lock on PostgreSQL (SQLite's write lock is already held), so two
-    # workers catching up the same projection take turns instead of both
-    # applying the same events.
+    return lock_checkpoints(conn, [name])[name]
+
+
+def lock_checkpoints(conn: Connection, names: Sequence[str]) -> dict[str, int]:
+    """Take these projections' checkpoints for this transaction (creating them at 0); returns them.
+
+    Two statements however many there are: one creates those missing, one
+    takes them. On PostgreSQL that is a row lock on each, taken in the
+    order of their names (every caller's order, so two callers never
+    deadlock), and two workers catching up the same projection take turns
+    instead of both applying the same events; SQLite's write lock is
+    already held.
+    """
+    if not names:
+        return {}
     insert = sqlite_insert if is_sqlite(conn) else pg_insert
+    now = utcnow()
     conn.execute(
         insert(checkpoints_table)
-        .values(name=name, position=0, updated_at=utcnow())
+        .values([{"name": name, "position": 0, "updated_at": now} for name in names])
         .on_conflict_do_nothing(index_elements=["name"])
     )
-    query = sa.select(checkpoints_table.c.position).where(checkpoints_table.c.name == name)
+    query = (
+        sa.select(checkpoints_table.c.name, checkpoints_table.c.position)
+        .where(checkpoints_table.c.name.in_(names))
+        .order_by(checkpoints_table.c.name)
+    )
     if not is_sqlite(conn):
         query = query.with_for_update()
-    return int(conn.execute(query).scalar_one())
+    return {row.name: int(row.position) for row in conn.execute(query)}
 
 
 def apply_batch(conn: Connection, projection: Projection, events: Iterable[RecordedEvent]) -> int:
     """Apply events to a projection on ``conn`` and move its checkpoint; returns the new checkpoint."""
+    last = _apply(conn, projection, events)
+    if last is None:
+        return checkpoint(conn, projection.name)
+    move_checkpoints(conn, {projection.name: last})
+    return last
+
+
+def _apply(conn: Connection, projection: Projection, events: Iterable[RecordedEvent]) -> int | None:
+    """Apply events to a projection's rows on ``conn``; the last one's position (``None`` if there was none)."""
     rows = Rows(conn)
     last = None
     for event in events:
         projection.apply(rows, event)
         last = event.position
     rows.flush()
-    if last is not None:
-        move_checkpoint(conn, projection.name, last)
-        return last
-    return checkpoint(conn, projection.name)
+    return last
 
 
 def move_checkpoint(conn: Connection, name: str, position: int) -> None:
     """Set a checkpoint taken with :func:`lock_checkpoint`."""
-    conn.execute(_MOVE, {"checkpoint_name": name, "checkpoint_position": position, "checkpoint_at": utcnow()})
+    move_checkpoints(conn, {name: position})
+
+
+def move_checkpoints(conn: Connection, marks: dict[str, int]) -> None:
+    """Set checkpoints taken with :func:`lock_checkpoints`, in one ``executemany``."""
+    if marks:
+        now = utcnow()
+        conn.execute(
+            _MOVE,
+            [{"checkpoint_name": n, "checkpoint_position": p, "checkpoint_at": now} for n, p in marks.items()],
+        )
 
 
 _MOVE = (
@@ -170,11 +209,13 @@ def catch_up_many(
 
     Each batch is read and decoded once for all the projections; each
     projection's checkpoint moves in the same transaction as its rows, so a
-    crash between batches loses nothing and applies nothing twice.
+    crash between batches loses nothing and applies nothing twice. The
+    checkpoints are read, taken and moved together (a statement each, not
+    one per projection).
     """
     with translate_errors(), engine.connect() as conn:
         head = int(conn.execute(_HEAD).scalar_one())
-        marks = {p.name: checkpoint(conn, p.name) for p in projections}
+        marks = checkpoints_of(conn, [p.name for p in projections])
     target = head if until is None else min(head, until)
     if all(mark >= target for mark in marks.values()):
         return marks  # nothing to do: no write lock taken
@@ -189,15 +230,18 @@ def _apply_next(
     conn: Connection, projections: Sequence[Projection], batch_size: int, until: int | None
 ) -> tuple[dict[str, int], int]:
     """Take the projections' checkpoints and apply the next batch of events; returns them and the events read."""
-    marks = {p.name: lock_checkpoint(conn, p.name) for p in projections}
+    marks = lock_checkpoints(conn, [p.name for p in projections])
     after = min(marks.values())
     events = read_events(conn, after, batch_size, until_position=until)
+    moved: dict[str, int] = {}
     for projection in projections:
         mark = marks[projection.name]
         todo = events if mark == after else [e for e in events if e.position > mark]
-        if todo:
-            marks[projection.name] = apply_batch(conn, projection, todo)
-    return marks, len(events)
+        last = _apply(conn, projection, todo)
+        if last is not None:
+            moved[projection.name] = last
+    move_checkpoints(conn, moved)
+    return {**marks, **moved}, len(events)
 
 
 def catch_up(engine: Engine, projection: Projection, batch_size: int = 2000, until: int | None = None) -> int:
@@ -232,8 +276,7 @@ def rebuild_many(engine: Engine, projections: Sequence[Projection], batch_size: 
             move_checkpoint(conn, builder.name, 0)
     catch_up_many(engine, builders, batch_size)
     with write_transaction(engine, durable=False) as conn:
-        for projection in projections:
-            lock_checkpoint(conn, projection.name)  # the live catch-ups wait from here to the swap
+        lock_checkpoints(conn, [p.name for p in projections])  # the live catch-ups wait from here to the swap
         while True:
             marks, read = _apply_next(conn, builders, batch_size, None)
             if read < batch_size:
@@ -336,8 +379,8 @@ def replay(
                 pages = _log_pages(source, until_position, until_time, batch_size)
             for events in pages:
                 with write_transaction(private, durable=False) as conn:
+                    lock_checkpoints(conn, [p.name for p in projections])
                     for projection in projections:
-                        lock_checkpoint(conn, projection.name)
                         apply_batch(conn, projection, events)
             yield private
         finally:

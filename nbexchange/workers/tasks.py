@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 #: The checkpoint of the sweep that finds archives whose check message was lost.
 SWEEP_CHECKPOINT = "archive-sweep"
+#: Archives the sweep checks together: one read of their events, one of the
+#: outcomes already recorded, one commit of the new ones. After a burst every
+#: archive in it is already checked, so this is what a sweep of it costs.
+SWEEP_BATCH = 500
 #: The read model the blob collector decides on.
 BLOBS = BlobsProjection().name
 
@@ -166,7 +170,8 @@ def sweep(ctx: WorkerContext) -> int:
         after = checkpoint(conn, SWEEP_CHECKPOINT)
     cutoff = utcnow() - timedelta(seconds=ctx.sweep_grace)
     backlog = bool(ctx.queue_depth())
-    last = after
+    last = seen = after
+    named: list[int] = []
     try:
         for event in ctx.store.read(after=after):
             if event.recorded_at > cutoff:
@@ -174,11 +179,18 @@ def sweep(ctx: WorkerContext) -> int:
             if event.data.archive() is not None:
                 if backlog:
                     break  # the queued checks come first; the next sweep looks again
-                check_archive(ctx, event.position)
-            last = event.position
+                named.append(event.position)
+            seen = event.position
+            if len(named) == SWEEP_BATCH:
+                check_archives(ctx, named)
+                named, last = [], seen
+        if named:
+            check_archives(ctx, named)
+        last = seen
     except Exception:
-        # The checkpoint stays before the event that failed, so the next
-        # sweep tries it again; the projections still catch up below.
+        # The checkpoint stays before the batch that failed, so the next
+        # sweep tries it again (what the batch did record is found by its
+        # idempotency keys); the projections still catch up below.
         log_failure(log, "Sweep stopped after position %d; it will retry from there", last)
     if last > after:
         _advance(ctx.engine, SWEEP_CHECKPOINT, last)

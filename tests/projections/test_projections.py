@@ -35,6 +35,7 @@ from nbexchange.projections import (
     base,
     catch_up,
     catch_up_all,
+    catch_up_many,
     checkpoints,
     lag,
     rebuild,
@@ -132,6 +133,36 @@ def test_checkpoint_moves_with_rows_and_lag_is_reported(store, engine):
     assert checkpoints(engine)["collections"] == 4
     catch_up_all(engine)
     assert lag(engine, names) == 0
+    assert set(checkpoints(engine).values()) == {store.head()}
+
+
+def test_catching_up_takes_the_same_round_trips_for_one_projection_as_for_all(store, engine):
+    """Reading, taking and moving the checkpoints is a statement each for all the projections, not one per
+    projection; so is finding there is nothing to do. (A worker catches up a few times a second all through a
+    burst: per-projection statements were a third of its round trips.)"""
+    _cycle(store)
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        if "projection_checkpoints" in statement or "FROM events" in statement:
+            sent.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        counts = {}
+        for chosen in (PROJECTIONS[:1], PROJECTIONS):
+            _clear_projections(engine)
+            sent.clear()
+            catch_up_many(engine, chosen)
+            busy = len(sent)
+            sent.clear()
+            catch_up_many(engine, chosen)  # nothing left to do
+            counts[len(chosen)] = (busy, len(sent))
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+    assert counts[1] == counts[len(PROJECTIONS)], counts
+    # head and checkpoints; create, take; the events; move: whatever the number of projections
+    assert counts[1] == (2 + 4, 2), counts
     assert set(checkpoints(engine).values()) == {store.head()}
 
 
