@@ -67,7 +67,6 @@ events_table = sa.Table(
 _APPEND_LOCK = 0x6E6265786368
 
 # Statements built once: an append runs them in a tight, serialised loop.
-_LOCK = sa.select(sa.func.pg_advisory_xact_lock(_APPEND_LOCK))
 _HEAD = (
     sa.select(events_table.c.position, events_table.c.hash, events_table.c.recorded_at)
     .order_by(events_table.c.position.desc())
@@ -142,12 +141,18 @@ _VERSIONS = (
 # whole table, testing each row against the list one by one: 0.5 s per group
 # commit of 500 streams at 45,000 events, growing with the log.
 _TEXTS = postgresql.ARRAY(sa.String)
-_WANTED_STREAMS = sa.func.unnest(sa.bindparam("streams", type_=_TEXTS)).table_valued("stream").render_derived()
-_VERSIONS_PG = sa.select(
-    _WANTED_STREAMS.c.stream,
-    sa.select(sa.func.max(events_table.c.version))
-    .where(events_table.c.stream == _WANTED_STREAMS.c.stream)
-    .scalar_subquery(),
+# Several streams (a group commit): on PostgreSQL the lock, the head and each
+# stream's version in one round trip (migration 0007), one row per stream.
+_LOCK_HEADS = sa.select(
+    sa.func.nbexchange_lock_heads(_APPEND_LOCK, sa.bindparam("streams", type_=_TEXTS))
+    .table_valued(
+        sa.column("head_position", sa.BigInteger),
+        sa.column("head_hash", sa.String),
+        sa.column("head_recorded_at", Moment),
+        sa.column("stream_name", sa.String),
+        sa.column("stream_version", sa.Integer),
+    )
+    .render_derived()
 )
 _WANTED_KEYS = sa.func.unnest(sa.bindparam("keys", type_=_TEXTS)).table_valued("key").render_derived()
 # LIMIT keeps the planner from flattening the lookup into a join it may hash.
@@ -294,16 +299,21 @@ class SQLEventStore:
             head = found[:3] if found else None
             if found is not None:
                 versions[streams[0]] = found[3] or 0
-        else:
-            if not sqlite:
-                conn.execute(_LOCK)
+        elif sqlite:
             row = conn.execute(_HEAD).first()
             head = (row[0], row[1], row[2]) if row else None
-            # SQLite takes at most 32,766 parameters a statement; PostgreSQL one array.
-            query, chunk = (_VERSIONS, 500) if sqlite else (_VERSIONS_PG, len(streams))
-            for start in range(0, len(streams), chunk):
-                for stream, version in conn.execute(query, {"streams": streams[start : start + chunk]}):
+            # SQLite takes at most 32,766 parameters a statement.
+            for start in range(0, len(streams), 500):
+                for stream, version in conn.execute(_VERSIONS, {"streams": streams[start : start + 500]}):
                     versions[stream] = version or 0
+        else:
+            rows = conn.execute(_LOCK_HEADS, {"streams": streams}).all()
+            first = rows[0]
+            head = (
+                None if first.head_position is None else (first.head_position, first.head_hash, first.head_recorded_at)
+            )
+            for row in rows:
+                versions[row.stream_name] = row.stream_version or 0
         position, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
         # recorded_at never runs backwards along the log, even if the clock does,
         # so replaying "as of a time" and "as of a position" agree.

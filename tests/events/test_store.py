@@ -314,24 +314,63 @@ def test_postgresql_finds_a_batch_s_streams_and_keys_by_index_in_a_generic_plan(
 
     With the streams as a list of parameters, the generic plan PostgreSQL
     switches to after five runs scanned the whole log, testing each row
-    against the list: 0.5 s per commit of 500 streams at 45,000 events.
+    against the list: 0.5 s per commit of 500 streams at 45,000 events. The
+    streams' versions are read inside ``nbexchange_lock_heads`` (migration
+    0007), whose plans ``auto_explain`` shows as notices.
     """
     if engine.dialect.name != "postgresql":
         pytest.skip("SQLite's planner looks an IN list up by index")
     store.append_batch([submit(f"s{i}", key=f"k{i}") for i in range(2000)])  # not analysed yet
     streams = [submit(f"s{i}").stream for i in range(0, 2000, 7)]
     with engine.connect() as conn:
-        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-        for statement, params in ((sql._VERSIONS_PG, {"streams": streams}), (sql._BY_KEYS_PG, {"keys": ["k1", "k5"]})):
-            compiled = statement.compile(dialect=engine.dialect)
-            cursor = conn.connection.driver_connection.cursor()
-            cursor.execute(f"EXPLAIN {compiled}", {**compiled.params, **params}, prepare=True)
-            plan = "\n".join(row[0] for row in cursor.fetchall())
-            assert "Index" in plan and "Seq Scan on events" not in plan, plan
-        assert dict(conn.execute(sql._VERSIONS_PG, {"streams": [streams[0], "nobody"]}).all()) == {
-            streams[0]: 1,
-            "nobody": None,
-        }
+        notices: list[str] = []
+        conn.connection.driver_connection.add_notice_handler(lambda notice: notices.append(notice.message_primary))
+        for setting in (
+            "LOAD 'auto_explain'",
+            "SET auto_explain.log_min_duration = 0",
+            "SET auto_explain.log_nested_statements = on",
+            "SET auto_explain.log_level = notice",
+            "SET plan_cache_mode = force_generic_plan",
+        ):
+            conn.exec_driver_sql(setting)
+        for _ in range(6):  # past the driver's and PL/pgSQL's prepare thresholds
+            rows = conn.execute(sql._LOCK_HEADS, {"streams": [streams[0], "nobody"]}).all()
+            conn.rollback()
+        inner = [n for n in notices if "unnest(stream_names)" in n or "FROM events" in n]
+        assert inner, notices
+        assert all("Index" in plan and "Seq Scan on events" not in plan for plan in inner), inner
+        assert [(r.head_position, r.stream_name, r.stream_version) for r in rows] == [
+            (store.head(), streams[0], 1),
+            (store.head(), "nobody", None),
+        ]
+        compiled = sql._BY_KEYS_PG.compile(dialect=engine.dialect)
+        cursor = conn.connection.driver_connection.cursor()
+        cursor.execute(f"EXPLAIN {compiled}", {**compiled.params, "keys": ["k1", "k5"]}, prepare=True)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        assert "Index" in plan and "Seq Scan on events" not in plan, plan
+
+
+def test_a_group_commit_of_many_streams_locks_and_reads_in_one_statement(store, engine):
+    """Under the one lock every append waits for, a commit of several streams sends the same statements as a
+    commit of one more stream would: the lock, the head and the versions together on PostgreSQL."""
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        sent.append(statement)
+
+    counts = {}
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        for students in (2, 40):
+            sent.clear()
+            store.append_batch([submit(f"n{students}-{i}") for i in range(students)])
+            counts[students] = len(sent)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+    assert counts[2] == counts[40], counts
+    if engine.dialect.name == "postgresql":
+        assert counts[2] == 1, counts  # the INSERT goes on the driver's own cursor
+    assert store.verify().ok
 
 
 def test_unique_constraints_hold_even_without_the_lock(store, engine):

@@ -6,7 +6,7 @@ Revises: 0002
 
 from __future__ import annotations
 
-from alembic import op
+from nbexchange.migrations.postgresql import execute_on_postgresql
 
 revision = "0003"
 down_revision = "0002"
@@ -33,10 +33,8 @@ $$
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute(CREATE)
+    execute_on_postgresql(CREATE)
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("DROP FUNCTION nbexchange_lock_head(bigint, text)")
+    execute_on_postgresql("DROP FUNCTION nbexchange_lock_head(bigint, text)")
