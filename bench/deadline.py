@@ -177,6 +177,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(taskset); the shared PostgreSQL and Redis are not pinned",
     )
     p.add_argument("--plot", type=Path, default=None, help="--until-idle: write the timeline's plot (PNG) here")
+    p.add_argument(
+        "--count-statements",
+        action="store_true",
+        help="deadline: count the SQL statements each nbexchange process sends (bench/statements/sitecustomize.py "
+        "wraps psycopg's cursor), per accepted submission, by statement and by the code that sent it",
+    )
     args = p.parse_args(argv)
     args.server_cpus = None
     args.modes = [m for m in args.modes.split(",") if m]
@@ -624,10 +630,14 @@ def peaks(samples: dict[str, Any]) -> dict[str, float]:
 def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     root.mkdir(parents=True)
     instructor, students = write_users(root / "users.yaml", args.students, COURSE)
+    counting = args.count_statements and mode != "baseline"
+    if counting:
+        count_statements_in(root / "statements")
     if mode == "baseline":
         servers = start_baseline(root, args)
     else:
         servers = start_exchange(mode, root, root / "users.yaml", args)
+    statements: dict[str, dict[str, int]] = {}
     try:
         if mode != "baseline":
             release(servers.port, instructor)
@@ -663,7 +673,11 @@ def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[s
             gen.idle()
         raw = gen.result(args.lag_timeout + 300)
         samples = gen.samples
+        if counting:
+            statements = statements_by_process(root / "statements", servers)
     finally:
+        if counting:
+            count_statements_in(None)
         if watch is not None:
             watch.stop()
         if probe is not None:
@@ -671,6 +685,8 @@ def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[s
         servers.stop()
     summary = summarize_deadline(mode, raw, args.concurrency)
     summary["connections"] = connections
+    if counting:
+        summary["statements"] = statements_summary(statements, summary["accepted"])
     if watch is not None:
         summary.update(whole_cost(summary, raw, watch, counted_groups(servers), quiet, gen))
     accept_seconds = gen.times["UPLOADS_DONE"] - gen.times["GO"]
@@ -679,6 +695,57 @@ def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[s
     summary["peak_rss_mb"] = peaks(samples["DONE"])
     (root / "raw.json").write_text(json.dumps(raw))
     return summary
+
+
+STATEMENTS_SITE = Path(__file__).resolve().parent / "statements"
+
+
+def count_statements_in(folder: Path | None) -> None:
+    """Have the nbexchange processes started from now on count their statements into ``folder`` (None: stop)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(STATEMENTS_SITE)]
+    if folder is None:
+        os.environ.pop("BENCH_STATEMENTS_DIR", None)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ["BENCH_STATEMENTS_DIR"] = str(folder)
+        paths.insert(0, str(STATEMENTS_SITE))
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+
+
+def statements_by_process(folder: Path, servers: Servers) -> dict[str, dict[str, int]]:
+    """Each server process's statement counts, as its last write left them (they write every 0.5 s)."""
+    time.sleep(1.5)
+    out: dict[str, dict[str, int]] = {}
+    for role, pid in servers.pids().items():
+        path = folder / f"{pid}.json"
+        if path.exists():
+            out[role] = json.loads(path.read_text())
+    return out
+
+
+def statements_summary(by_role: dict[str, dict[str, int]], accepted: int) -> dict[str, Any]:
+    """Statements per accepted submission, by process, with each process's most frequent ones."""
+    per = max(accepted, 1)
+    out: dict[str, Any] = {}
+    for role, counts in sorted(by_role.items()):
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:15]
+        out[role] = {
+            "total": sum(counts.values()),
+            "per_submission": round(sum(counts.values()) / per, 2),
+            "top": [{"count": n, "per_submission": round(n / per, 3), "statement": key} for key, n in top],
+        }
+    return out
+
+
+def statements_table(summaries: list[dict[str, Any]]) -> str:
+    """The statement counts of the runs that have them, as Markdown."""
+    lines = ["| mode | process | statements per submission | most sent (per submission: statement @ sent by) |"]
+    lines.append("|---|---|---|---|")
+    for summary in summaries:
+        for role, counted in summary.get("statements", {}).items():
+            top = "<br>".join(f"{t['per_submission']}: {t['statement'][:110]}" for t in counted["top"][:6])
+            lines.append(f"| {summary['mode']} | {role} | {counted['per_submission']} | {top} |")
+    return "\n".join(lines)
 
 
 def connections_by_process(servers: Servers) -> dict[str, int]:
@@ -1197,6 +1264,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.until_idle:
         print()
         print(cost_table(runs))
+    if args.count_statements:
+        print()
+        print(statements_table(runs))
     if args.plot:
         title = (
             f"{args.students} students, {args.size // 1024} KB, C={args.concurrency}, "
