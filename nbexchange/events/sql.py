@@ -307,12 +307,12 @@ class SQLEventStore:
                 for stream, version in conn.execute(_VERSIONS, {"streams": streams[start : start + 500]}):
                     versions[stream] = version or 0
         else:
-            rows = conn.execute(_LOCK_HEADS, {"streams": streams}).all()
-            first = rows[0]
+            heads = conn.execute(_LOCK_HEADS, {"streams": streams}).all()
+            first = heads[0]
             head = (
                 None if first.head_position is None else (first.head_position, first.head_hash, first.head_recorded_at)
             )
-            for row in rows:
+            for row in heads:
                 versions[row.stream_name] = row.stream_version or 0
         position, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
         # recorded_at never runs backwards along the log, even if the clock does,
