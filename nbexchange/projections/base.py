@@ -159,15 +159,6 @@ def lock_checkpoints(conn: Connection, names: Sequence[str]) -> dict[str, int]:
     return {row.name: int(row.position) for row in conn.execute(query)}
 
 
-def apply_batch(conn: Connection, projection: Projection, events: Iterable[RecordedEvent]) -> int:
-    """Apply events to a projection on ``conn`` and move its checkpoint; returns the new checkpoint."""
-    last = _apply(conn, projection, events)
-    if last is None:
-        return checkpoint(conn, projection.name)
-    move_checkpoints(conn, {projection.name: last})
-    return last
-
-
 def _apply(conn: Connection, projection: Projection, events: Iterable[RecordedEvent]) -> int | None:
     """Apply events to a projection's rows on ``conn``; the last one's position (``None`` if there was none)."""
     rows = Rows(conn)
@@ -231,17 +222,22 @@ def _apply_next(
 ) -> tuple[dict[str, int], int]:
     """Take the projections' checkpoints and apply the next batch of events; returns them and the events read."""
     marks = lock_checkpoints(conn, [p.name for p in projections])
-    after = min(marks.values())
-    events = read_events(conn, after, batch_size, until_position=until)
+    events = read_events(conn, min(marks.values()), batch_size, until_position=until)
+    return _apply_past(conn, projections, marks, events), len(events)
+
+
+def _apply_past(
+    conn: Connection, projections: Sequence[Projection], marks: dict[str, int], events: Sequence[RecordedEvent]
+) -> dict[str, int]:
+    """Apply to each projection the events past its taken checkpoint, then move the checkpoints together."""
     moved: dict[str, int] = {}
     for projection in projections:
         mark = marks[projection.name]
-        todo = events if mark == after else [e for e in events if e.position > mark]
-        last = _apply(conn, projection, todo)
+        last = _apply(conn, projection, [e for e in events if e.position > mark])
         if last is not None:
             moved[projection.name] = last
     move_checkpoints(conn, moved)
-    return {**marks, **moved}, len(events)
+    return {**marks, **moved}
 
 
 def catch_up(engine: Engine, projection: Projection, batch_size: int = 2000, until: int | None = None) -> int:
@@ -379,9 +375,7 @@ def replay(
                 pages = _log_pages(source, until_position, until_time, batch_size)
             for events in pages:
                 with write_transaction(private, durable=False) as conn:
-                    lock_checkpoints(conn, [p.name for p in projections])
-                    for projection in projections:
-                        apply_batch(conn, projection, events)
+                    _apply_past(conn, projections, lock_checkpoints(conn, [p.name for p in projections]), events)
             yield private
         finally:
             private.dispose()
