@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import tarfile
 import unicodedata
-import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, cast
+
+from zlib_ng import zlib_ng
 
 from nbexchange.errors import UnsafeArchive, UnsupportedMedia
 from nbexchange.storage import Readable
@@ -32,7 +33,9 @@ INFLATE_PIECE = 64 * 1024
 TAR_PIECE = 64 * 1024
 MEMBER_PIECE = 128 * 1024
 #: zlib's window bits for a gzip header and trailer (CRC-32 and length checked).
-_GZIP_WBITS = 16 + zlib.MAX_WBITS
+_GZIP_WBITS = 16 + zlib_ng.MAX_WBITS
+#: What zlib-ng raises on a stream it cannot inflate (its type stub calls it an instance).
+_INFLATE_ERROR = cast("type[Exception]", zlib_ng.error)
 
 #: Linux's limits on one name and on a whole path, in bytes.
 MAX_NAME_BYTES = 255
@@ -91,7 +94,7 @@ def inspect_archive(source: Readable, limits: ArchiveLimits) -> ArchiveReport:
                     data = tar.extractfile(member)
                     assert data is not None  # a regular file always has a stream
                     checker.read_through(data, member.name)
-    except (tarfile.TarError, EOFError, zlib.error) as e:
+    except (tarfile.TarError, EOFError, _INFLATE_ERROR) as e:
         raise UnsupportedMedia(f"The archive is not a readable gzip'd tar: {e}") from e
     return checker.report()
 
@@ -232,12 +235,18 @@ class _Inflater(io.RawIOBase):
     ``gzip.GzipFile`` reads ahead of what it has inflated; this feeds zlib small
     pieces and counts what zlib used, so a ratio taken against ``consumed`` is
     the ratio of the bytes unpacked so far.
+
+    It inflates with zlib-ng (the same API and the same deflate, refusing the
+    same streams: tests/workers/test_archive_properties.py compares the two),
+    whose CRC-32 and copies are vectorised: a 1 MB archive's check took
+    0.67-1.02 ms of CPU with the standard library's zlib, 0.44-0.45 with it;
+    notebooks that compress 45:1, 1.07-1.31 against 0.65.
     """
 
     def __init__(self, compressed: Readable, already_read: bytes = b"") -> None:
         super().__init__()
         self._source = compressed
-        self._zlib = zlib.decompressobj(_GZIP_WBITS)
+        self._zlib = zlib_ng.decompressobj(_GZIP_WBITS)
         self._input = already_read  # bytes taken from the source before (the gzip magic)
         self.consumed = 0
 
@@ -268,7 +277,7 @@ class _Inflater(io.RawIOBase):
             self._input = self._source.read(INFLATE_PIECE)
         if not self._input:
             return False
-        self._zlib = zlib.decompressobj(_GZIP_WBITS)
+        self._zlib = zlib_ng.decompressobj(_GZIP_WBITS)
         return True
 
 

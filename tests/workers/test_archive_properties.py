@@ -25,6 +25,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
@@ -239,3 +240,59 @@ def test_the_inflater_reads_what_gzip_wrote_and_counts_every_compressed_byte(
         cut = archives._Inflater(io.BytesIO(compressed[:-1]))
         while cut.read(65536):
             pass
+
+
+def _inspected_with(inflate: Any, data: bytes, bounds: ArchiveLimits) -> tuple[str, object]:
+    """The check's verdict on ``data`` with this inflating module: its report, or that it refused."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(archives, "zlib_ng", inflate)
+        try:
+            return "accepted", inspect_archive(io.BytesIO(data), bounds)
+        except (UnsafeArchive, UnsupportedMedia):
+            return "refused", None
+
+
+# Files and folders under safe names: most archives are acceptable as written, so the changes decide.
+plain_members = st.builds(
+    Member, safe_names, st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE]), contents, st.just("")
+)
+mutations = st.one_of(
+    st.just(("as written", 0, b"")),
+    st.tuples(st.just("byte changed"), st.integers(0, 2**31), st.integers(1, 255).map(lambda b: bytes([b]))),
+    st.tuples(st.just("cut short"), st.integers(0, 2**31), st.just(b"")),
+    st.tuples(st.just("bytes after"), st.just(0), st.binary(min_size=1, max_size=64)),
+    st.tuples(st.just("a second member after"), st.just(0), st.binary(max_size=600).map(gzip.compress)),
+)
+
+
+@settings(PROFILE, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(
+    chosen=st.lists(plain_members, max_size=4),
+    form=st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]),
+    change=mutations,
+)
+def test_zlib_ng_accepts_exactly_what_the_standard_zlib_accepts(
+    chosen: list[Member], form: int, change: tuple[str, int, bytes]
+) -> None:
+    """The check inflates with zlib-ng for speed; it must not accept a stream the standard library's zlib refuses.
+
+    Valid archives, and the same with a byte changed (header, deflate data, CRC-32 or length), cut
+    short, or followed by other bytes or another gzip member: accepted by both with the same report,
+    or refused by both.
+    """
+    how, where, extra = change
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "upload.tar.gz"
+        write(path, chosen, form)
+        data = path.read_bytes()
+    if how == "byte changed":
+        at = where % len(data)
+        data = data[:at] + bytes([data[at] ^ extra[0]]) + data[at + 1 :]
+    elif how == "cut short":
+        data = data[: where % len(data)]
+    else:
+        data += extra
+    bounds = ArchiveLimits()
+    verdict = _inspected_with(archives.zlib_ng, data, bounds)
+    event(f"{how}: {verdict[0]}")
+    assert verdict == _inspected_with(zlib, data, bounds)
