@@ -7,7 +7,10 @@ the byte before it is made, and making one costs a copy and a CRC.
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import random
 import struct
 import tarfile
 import zlib
@@ -137,3 +140,27 @@ def big_archive(data_size: int, chunk: int = 1024 * 1024) -> Iterator[bytes]:
         total += len(piece)
         yield b"".join(_stored_blocks(memoryview(piece), final=total == raw_total))
     yield struct.pack("<II", crc, total & 0xFFFFFFFF)
+
+
+def notebooks_archive(student_id: str, size: int) -> bytes:
+    """A gzip'd tar of notebooks of about ``size`` bytes unpacked, as nbgrader's students submit."""
+    rng = random.Random(student_id)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        written, i = 0, 0
+        while written < size:
+            cells = [
+                {
+                    "cell_type": "code",
+                    "source": [f"x = {rng.randint(0, 10**6)}\n", f"print(x * {i})\n"] * 20,
+                    "outputs": [{"text": [str(rng.random())] * 10}],
+                    "metadata": {},
+                }
+                for _ in range(150)
+            ]
+            body = json.dumps({"cells": cells, "metadata": {"student": student_id}, "nbformat": 4}, indent=1).encode()
+            info = tarfile.TarInfo(f"ps1/nb{i}.ipynb")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+            written, i = written + len(body), i + 1
+    return buf.getvalue()
