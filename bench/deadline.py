@@ -65,6 +65,7 @@ from harness import (
     BENCH,
     Servers,
     cpu_by_pid,
+    descendants,
     free_port,
     fsync_probe,
     machine,
@@ -775,8 +776,11 @@ def connections_by_process(servers: Servers) -> dict[str, int]:
 
 
 def process_groups(servers: Servers, gen: LoadGen, probe: LogProbe | None) -> dict[str, list[int]]:
-    """The pids of each group whose CPU the watch follows, as they are now."""
-    groups = {role: [pid] for role, pid in servers.pids().items()}
+    """The pids of each group whose CPU the watch follows, as they are now.
+
+    A server's group holds the processes it started too (the archive checks' children).
+    """
+    groups = {role: [pid, *descendants(pid)] for role, pid in servers.pids().items()}
     groups[LOADGEN] = [gen.proc.pid]
     groups[PY_SPY] = [p.pid for p in gen.profilers]
     ours = set(probe.backends(servers.app_name)) if probe is not None and servers.app_name else set()

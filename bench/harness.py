@@ -220,6 +220,25 @@ def pids_named(name: str, cmdline: Callable[[str], bool] = lambda text: True) ->
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (e.g. a server's archive-check processes), as they are now."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                    parent = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return sorted(found)
+
+
 def cpu_by_pid(pids: list[int]) -> dict[int, float]:
     """CPU seconds of each of these processes (those that ended meanwhile are left out)."""
     out = {}

@@ -2,4 +2,5 @@
 
 from nbexchange.app import main
 
-main()
+if __name__ == "__main__":  # not when a spawned child process (the archive checks') imports it
+    main()
