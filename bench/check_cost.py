@@ -39,12 +39,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024 * 1024)
     parser.add_argument("--db-url", default="", help="the database (default: a SQLite file in a scratch folder)")
     parser.add_argument("--compressible", action="store_true", help="notebooks of JSON, not incompressible bytes")
-    parser.add_argument("--check-processes", type=int, default=None, help="check_processes (0: in this thread)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="nbx-check-cost-"))
     settings = NbExchange(base_storage_location=str(folder), check_defer_max=1000.0)
-    if args.check_processes is not None:
-        settings.check_processes = args.check_processes
     if args.db_url:
         settings.db_url = args.db_url
     runtime = Runtime(settings)

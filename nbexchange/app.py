@@ -267,14 +267,6 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         "own settings.",
     )
     worker_concurrency = Int(2, config=True, help="Tasks a worker (thread or process) runs at once.")
-    check_processes = Int(
-        None,
-        allow_none=True,
-        config=True,
-        help="Child processes that read, hash and inflate the archives a worker checks (local archive store), so "
-        "that work does not contend with the process's other threads for the interpreter; started with the first "
-        "check. 0: in the worker's own threads. Default: worker_concurrency.",
-    )
     sweep_interval = Float(
         15.0, config=True, help="Seconds between a worker's sweeps of the log (catch-up after a lost message)."
     )
@@ -565,11 +557,6 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
     def embedded(self) -> bool:
         """Whether this process also runs the workers (no broker configured)."""
         return not self.broker_url
-
-    @property
-    def check_process_count(self) -> int:
-        """``check_processes``, or its default: one per task a worker runs at once."""
-        return int(self.worker_concurrency if self.check_processes is None else self.check_processes)
 
     @property
     def check_hold_seconds(self) -> float:

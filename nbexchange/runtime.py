@@ -16,7 +16,6 @@ from nbexchange.metrics import count_appended
 from nbexchange.storage import open_archive_store
 from nbexchange.workers.app import FOLLOW_POLL, Dispatcher, Projector, make_celery
 from nbexchange.workers.archives import ArchiveLimits
-from nbexchange.workers.inspector import Inspector
 
 if TYPE_CHECKING:
     from nbexchange.app import NbExchange
@@ -43,7 +42,6 @@ class Runtime:
             upgrade(self.engine)
         self.store = SQLEventStore(self.engine)
         self.archives = open_archive_store(settings)
-        self.inspector = Inspector(settings.check_process_count)
         self.limits = ArchiveLimits(
             max_members=settings.archive_max_members,
             max_total_size=settings.archive_max_total_size,
@@ -150,5 +148,4 @@ class Runtime:
         self.dispatcher.close()
         if self.projector:
             self.projector.stop()
-        self.inspector.close()
         self.engine.dispose()

@@ -13,16 +13,15 @@ from sqlalchemy.engine import Engine
 
 from nbexchange.clock import utcnow
 from nbexchange.db import translate_errors, write_transaction
-from nbexchange.errors import ExchangeError, NotFound, Unavailable
+from nbexchange.errors import BlobCorrupt, ExchangeError, NotFound, Unavailable, UnsafeArchive, UnsupportedMedia
 from nbexchange.events.domain import SYSTEM_ACTOR, ArchiveRejected, ArchiveUnpacked, DomainEvent, StudentEvent
 from nbexchange.events.store import Appended, AppendRequest, EventStore, RecordedEvent
 from nbexchange.periodic import log_failure
 from nbexchange.projections import catch_up_all
 from nbexchange.projections.base import checkpoint, lock_checkpoint, move_checkpoint
 from nbexchange.projections.blobs import BlobsProjection, owned
-from nbexchange.storage import ArchiveStore
-from nbexchange.workers.archives import ArchiveLimits
-from nbexchange.workers.inspector import REJECTIONS, Inspector
+from nbexchange.storage import ArchiveStore, HashingReader
+from nbexchange.workers.archives import ArchiveLimits, inspect_archive
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,6 @@ class WorkerContext(Protocol):
     def archives(self) -> ArchiveStore: ...
     @property
     def limits(self) -> ArchiveLimits: ...
-    @property
-    def inspector(self) -> Inspector: ...
     @property
     def sweep_grace(self) -> float: ...
     @property
@@ -141,8 +138,12 @@ def _check(ctx: WorkerContext, event: RecordedEvent) -> DomainEvent:
         "student_id": data.student_id if isinstance(data, StudentEvent) else None,
     }
     try:
-        report = ctx.inspector.inspect(ctx.archives, sha, ctx.limits)
-    except REJECTIONS as e:
+        with ctx.archives.open(sha) as stored:
+            reading = HashingReader(stored)
+            report = inspect_archive(reading, ctx.limits)
+            if reading.hexdigest() != sha:
+                raise BlobCorrupt(sha)
+    except (UnsafeArchive, UnsupportedMedia, NotFound, BlobCorrupt) as e:
         log.warning("Archive %s of event %d rejected: %s", sha, event.position, e.note)
         return ArchiveRejected(**source, reason=e.note)
     return ArchiveUnpacked(**source, members=report.members, total_size=report.total_size, notebooks=report.notebooks)

@@ -13,7 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,6 @@ from nbexchange.storage_s3 import S3ArchiveStore
 from nbexchange.workers import tasks
 from nbexchange.workers.app import FOLLOW_POLL_IDLE, Projector, Sweeper, is_rabbitmq
 from nbexchange.workers.archives import ArchiveLimits
-from nbexchange.workers.inspector import Inspector
 
 #: The multi-process tests run on PostgreSQL whatever NBEX_TEST_DB_URL says (SQLite is not the production topology).
 PG_URL = TEST_DB_URL if TEST_DB_URL.startswith("postgresql") else "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -626,8 +625,6 @@ class Context:
     sweep_grace: float
     #: What the broker would say; ``None``: it cannot say (the sweep then checks).
     waiting: int | None = None
-    #: The archives' byte work, in the calling thread.
-    inspector: Inspector = field(default_factory=Inspector)
     blob_grace: float = 3600.0
     #: Whether a sweep also runs the blob collector.
     collecting: bool = False
