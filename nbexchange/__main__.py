@@ -2,5 +2,5 @@
 
 from nbexchange.app import main
 
-if __name__ == "__main__":  # not when a spawned child process (the archive checks') imports it
+if __name__ == "__main__":  # not when another process imports it (as multiprocessing's spawn does)
     main()

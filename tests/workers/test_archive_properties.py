@@ -236,7 +236,7 @@ def test_the_inflater_reads_what_gzip_wrote_and_counts_every_compressed_byte(
         assert len(out) <= 1032 * inflater.consumed + 1032
     assert bytes(out) == b"".join(members)
     assert inflater.consumed == len(compressed)
-    with pytest.raises((EOFError, zlib.error)):
+    with pytest.raises((EOFError, archives._INFLATE_ERROR)):
         cut = archives._Inflater(io.BytesIO(compressed[:-1]))
         while cut.read(65536):
             pass
