@@ -778,7 +778,7 @@ def connections_by_process(servers: Servers) -> dict[str, int]:
 def process_groups(servers: Servers, gen: LoadGen, probe: LogProbe | None) -> dict[str, list[int]]:
     """The pids of each group whose CPU the watch follows, as they are now.
 
-    A server's group holds the processes it started too (the archive checks' children).
+    A server's group holds the processes it started too (none today; b8d5a60's check processes were).
     """
     groups = {role: [pid, *descendants(pid)] for role, pid in servers.pids().items()}
     groups[LOADGEN] = [gen.proc.pid]

@@ -221,7 +221,7 @@ def pids_named(name: str, cmdline: Callable[[str], bool] = lambda text: True) ->
 
 
 def descendants(pid: int) -> list[int]:
-    """The processes ``pid`` started, and theirs (e.g. a server's archive-check processes), as they are now."""
+    """The processes ``pid`` started, and theirs, as they are now (a server's CPU includes any it starts)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
