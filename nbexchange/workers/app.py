@@ -31,6 +31,12 @@ EMBEDDED_BROKER = "memory://localhost/"
 CHECK_ARCHIVES = "nbexchange.check_archives"
 #: Archives per check message: fewer messages in a burst, still spread over workers.
 CHECKS_PER_MESSAGE = 8
+#: Archives per check message while the process receives uploads (checks held, see ``Dispatcher``):
+#: each message costs its worker two reads, a commit and the outcomes' catch-up, on the CPUs the
+#: uploads need. A held check whose time has come waits up to ``BUSY_FILL`` seconds more for its
+#: message to fill.
+CHECKS_PER_BUSY_MESSAGE = 64
+BUSY_FILL = 1.0
 #: The longest wait (seconds) before a check the database could not serve is tried again.
 CHECK_RETRY_MAX = 5
 #: How often (seconds) held check messages look whether they may go.
@@ -222,8 +228,9 @@ class Dispatcher:
     each commit. ``hold_checks`` says whether the process is receiving
     uploads, which go first where the workers share its CPUs (the embedded
     default always; with a broker if ``check_defer_max`` says so). While it
-    says yes, each check message waits, at most ``hold_max`` seconds from its
-    event's commit, and ``catch_up`` is called at most every
+    says yes, each check waits, at most ``hold_max`` seconds from its event's
+    commit (and up to ``BUSY_FILL`` more, to go in a message of
+    ``CHECKS_PER_BUSY_MESSAGE``), and ``catch_up`` is called at most every
     ``catch_up_interval`` seconds: a burst's commits are applied a few dozen
     at a time, not with a pass (a transaction, the checkpoints' reads) each.
     A held message lost with the process is a lost message like any other:
@@ -274,13 +281,17 @@ class Dispatcher:
             confirm_timeout=self.confirm_timeout,
         )
 
-    def _due(self, held: list[tuple[int, float]], busy: bool, now: float) -> tuple[list[int], list[tuple[int, float]]]:
-        """The held checks whose message should go now, and those that keep waiting."""
+    def _due(
+        self, held: list[tuple[int, float]], busy: bool, now: float
+    ) -> tuple[list[list[int]], list[tuple[int, float]]]:
+        """The check messages to send now (positions each), and the held checks that keep waiting."""
         if not busy:
-            return [position for position, _ in held], []
+            return _messages([position for position, _ in held], CHECKS_PER_MESSAGE), []
         oldest = now - self.hold_max
         due = [position for position, since in held if since <= oldest]
-        return due, held[len(due) :]  # held in commit order: the due ones come first
+        if due and held[0][1] > oldest - BUSY_FILL:
+            due = due[: len(due) - len(due) % CHECKS_PER_BUSY_MESSAGE]  # the last message is not full yet
+        return _messages(due, CHECKS_PER_BUSY_MESSAGE), held[len(due) :]  # held in commit order: due ones first
 
     def _run(self) -> None:
         held: list[tuple[int, float]] = []  # archive events whose check message waits, since when
@@ -304,7 +315,7 @@ class Dispatcher:
             now = time.monotonic()
             busy = not closing and self.hold_checks is not None and self.hold_checks()
             held += [(event.position, now) for event in batch if event.data.archive() is not None]
-            positions, held = self._due(held, busy, now)
+            messages, held = self._due(held, busy, now)
             wake = self.catch_up
             if wake is not None:
                 catch_up_due = catch_up_due or bool(batch)
@@ -312,13 +323,18 @@ class Dispatcher:
                     catch_up_due, caught_up_at = False, now
                     wake()
             try:
-                for start in range(0, len(positions), CHECKS_PER_MESSAGE):
-                    self._send(CHECK_ARCHIVES, (positions[start : start + CHECKS_PER_MESSAGE],))
+                for positions in messages:
+                    self._send(CHECK_ARCHIVES, (positions,))
             except Exception as e:
                 # Once per outage, not per commit batch; the sweep does the work meanwhile.
                 self._outage.failed(e)
             else:
                 self._outage.worked()
+
+
+def _messages(positions: list[int], size: int) -> list[list[int]]:
+    """The positions in messages of ``size``, in order."""
+    return [positions[start : start + size] for start in range(0, len(positions), size)]
 
 
 class Projector:

@@ -15,7 +15,7 @@ import pytest
 from httpclient import COURSE, get, ok, release, submit, until
 from service import TEST_BROKER_URL, Service
 
-from nbexchange.workers.app import CHECK_ARCHIVES, Dispatcher
+from nbexchange.workers.app import BUSY_FILL, CHECK_ARCHIVES, CHECKS_PER_BUSY_MESSAGE, CHECKS_PER_MESSAGE, Dispatcher
 
 USERS = {"ada": {COURSE: "Instructor"}, "s1": {COURSE: "Student"}, "s2": {COURSE: "Student"}}
 
@@ -25,9 +25,11 @@ class _App:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, tuple[Any, ...]]] = []
+        self.times: list[float] = []
 
     def send_task(self, name: str, args: tuple[Any, ...] = (), **_: Any) -> None:
         self.sent.append((name, tuple(args)))
+        self.times.append(time.monotonic())
 
 
 def _submitted(position: int) -> Any:
@@ -55,6 +57,28 @@ def test_a_check_waits_at_most_hold_max_and_goes_on_close():
     dispatcher.close()
     assert (CHECK_ARCHIVES, ([2],)) in app.sent
     assert [name for name, _ in app.sent] == [CHECK_ARCHIVES] * 2  # catch-up is no message: workers follow the log
+
+
+def test_while_uploads_arrive_due_checks_go_in_full_messages():
+    app, busy = _App(), [True]
+    dispatcher = Dispatcher(app, hold_checks=lambda: busy[0], hold_max=0.2)
+    committed = time.monotonic()
+    dispatcher([_submitted(i) for i in range(CHECKS_PER_BUSY_MESSAGE + 5)])
+    until(lambda: len(app.sent) == 2, timeout=10)
+    # Each message costs the worker a commit and a catch-up beside the uploads: a full one goes when due,
+    # the rest waits for more to fill it, but never longer than BUSY_FILL.
+    assert app.sent == [
+        (CHECK_ARCHIVES, (list(range(CHECKS_PER_BUSY_MESSAGE)),)),
+        (CHECK_ARCHIVES, (list(range(CHECKS_PER_BUSY_MESSAGE, CHECKS_PER_BUSY_MESSAGE + 5)),)),
+    ]
+    assert 0.2 <= app.times[0] - committed < 0.2 + BUSY_FILL
+    assert app.times[1] - committed >= 0.2 + BUSY_FILL
+    # Once the uploads stop, what is held goes at once, in the smaller messages that spread over workers.
+    dispatcher([_submitted(i) for i in range(100, 120)])
+    busy[0] = False
+    until(lambda: len(app.sent) == 2 + 3)
+    assert [len(args[0]) for _, args in app.sent[2:]] == [CHECKS_PER_MESSAGE, CHECKS_PER_MESSAGE, 4]
+    dispatcher.close()
 
 
 def test_catch_up_is_spaced_while_uploads_arrive():
