@@ -41,7 +41,7 @@ from nbexchange.exchange import Exchange
 from nbexchange.identity.base import User
 from nbexchange.projections import catch_up_all
 from nbexchange.runtime import Runtime
-from nbexchange.workers.app import CHECKS_PER_MESSAGE
+from nbexchange.workers.app import CHECKS_PER_MESSAGE, in_messages
 from nbexchange.workers.tasks import check_archives
 
 
@@ -78,8 +78,8 @@ def main() -> None:
         alone = loop.spells_per_second(2.0)
         loop.start()
     wall, cpu, own = time.perf_counter(), time.process_time(), time.thread_time()
-    for start in range(0, len(positions), args.per_message):
-        check_archives(runtime, positions[start : start + args.per_message])
+    for message in in_messages(positions, args.per_message):
+        check_archives(runtime, message)
     wall, cpu, own = time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - own
     kind = "notebooks" if args.compressible else "incompressible"
     print(

@@ -279,7 +279,7 @@ nbexchange replay --until-time="2026-01-31 23:59:59 UTC" --course=phys101 --assi
         config=True,
         help="Seconds an archive check may wait while its API process receives uploads, so they go first; 0: "
         "never. Default: 20 in the embedded default, 0 with a broker (set it where workers share the API "
-        "processes' CPUs). Keep it below sweep_grace.",
+        "processes' CPUs). Keep it at least 1 s (a held check's wait to fill its message) below sweep_grace.",
     )
     blob_grace = Float(
         3600.0,

@@ -24,7 +24,7 @@ from nbexchange.projections import NAMES, lag
 from nbexchange.runtime import Runtime
 from nbexchange.storage import CHUNK_SIZE
 from nbexchange.tuning import tune_gc
-from nbexchange.workers.app import EmbeddedWorker, Sweeper, shown_url
+from nbexchange.workers.app import BUSY_FILL, EmbeddedWorker, Sweeper, shown_url
 
 if TYPE_CHECKING:
     from nbexchange.app import NbExchange
@@ -89,12 +89,13 @@ def serve(settings: NbExchange) -> None:
     executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="nbexchange-io")
     worker = sweeper = None
     hold = settings.check_hold_seconds
-    if hold > 0 and hold >= settings.sweep_grace:
+    if hold > 0 and hold + BUSY_FILL >= settings.sweep_grace:
         log.warning(
-            "check_defer_max (%s s) is not below sweep_grace (%s s): the sweep may check held archives "
-            "itself, doing the work twice",
+            "check_defer_max (%s s) is not below sweep_grace (%s s) by %s s, the longest a held check "
+            "waits more to fill its message: the sweep may check held archives itself, doing the work twice",
             hold,
             settings.sweep_grace,
+            BUSY_FILL,
         )
     if settings.embedded:
         worker = EmbeddedWorker(runtime.celery, settings.worker_concurrency)

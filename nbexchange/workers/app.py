@@ -286,12 +286,12 @@ class Dispatcher:
     ) -> tuple[list[list[int]], list[tuple[int, float]]]:
         """The check messages to send now (positions each), and the held checks that keep waiting."""
         if not busy:
-            return _messages([position for position, _ in held], CHECKS_PER_MESSAGE), []
+            return in_messages([position for position, _ in held], CHECKS_PER_MESSAGE), []
         oldest = now - self.hold_max
         due = [position for position, since in held if since <= oldest]
         if due and held[0][1] > oldest - BUSY_FILL:
             due = due[: len(due) - len(due) % CHECKS_PER_BUSY_MESSAGE]  # the last message is not full yet
-        return _messages(due, CHECKS_PER_BUSY_MESSAGE), held[len(due) :]  # held in commit order: due ones first
+        return in_messages(due, CHECKS_PER_BUSY_MESSAGE), held[len(due) :]  # held in commit order: due ones first
 
     def _run(self) -> None:
         held: list[tuple[int, float]] = []  # archive events whose check message waits, since when
@@ -332,7 +332,7 @@ class Dispatcher:
                 self._outage.worked()
 
 
-def _messages(positions: list[int], size: int) -> list[list[int]]:
+def in_messages(positions: list[int], size: int) -> list[list[int]]:
     """The positions in messages of ``size``, in order."""
     return [positions[start : start + size] for start in range(0, len(positions), size)]
 

@@ -212,8 +212,16 @@ def test_with_a_broker_checks_go_at_once_by_default(exchange_service):
         slow.close()
 
 
-def test_a_hold_longer_than_the_sweeps_grace_is_warned_about(exchange_service):
-    """The test services' sweep grace is 1 s, below the default hold of 20 s."""
-    svc = exchange_service(USERS)
+@pytest.mark.parametrize(
+    ("grace", "warned"),
+    [
+        (None, True),  # the test services' sweep grace, 1 s, is below the default hold of 20 s
+        (20 + BUSY_FILL / 2, True),  # above the hold, but not the hold and the wait to fill a message
+        (20 + 2 * BUSY_FILL, False),
+    ],
+)
+def test_a_hold_longer_than_the_sweeps_grace_is_warned_about(exchange_service, grace, warned):
+    svc = exchange_service(USERS, extra=[] if grace is None else [f"--NbExchange.sweep_grace={grace}"])
     embedded = not TEST_BROKER_URL
-    assert ("check_defer_max (20.0 s) is not below sweep_grace (1.0 s)" in svc.log_text()) is embedded
+    shown = 1.0 if grace is None else float(grace)
+    assert (f"check_defer_max (20.0 s) is not below sweep_grace ({shown} s)" in svc.log_text()) is (embedded and warned)
