@@ -48,7 +48,7 @@ COMMIT = "append + commit (group committer: SQL, hash chain, JSON)"
 
 #: (stage, patterns), in order: a stack goes to the first stage one of whose patterns matches a frame.
 STAGES: list[tuple[str, list[Pattern]]] = [
-    ("check: read + decompress", [P(ARCHIVES, r"_Inflater\..*"), P(ARCHIVES, r"_BoundedStream\..*")]),
+    ("check: read + decompress", [P(ARCHIVES, r"_Inflater\..*"), P(ARCHIVES, r"_Unpacked\._inflate")]),
     (
         "check: write unpacked files (open, write, fsync, rename)",
         [

@@ -7,7 +7,7 @@ import tarfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import IO, TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, cast
 
 from zlib_ng import zlib_ng
 
@@ -27,11 +27,10 @@ HEADER_ALLOWANCE_PER_MEMBER = 4096
 
 #: Compressed bytes read from the upload at a time (``consumed`` stays exact whatever the size).
 INFLATE_PIECE = 64 * 1024
-#: Decompressed bytes asked of tarfile's stream, and of a member, at a time. Pieces of a megabyte
-#: cost more than their inflating (each a fresh allocation, its pages faulted in, then copied):
-#: a 1 MB archive took 2.4-2.8 ms of CPU to check with them, 0.7-0.9 ms with these.
-TAR_PIECE = 64 * 1024
-MEMBER_PIECE = 128 * 1024
+#: Decompressed bytes inflated at a time. Pieces of a megabyte cost more than their inflating
+#: (each a fresh allocation, its pages faulted in): a 1 MB archive took 2.4-2.8 ms of CPU to
+#: check with them, 0.7-0.9 ms with pieces of 64-128 KiB.
+UNPACKED_PIECE = 128 * 1024
 #: zlib's window bits for a gzip header and trailer (CRC-32 and length checked).
 _GZIP_WBITS = 16 + zlib_ng.MAX_WBITS
 #: What zlib-ng raises on a stream it cannot inflate (its type stub calls it an instance).
@@ -77,23 +76,27 @@ def inspect_archive(source: Readable, limits: ArchiveLimits) -> ArchiveReport:
 
     The archive is read once, as a stream (it need not be seekable), and never
     unpacked: the rules are proved on the members' headers and on counts of
-    their bytes as they go by. Raises UnsupportedMedia if it is not a gzip'd
-    tar, UnsafeArchive at the first member that breaks a rule (reading no
-    further).
+    their bytes as they go by; the members' data is inflated and dropped, and
+    so is whatever follows the tar's end, so that every gzip member's CRC-32
+    and length are checked to the end of the file. Raises UnsupportedMedia if
+    it is not a gzip'd tar, UnsafeArchive at the first member that breaks a
+    rule (reading no further).
     """
     head = source.read(len(GZIP_MAGIC))
     if head != GZIP_MAGIC:
         raise UnsupportedMedia("The archive is not gzip-compressed.")
     checker = _Checker(limits)
     try:
-        stream = _BoundedStream(_Inflater(source, head), checker)
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_PIECE) as tar:
+        unpacked = _Unpacked(_Inflater(source, head), checker)
+        # tarfile's seekable mode reads the headers and seeks past the data, which _Unpacked
+        # inflates and drops; its stream mode would copy every byte through two more buffers.
+        # (typeshed's file type also asks for write and close, which reading never calls.)
+        with tarfile.open(fileobj=unpacked, mode="r:") as tar:  # type: ignore[call-overload]
             for member in tar:
                 checker.admit(member)
                 if member.type in _FILE_TYPES:
-                    data = tar.extractfile(member)
-                    assert data is not None  # a regular file always has a stream
-                    checker.read_through(data, member.name)
+                    unpacked.skip_data(member)
+        unpacked.skip_rest()
     except (tarfile.TarError, EOFError, _INFLATE_ERROR) as e:
         raise UnsupportedMedia(f"The archive is not a readable gzip'd tar: {e}") from e
     return checker.report()
@@ -142,11 +145,6 @@ class _Checker:
         if not is_dir:
             self.files.append(name)
         return name
-
-    def read_through(self, data: IO[bytes], raw: str) -> None:
-        """Read a member's bytes in chunks, counting each against the limits."""
-        while chunk := data.read(MEMBER_PIECE):
-            self.count(raw, len(chunk))
 
     def count(self, raw: str, size: int) -> None:
         """Add bytes actually read from a member; UnsafeArchive past a limit.
@@ -197,36 +195,81 @@ class _Checker:
         self.kinds[name] = is_dir
 
 
-class _BoundedStream(io.RawIOBase):
-    """The archive's decompressed bytes, refused past the members' allowance plus headers.
+class _Unpacked:
+    """The archive's decompressed bytes as tarfile's seekable mode reads them: forward only, data dropped.
 
-    The members' data is checked member by member; this catches what is not data, such as
-    a pax header that would otherwise be read whole into memory. Like the members' ratio,
-    the allowance grows with the compressed bytes used so far.
+    tarfile reads the headers (``read``) and moves past the members' data
+    (``seek``); the walk moves past each regular file's data first
+    (``skip_data``), counting it against the member's limits as it is
+    inflated. Nothing is copied but the headers. Every byte inflated, header
+    or data, also counts against the members' allowance plus headers: this
+    catches what is not data, such as a pax header that would otherwise be
+    read whole into memory. Like the members' ratio, the allowance grows with
+    the compressed bytes used so far.
     """
 
     def __init__(self, inflater: _Inflater, checker: _Checker) -> None:
-        super().__init__()
         self._inflater = checker.inflater = inflater
         self._checker = checker
-        limits = checker.limits
-        self._headers = HEADER_ALLOWANCE + HEADER_ALLOWANCE_PER_MEMBER * limits.max_members
-        self._read = 0
+        self._headers = HEADER_ALLOWANCE + HEADER_ALLOWANCE_PER_MEMBER * checker.limits.max_members
+        self._inflated = 0
+        self._pending = memoryview(b"")  # inflated, not yet read or skipped
+        self._position = 0
 
-    def readable(self) -> bool:
-        return True
+    def tell(self) -> int:
+        return self._position
 
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        with memoryview(buffer) as view:
-            count = self._inflater.readinto(view[:MEMBER_PIECE])
-        self._read += count
+    def read(self, size: int) -> bytes:
+        """The next ``size`` bytes, fewer only at the end."""
+        pieces = []
+        while size > 0 and (piece := self._take(size)):
+            pieces.append(piece)
+            size -= len(piece)
+        return b"".join(pieces)
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        """Move forward to ``position`` (or to the end, if it comes first)."""
+        if whence != io.SEEK_SET or position < self._position:
+            raise io.UnsupportedOperation("The archive's bytes are read forward only.")
+        left = position - self._position
+        while left > 0 and (piece := self._take(left)):
+            left -= len(piece)
+        return self._position
+
+    def skip_data(self, member: tarfile.TarInfo) -> None:
+        """Move past the data of ``member`` (just read), counting it against the limits as it is inflated."""
+        left = member.size
+        while left > 0:
+            piece = self._take(left)
+            if not piece:
+                raise tarfile.ReadError("unexpected end of data")
+            self._checker.count(member.name, len(piece))
+            left -= len(piece)
+
+    def skip_rest(self) -> None:
+        """Inflate what follows the tar's end to the end of the file (padding, trailers), checking it."""
+        while self._take(UNPACKED_PIECE):
+            pass
+
+    def _take(self, most: int) -> memoryview:
+        """The next up to ``most`` inflated bytes; empty at the end."""
+        if not self._pending:
+            self._pending = memoryview(self._inflate())
+        piece = self._pending[:most]
+        self._pending = self._pending[len(piece) :]
+        self._position += len(piece)
+        return piece
+
+    def _inflate(self) -> bytes:
+        out = self._inflater.inflate(UNPACKED_PIECE)
+        self._inflated += len(out)
         limits = self._checker.limits
         bound = min(limits.max_total_size, int(limits.max_ratio * self._inflater.consumed)) + self._headers
-        if self._read > bound:
+        if self._inflated > bound:
             after = self._checker.last_name
             where = f"after member {after!r}" if after else "before its first member"
             raise UnsafeArchive(f"The archive's headers unpack to more than {bound} bytes {where}.")
-        return count
+        return out
 
 
 class _Inflater(io.RawIOBase):
@@ -255,21 +298,26 @@ class _Inflater(io.RawIOBase):
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         with memoryview(buffer) as view:
-            while True:
-                if self._zlib.eof and not self._next_member():
-                    return 0
-                if not self._input:
-                    self._input = self._source.read(INFLATE_PIECE)
-                # At the end of the file zlib may still hold output it had no room for; only then is it cut short.
-                out = self._zlib.decompress(self._input, len(view))
-                if not out and not self._input and not self._zlib.eof:
-                    raise EOFError("the gzip stream is cut short")
-                left = self._zlib.unconsumed_tail or self._zlib.unused_data
-                self.consumed += len(self._input) - len(left)
-                self._input = left
-                if out:
-                    view[: len(out)] = out
-                    return len(out)
+            out = self.inflate(len(view))
+            view[: len(out)] = out
+            return len(out)
+
+    def inflate(self, most: int) -> bytes:
+        """The next up to ``most`` decompressed bytes; empty at the end of the file."""
+        while True:
+            if self._zlib.eof and not self._next_member():
+                return b""
+            if not self._input:
+                self._input = self._source.read(INFLATE_PIECE)
+            # At the end of the file zlib may still hold output it had no room for; only then is it cut short.
+            out = self._zlib.decompress(self._input, most)
+            if not out and not self._input and not self._zlib.eof:
+                raise EOFError("the gzip stream is cut short")
+            left = self._zlib.unconsumed_tail or self._zlib.unused_data
+            self.consumed += len(self._input) - len(left)
+            self._input = left
+            if out:
+                return out
 
     def _next_member(self) -> bool:
         """Start the gzip member that follows the one just ended (``cat a.gz b.gz``); False at the end."""

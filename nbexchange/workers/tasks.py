@@ -140,13 +140,23 @@ def _check(ctx: WorkerContext, event: RecordedEvent) -> DomainEvent:
     try:
         with ctx.archives.open(sha) as stored:
             reading = HashingReader(stored)
-            report = inspect_archive(reading, ctx.limits)
-            if reading.hexdigest() != sha:
-                raise BlobCorrupt(sha)
+            try:
+                report = inspect_archive(reading, ctx.limits)
+            except (UnsafeArchive, UnsupportedMedia):
+                # Bytes the store changed would be refused as well: say what happened to them, not what they became.
+                _raise_if_changed(reading, sha)
+                raise
+            _raise_if_changed(reading, sha)
     except (UnsafeArchive, UnsupportedMedia, NotFound, BlobCorrupt) as e:
         log.warning("Archive %s of event %d rejected: %s", sha, event.position, e.note)
         return ArchiveRejected(**source, reason=e.note)
     return ArchiveUnpacked(**source, members=report.members, total_size=report.total_size, notebooks=report.notebooks)
+
+
+def _raise_if_changed(reading: HashingReader, sha: str) -> None:
+    """``BlobCorrupt`` if the stored bytes (the rest read now) do not hash to ``sha``, their name in the store."""
+    if reading.hexdigest() != sha:
+        raise BlobCorrupt(sha)
 
 
 def catch_up(ctx: WorkerContext) -> dict[str, int]:

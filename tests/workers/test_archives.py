@@ -343,6 +343,54 @@ def test_truncated_archive_is_unsupported(tmp_path: Path) -> None:
         inspect(cut, LIMITS)
 
 
+def _damaged_after_the_tar(how: str) -> bytes:
+    """A 1 MB archive whose tar is whole, damaged only after the tar's end (in gzip's trailer or past it)."""
+    tar = io.BytesIO()
+    info, content = entry("ps1/data.bin", os.urandom(1024 * 1024))
+    with tarfile.open(fileobj=tar, mode="w") as writer:
+        writer.addfile(info, io.BytesIO(content))
+    data = gzip.compress(tar.getvalue(), compresslevel=1)
+    damage = {
+        "CRC-32 changed": lambda d: d[:-8] + bytes([d[-8] ^ 1]) + d[-7:],
+        "length changed": lambda d: d[:-1] + bytes([d[-1] ^ 1]),
+        "trailer cut": lambda d: d[:-3],
+        "no trailer": lambda d: d[:-8],
+        "bytes after": lambda d: d + b"junk",
+        "a broken second member": lambda d: d + gzip.compress(b"more")[:-2],
+    }
+    return damage[how](data)
+
+
+@pytest.mark.hostile(
+    "Archives",
+    "a whole tar in a gzip stream damaged after the tar's end: CRC-32 or length changed, trailer cut or missing, "
+    "other bytes or a broken gzip member after it",
+    "415: the gzip stream is checked to the end of the file, not only as far as the tar goes",
+)
+@pytest.mark.parametrize(
+    "how",
+    ["CRC-32 changed", "length changed", "trailer cut", "no trailer", "bytes after", "a broken second member"],
+)
+def test_damage_after_the_tar_end_is_unsupported(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "damaged.tar.gz"
+    path.write_bytes(_damaged_after_the_tar(how))
+    with pytest.raises(UnsupportedMedia) as caught:
+        inspect(path, LIMITS)
+    assert "not a readable gzip'd tar" in caught.value.note
+
+
+def test_a_gzip_stream_of_two_whole_members_is_read_to_its_end(tmp_path: Path) -> None:
+    whole = build(tmp_path / "whole.tar.gz", [entry("ps1/a.txt", b"a" * 5000)]).read_bytes()
+    path = tmp_path / "two.tar.gz"
+    path.write_bytes(whole + gzip.compress(b""))  # `cat a.tar.gz empty.gz`: still one valid gzip file
+    source = Unseekable(path)
+    try:
+        assert inspect_archive(source, LIMITS).files == ("ps1/a.txt",)
+    finally:
+        source.close()
+    assert source.taken == len(path.read_bytes())
+
+
 # -- bombs: stopped before the bytes that pass a limit are written -----------------------
 
 
@@ -392,7 +440,7 @@ def test_total_size_stops_reading_at_the_limit(tmp_path: Path) -> None:
         inspect(archive, ArchiveLimits(max_total_size=limit, max_ratio=1e9))
     assert f"past the {limit} bytes" in caught.value.note
     so_far = int(re.search(r"\((\d+) bytes so far\)", caught.value.note).group(1))  # type: ignore[union-attr]
-    assert limit < so_far <= limit + archives.MEMBER_PIECE
+    assert limit < so_far <= limit + archives.UNPACKED_PIECE
     # Within the limit the same archive shape is fine: it is the limit that stopped it.
     fine = bomb_then_padding(tmp_path / "fine.tar.gz", limit - 1024, 1024)
     assert inspect(fine, ArchiveLimits(max_total_size=limit, max_ratio=1e9)).total_size == limit
