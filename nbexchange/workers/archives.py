@@ -97,7 +97,9 @@ def inspect_archive(source: Readable, limits: ArchiveLimits) -> ArchiveReport:
                 if member.type in _FILE_TYPES:
                     unpacked.skip_data(member)
         unpacked.skip_rest()
-    except (tarfile.TarError, EOFError, _INFLATE_ERROR) as e:
+    # tarfile raises ValueError, not a TarError, for some numbers in pax headers it cannot read
+    # (GNU.sparse.size, .map, .realsize, a 1.0 sparse map): refused like any other unreadable header.
+    except (tarfile.TarError, EOFError, ValueError, _INFLATE_ERROR) as e:
         raise UnsupportedMedia(f"The archive is not a readable gzip'd tar: {e}") from e
     return checker.report()
 

@@ -325,7 +325,7 @@ def _read_through_verdict(data: bytes, bounds: ArchiveLimits) -> tuple[str, obje
                         checker.count(member.name, len(chunk))
         while inflater.read(65536):
             pass
-    except (UnsafeArchive, tarfile.TarError, EOFError, archives._INFLATE_ERROR):
+    except (UnsafeArchive, tarfile.TarError, EOFError, ValueError, archives._INFLATE_ERROR):
         return "refused", None
     return "accepted", checker.report()
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from builders import UNREADABLE_PAX, make_archive
 
 from nbexchange.errors import UnsafeArchive, UnsupportedMedia
 from nbexchange.workers import archives
@@ -341,6 +342,21 @@ def test_truncated_archive_is_unsupported(tmp_path: Path) -> None:
     cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     with pytest.raises(UnsupportedMedia):
         inspect(cut, LIMITS)
+
+
+@pytest.mark.hostile(
+    "Archives",
+    "pax headers whose numbers tarfile cannot read (GNU.sparse.size, .map, .realsize, a 1.0 sparse map): "
+    "tarfile raises ValueError, not one of its own errors",
+    "415, refused like any unreadable header (not an error that would leave the check to be retried forever)",
+)
+@pytest.mark.parametrize("which", sorted(UNREADABLE_PAX))
+def test_pax_numbers_tarfile_cannot_read_are_unsupported(tmp_path: Path, which: str) -> None:
+    path = tmp_path / "pax.tar.gz"
+    path.write_bytes(make_archive({"ps1/a.ipynb": b"not a number\n" * 100}, pax_headers=UNREADABLE_PAX[which]))
+    with pytest.raises(UnsupportedMedia) as caught:
+        inspect(path, LIMITS)
+    assert "invalid literal for int()" in caught.value.note
 
 
 def _damaged_after_the_tar(how: str) -> bytes:

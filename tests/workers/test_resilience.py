@@ -23,7 +23,7 @@ import pytest
 import requests
 import service as service_module
 import sqlalchemy as sa
-from builders import make_archive, student
+from builders import UNREADABLE_PAX, make_archive, student
 from httpclient import COURSE, course_events, get, ok, release, submit, until
 from kombu import Connection
 from servers import PostgresServer, RabbitMQServer, RedisServer, amqp_answers, redis_answers
@@ -642,8 +642,8 @@ def ctx(engine: sa.Engine, archive_store: ArchiveStore) -> Context:
     return Context(engine, store, store, archive_store, ArchiveLimits(), sweep_grace=0)
 
 
-def stored(ctx: Context, content: bytes) -> StoredArchive:
-    return ctx.archives.store_bytes(make_archive({"nb1.ipynb": content}))
+def stored(ctx: Context, content: bytes, pax_headers: dict[str, str] | None = None) -> StoredArchive:
+    return ctx.archives.store_bytes(make_archive({"nb1.ipynb": content}, pax_headers))
 
 
 def append_release(ctx: Context, assignment: str = "ps1") -> RecordedEvent:
@@ -653,9 +653,11 @@ def append_release(ctx: Context, assignment: str = "ps1") -> RecordedEvent:
     return ctx.store.append(AppendRequest(event, TEACHER)).event
 
 
-def append_submission(ctx: Context, name: str, content: bytes, assignment: str = "ps1") -> RecordedEvent:
+def append_submission(
+    ctx: Context, name: str, content: bytes, assignment: str = "ps1", pax_headers: dict[str, str] | None = None
+) -> RecordedEvent:
     """Append a submission whose archive is stored, sending no message (as if it was lost)."""
-    archive = stored(ctx, content)
+    archive = stored(ctx, content, pax_headers)
     event = Submitted(
         1, COURSE, assignment, name, timestamp=T0, archive_sha256=archive.sha256, archive_size=archive.size
     )
@@ -964,6 +966,18 @@ def test_a_failing_check_does_not_stop_the_projections(ctx: Context, monkeypatch
     assert tasks.sweep(ctx) >= broken.position
     assert [e.type for e in outcomes_of(ctx, broken.position)] == ["archive_unpacked"]
     assert len(outcomes_of(ctx, released.position)) == 1  # found by its key, not checked again
+
+
+def test_an_archive_whose_headers_tarfile_cannot_read_is_rejected_not_retried(ctx: Context) -> None:
+    """An archive that makes tarfile raise something other than its own errors is decided once, as rejected."""
+    append_release(ctx)
+    broken = append_submission(ctx, "s1", b"not a number\n", pax_headers=UNREADABLE_PAX["GNU.sparse.map"])
+    tasks.sweep(ctx)
+    (outcome,) = outcomes_of(ctx, broken.position)
+    assert outcome.type == "archive_rejected"
+    assert "not a readable gzip'd tar" in outcome.payload["reason"]
+    tasks.sweep(ctx)
+    assert len(outcomes_of(ctx, broken.position)) == 1
 
 
 @pytest.mark.parametrize("damage", ["missing", "changed bytes", "truncated", "grown"])
