@@ -179,16 +179,16 @@ def sweep(ctx: WorkerContext) -> int:
     with translate_errors(), ctx.engine.connect() as conn:
         after = checkpoint(conn, SWEEP_CHECKPOINT)
     cutoff = utcnow() - timedelta(seconds=ctx.sweep_grace)
+    # The queued checks come first; the next sweep looks again.
     backlog = bool(ctx.queue_depth())
     last = seen = after
     named: list[int] = []
     try:
-        for event in ctx.store.read(after=after):
-            if event.recorded_at > cutoff:
-                break
+        # recorded_at never runs backwards along the log, so the events older than the grace are
+        # a prefix of what follows the checkpoint: the database reads no younger ones (in a burst,
+        # pages of them were read to be dropped).
+        for event in () if backlog else ctx.store.read(after=after, until_time=cutoff):
             if event.data.archive() is not None:
-                if backlog:
-                    break  # the queued checks come first; the next sweep looks again
                 named.append(event.position)
             seen = event.position
             if len(named) == SWEEP_BATCH:

@@ -826,24 +826,52 @@ def test_a_sweep_reads_and_commits_per_batch_of_archives_not_per_archive(
     assert sent[3] == sent[40], sent
 
 
-def test_sweep_leaves_young_events_to_their_messages_and_comes_back_for_them(ctx: Context) -> None:
-    submitted = append_submission(ctx, "s1", b"young")
+def events_the_sweep_reads(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The positions of the events the sweep is given by the store from now on (filled as it reads)."""
+    read = ctx.store.read
+    positions: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        for event in read(*args, **kwargs):
+            positions.append(event.position)
+            yield event
+
+    monkeypatch.setattr(ctx.store, "read", counted)
+    return positions
+
+
+def test_sweep_leaves_young_events_to_their_messages_and_comes_back_for_them(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    young = [append_submission(ctx, f"s{i}", b"young") for i in range(30)]
+    submitted = young[0]
     ctx.sweep_grace = 3600
+    read = events_the_sweep_reads(ctx, monkeypatch)
     tasks.sweep(ctx)
+    assert read == []  # in a burst, the young events are not read from the database to be dropped
+    monkeypatch.undo()
     assert outcomes_of(ctx, submitted.position) == []
     # Its checkpoint must not have moved past the event it left, or the event would never be swept.
     assert checkpoints(ctx.engine).get(tasks.SWEEP_CHECKPOINT, 0) < submitted.position
 
     ctx.sweep_grace = 0
+    read = events_the_sweep_reads(ctx, monkeypatch)
     tasks.sweep(ctx)
+    assert read == [e.position for e in young]
+    monkeypatch.undo()
     assert [e.type for e in outcomes_of(ctx, submitted.position)] == ["archive_unpacked"]
-    assert checkpoints(ctx.engine)[tasks.SWEEP_CHECKPOINT] >= submitted.position
+    assert checkpoints(ctx.engine)[tasks.SWEEP_CHECKPOINT] >= young[-1].position
 
 
-def test_sweep_leaves_archives_to_queued_checks_and_comes_back_once_the_queue_is_empty(ctx: Context) -> None:
+def test_sweep_leaves_archives_to_queued_checks_and_comes_back_once_the_queue_is_empty(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
     submitted = append_submission(ctx, "s1", b"queued")
     ctx.waiting = 12  # a burst's check messages still wait for the workers
+    read = events_the_sweep_reads(ctx, monkeypatch)
     tasks.sweep(ctx)
+    assert read == []  # nothing read while the queue holds checks
+    monkeypatch.undo()
     assert outcomes_of(ctx, submitted.position) == []
     assert checkpoints(ctx.engine).get(tasks.SWEEP_CHECKPOINT, 0) < submitted.position
     assert min(checkpoints(ctx.engine).get(name, 0) for name in NAMES) == ctx.store.head()  # reads still catch up
