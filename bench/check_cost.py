@@ -1,6 +1,7 @@
 """CPU per archive check through the worker's task alone: N submitted archives, checked a message at a time.
 
     python bench/check_cost.py [N] [--size 1MB] [--db-url URL] [--compressible] [--per-message 8] [--beside-loop]
+                               [--walk-only]
 
 Submits N students' archives (1 MB of incompressible bytes in deflate's
 stored blocks, as ``bench/deadline.py`` sends; or, with ``--compressible``,
@@ -14,6 +15,9 @@ process, no HTTP, no broker; SQLite by default, its files in a scratch folder
 removed afterwards. Run it against two commits' trees
 (``PYTHONPATH=TREE:TREE/plugin``) to compare them: end to end, the deadline
 benchmark's runs differ by more than a change of this size.
+
+With ``--walk-only`` it times ``inspect_archive`` alone on each stored blob
+(inflate, the tar walk, the rules): no sha256, no events, no projections.
 
 With ``--beside-loop`` the checks run beside a thread that stands for the
 embedded process's event loop: short spells of Python work, each ended by a
@@ -42,6 +46,7 @@ from nbexchange.identity.base import User
 from nbexchange.projections import catch_up_all
 from nbexchange.runtime import Runtime
 from nbexchange.workers.app import CHECKS_PER_MESSAGE, in_messages
+from nbexchange.workers.archives import inspect_archive
 from nbexchange.workers.tasks import check_archives
 
 
@@ -53,6 +58,12 @@ def main() -> None:
     parser.add_argument("--compressible", action="store_true", help="notebooks of JSON, not incompressible bytes")
     parser.add_argument("--per-message", type=int, default=CHECKS_PER_MESSAGE, help="archives per check message")
     parser.add_argument("--beside-loop", action="store_true", help="check beside a thread standing for the event loop")
+    parser.add_argument(
+        "--walk-only",
+        action="store_true",
+        help="time only the walk (inspect_archive on each stored blob: inflate, tar walk, rules), without the "
+        "check's sha256 and bookkeeping",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="nbx-check-cost-"))
     settings = NbExchange(base_storage_location=str(folder), check_defer_max=1000.0)
@@ -67,23 +78,30 @@ def main() -> None:
     catch_up_all(runtime.engine)
     bodies = SubmissionBodies(args.size, random_blob(args.size))
     now = datetime.now(timezone.utc)
-    positions = []
+    positions, blobs = [], []
     for i in range(args.n):
         student = User(name=f"s{i}", org_id=1, courses={course: "Student"})
         data = notebooks_archive(student.name, args.size) if args.compressible else b"".join(bodies.parts(student.name))
         upload = runtime.archives.store_bytes(data)
+        blobs.append(upload.sha256)
         positions.append(exchange.submit(student, course, "a", now, upload).event.position)
     loop = Loop() if args.beside_loop else None
     if loop is not None:
         alone = loop.spells_per_second(2.0)
         loop.start()
     wall, cpu, own = time.perf_counter(), time.process_time(), time.thread_time()
-    for message in in_messages(positions, args.per_message):
-        check_archives(runtime, message)
+    if args.walk_only:
+        for sha in blobs:
+            with runtime.archives.open(sha) as stored:
+                inspect_archive(stored, runtime.limits)
+    else:
+        for message in in_messages(positions, args.per_message):
+            check_archives(runtime, message)
     wall, cpu, own = time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - own
     kind = "notebooks" if args.compressible else "incompressible"
+    how = "the walk alone" if args.walk_only else f"{args.per_message} to a message"
     print(
-        f"{args.n} checks of {len(data)}-byte archives ({kind}), {args.per_message} to a message: "
+        f"{args.n} checks of {len(data)}-byte archives ({kind}), {how}: "
         f"{1000 * wall / args.n:.3f} ms wall, {1000 * cpu / args.n:.3f} ms CPU each (the process), "
         f"{1000 * own / args.n:.3f} ms of the checking thread's"
     )
