@@ -97,9 +97,11 @@ def inspect_archive(source: Readable, limits: ArchiveLimits) -> ArchiveReport:
                 if member.type in _FILE_TYPES:
                     unpacked.skip_data(member)
         unpacked.skip_rest()
-    # tarfile raises ValueError, not a TarError, for some numbers in pax headers it cannot read
-    # (GNU.sparse.size, .map, .realsize, a 1.0 sparse map): refused like any other unreadable header.
-    except (tarfile.TarError, EOFError, ValueError, _INFLATE_ERROR) as e:
+    # tarfile raises ValueError or IndexError, not a TarError, for some headers it cannot read (numbers
+    # in pax headers: GNU.sparse.size, .map, .realsize, a 1.0 sparse map; a GNU sparse member whose
+    # extension blocks are cut short): refused like any other unreadable header. The source's own
+    # failures (OSError, Unavailable) pass through: the check is tried again, not decided.
+    except (tarfile.TarError, EOFError, ValueError, IndexError, _INFLATE_ERROR) as e:
         raise UnsupportedMedia(f"The archive is not a readable gzip'd tar: {e}") from e
     return checker.report()
 

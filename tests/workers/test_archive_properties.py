@@ -263,7 +263,16 @@ mutations = st.one_of(
     st.tuples(st.just("cut short"), st.integers(0, 2**31), st.just(b"")),
     st.tuples(st.just("bytes after"), st.just(0), st.binary(min_size=1, max_size=64)),
     st.tuples(st.just("a second member after"), st.just(0), st.binary(max_size=600).map(gzip.compress)),
+    # In the tar itself: a header field's byte set (the header's checksum made right again, so that tarfile
+    # parses what follows), the tar then whole or ending within the next two blocks.
+    st.tuples(
+        st.sampled_from(["tar header changed", "tar header changed, then cut"]),
+        st.integers(0, 2**31),
+        st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 16)).map(bytes),
+    ),
 )
+#: Where a tar header's fields start (ustar, and GNU's sparse map, isextended and real size).
+HEADER_FIELDS = [0, 100, 108, 116, 124, 136, 148, 156, 157, 257, 263, 265, 297, 329, 337, 345, 386, 482, 483]
 
 
 def mutated(chosen: list[Member], form: int, change: tuple[str, int, bytes]) -> bytes:
@@ -278,6 +287,16 @@ def mutated(chosen: list[Member], form: int, change: tuple[str, int, bytes]) -> 
         return data[:at] + bytes([data[at] ^ extra[0]]) + data[at + 1 :]
     if how == "cut short":
         return data[: where % len(data)]
+    if how.startswith("tar header changed"):
+        tar = bytearray(gzip.decompress(data))
+        block = where % (len(tar) // 512) * 512
+        field, value, cut = extra
+        tar[block + HEADER_FIELDS[field % len(HEADER_FIELDS)]] = value
+        header = tar[block : block + 512]
+        tar[block + 148 : block + 156] = b"%06o\0 " % (sum(header[:148]) + 8 * ord(" ") + sum(header[156:]))
+        if how.endswith("cut"):
+            del tar[block + 512 + 64 * cut :]
+        return gzip.compress(bytes(tar))
     return data + extra
 
 

@@ -352,11 +352,38 @@ def test_truncated_archive_is_unsupported(tmp_path: Path) -> None:
 )
 @pytest.mark.parametrize("which", sorted(UNREADABLE_PAX))
 def test_pax_numbers_tarfile_cannot_read_are_unsupported(tmp_path: Path, which: str) -> None:
-    path = tmp_path / "pax.tar.gz"
-    path.write_bytes(make_archive({"ps1/a.ipynb": b"not a number\n" * 100}, pax_headers=UNREADABLE_PAX[which]))
+    assert_unreadable(tmp_path, make_archive({"ps1/a.ipynb": b"not a number\n" * 100}, UNREADABLE_PAX[which]))
+
+
+def _sparse_with_extension_blocks_cut(tail: bytes) -> bytes:
+    """A GNU sparse member's header that says extension blocks follow, then only ``tail``."""
+    info = tarfile.TarInfo("ps1/sparse")
+    info.type = tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[482] = 1  # isextended
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header[:512])  # the header's checksum again
+    return gzip.compress(bytes(header) + tail)
+
+
+@pytest.mark.hostile(
+    "Archives",
+    "a GNU sparse member whose header says extension blocks follow, cut before them or within one: tarfile "
+    "raises IndexError, not one of its own errors",
+    "415, refused like any unreadable header",
+)
+@pytest.mark.parametrize("tail", [b"", b"\0" * 100], ids=["nothing after", "half a block after"])
+def test_sparse_extension_blocks_cut_short_are_unsupported(tmp_path: Path, tail: bytes) -> None:
+    assert_unreadable(tmp_path, _sparse_with_extension_blocks_cut(tail))
+
+
+def assert_unreadable(tmp_path: Path, data: bytes) -> None:
+    """The check refuses the archive ``data`` as not a readable gzip'd tar (415), with no other error."""
+    path = tmp_path / "upload.tar.gz"
+    path.write_bytes(data)
     with pytest.raises(UnsupportedMedia) as caught:
         inspect(path, LIMITS)
-    assert "invalid literal for int()" in caught.value.note
+    assert "not a readable gzip'd tar" in caught.value.note
 
 
 def _damaged_after_the_tar(how: str) -> bytes:
@@ -388,11 +415,7 @@ def _damaged_after_the_tar(how: str) -> bytes:
     ["CRC-32 changed", "length changed", "trailer cut", "no trailer", "bytes after", "a broken second member"],
 )
 def test_damage_after_the_tar_end_is_unsupported(tmp_path: Path, how: str) -> None:
-    path = tmp_path / "damaged.tar.gz"
-    path.write_bytes(_damaged_after_the_tar(how))
-    with pytest.raises(UnsupportedMedia) as caught:
-        inspect(path, LIMITS)
-    assert "not a readable gzip'd tar" in caught.value.note
+    assert_unreadable(tmp_path, _damaged_after_the_tar(how))
 
 
 def test_a_gzip_stream_of_two_whole_members_is_read_to_its_end(tmp_path: Path) -> None:
