@@ -7,15 +7,12 @@ import tarfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from zlib_ng import zlib_ng
 
 from nbexchange.errors import UnsafeArchive, UnsupportedMedia
 from nbexchange.storage import Readable
-
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -276,7 +273,7 @@ class _Unpacked:
         return out
 
 
-class _Inflater(io.RawIOBase):
+class _Inflater:
     """A gzip stream's decompressed bytes, counting exactly the compressed bytes they took.
 
     ``gzip.GzipFile`` reads ahead of what it has inflated; this feeds zlib small
@@ -291,20 +288,10 @@ class _Inflater(io.RawIOBase):
     """
 
     def __init__(self, compressed: Readable, already_read: bytes = b"") -> None:
-        super().__init__()
         self._source = compressed
         self._zlib = zlib_ng.decompressobj(_GZIP_WBITS)
         self._input = already_read  # bytes taken from the source before (the gzip magic)
         self.consumed = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        with memoryview(buffer) as view:
-            out = self.inflate(len(view))
-            view[: len(out)] = out
-            return len(out)
 
     def inflate(self, most: int) -> bytes:
         """The next up to ``most`` decompressed bytes; empty at the end of the file."""
