@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import queue
@@ -284,14 +285,21 @@ class Dispatcher:
     def _due(
         self, held: list[tuple[int, float]], busy: bool, now: float
     ) -> tuple[list[list[int]], list[tuple[int, float]]]:
-        """The check messages to send now (positions each), and the held checks that keep waiting."""
+        """The check messages to send now (positions each), and the held checks that keep waiting.
+
+        ``held`` is in commit order, so also in the order of when each began to wait: the due ones are a
+        prefix, found by bisection. A pass costs no more with thousands held than with a few (a burst
+        holds ~20 s of submissions, and the dispatcher passes every ``HOLD_POLL`` and after each commit).
+        """
         if not busy:
             return in_messages([position for position, _ in held], CHECKS_PER_MESSAGE), []
         oldest = now - self.hold_max
-        due = [position for position, since in held if since <= oldest]
-        if due and held[0][1] > oldest - BUSY_FILL:
-            due = due[: len(due) - len(due) % CHECKS_PER_BUSY_MESSAGE]  # the last message is not full yet
-        return in_messages(due, CHECKS_PER_BUSY_MESSAGE), held[len(due) :]  # held in commit order: due ones first
+        count = bisect.bisect_right(held, oldest, key=_since)
+        if count and held[0][1] > oldest - BUSY_FILL:
+            count -= count % CHECKS_PER_BUSY_MESSAGE  # the last message is not full yet
+        if not count:
+            return [], held
+        return in_messages([position for position, _ in held[:count]], CHECKS_PER_BUSY_MESSAGE), held[count:]
 
     def _run(self) -> None:
         held: list[tuple[int, float]] = []  # archive events whose check message waits, since when
@@ -330,6 +338,10 @@ class Dispatcher:
                 self._outage.failed(e)
             else:
                 self._outage.worked()
+
+
+def _since(held: tuple[int, float]) -> float:
+    return held[1]
 
 
 def in_messages(positions: list[int], size: int) -> list[list[int]]:

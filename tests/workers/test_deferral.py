@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from httpclient import COURSE, get, ok, release, submit, until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from service import TEST_BROKER_URL, Service
 
 from nbexchange.workers.app import BUSY_FILL, CHECK_ARCHIVES, CHECKS_PER_BUSY_MESSAGE, CHECKS_PER_MESSAGE, Dispatcher
@@ -79,6 +81,42 @@ def test_while_uploads_arrive_due_checks_go_in_full_messages():
     until(lambda: len(app.sent) == 2 + 3)
     assert [len(args[0]) for _, args in app.sent[2:]] == [CHECKS_PER_MESSAGE, CHECKS_PER_MESSAGE, 4]
     dispatcher.close()
+
+
+def _due_by_reading_every_held_check(
+    held: list[tuple[int, float]], busy: bool, now: float, hold_max: float
+) -> tuple[list[list[int]], list[tuple[int, float]]]:
+    """What the dispatcher must send: each held check looked at, in the plainest words."""
+    if not busy:
+        positions = [position for position, _ in held]
+        return [positions[i : i + CHECKS_PER_MESSAGE] for i in range(0, len(positions), CHECKS_PER_MESSAGE)], []
+    due = [position for position, since in held if since <= now - hold_max]
+    if due and held[0][1] > now - hold_max - BUSY_FILL:
+        due = due[: len(due) - len(due) % CHECKS_PER_BUSY_MESSAGE]
+    messages = [due[i : i + CHECKS_PER_BUSY_MESSAGE] for i in range(0, len(due), CHECKS_PER_BUSY_MESSAGE)]
+    return messages, held[len(due) :]
+
+
+@settings(max_examples=300)
+@given(
+    passes=st.lists(st.tuples(st.integers(0, 24), st.integers(1, 40)), max_size=40),
+    busy=st.booleans(),
+    hold_max=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
+    pivot=st.integers(0, 39),
+    offset=st.one_of(st.just(0), st.integers(-40, 40)),
+)
+def test_the_due_checks_are_those_held_long_enough_in_full_messages(passes, busy, hold_max, pivot, offset):
+    # The dispatcher's passes, each (sixteenths of a second since the one before, the checks it took): times
+    # exact in floating point, so that checks are often held exactly hold_max, or hold_max and BUSY_FILL.
+    since, held, times = 0.0, [], []
+    for gap, taken in passes:
+        since += gap / 16
+        times.append(since)
+        held += [(len(held) + i, since) for i in range(taken)]
+    now = (times[pivot % len(times)] if times else 0.0) + hold_max + offset / 16
+    dispatcher = SimpleNamespace(hold_max=hold_max)
+    expected = _due_by_reading_every_held_check(list(held), busy, now, hold_max)
+    assert Dispatcher._due(dispatcher, held, busy, now) == expected  # type: ignore[arg-type]
 
 
 def test_catch_up_is_spaced_while_uploads_arrive():
