@@ -20,8 +20,10 @@ class AssignmentHandler(UploadHandler):
     async def get(self) -> None:
         """Download the released archive; appends ``fetched``."""
         course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
-        download = await self.run(self.exchange.fetch, self.user, course_id, assignment_id, self.idempotency_key())
-        await self.send_download(download, f"{assignment_id}.tar.gz")
+        key = self.idempotency_key()
+        await self.send_download(
+            lambda: self.exchange.fetch(self.user, course_id, assignment_id, key), f"{assignment_id}.tar.gz"
+        )
 
     async def authorize_upload(self) -> None:
         """An Instructor of the course; the assignment's stream as the release will expect it."""

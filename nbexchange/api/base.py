@@ -286,16 +286,33 @@ class BaseHandler(web.RequestHandler):
         """No ETag: every answer carries the log's position, and hashing a 5 MB list costs more than it saves."""
         return None
 
-    async def send_download(self, download: Download, filename: str) -> None:
-        """Stream a stored archive in chunks (read in a thread), never whole in memory."""
-        self.set_header("Content-Type", "application/gzip")
-        self.set_header("Content-Length", str(download.size))
-        self.set_header("Content-Disposition", content_disposition(filename))
-        self.set_header("X-Nbexchange-Position", str(download.event.position))
+    async def send_download(self, record: Callable[[], Download], filename: str) -> None:
+        """Record the download (``record``, in a thread) and stream its archive in chunks, never whole in memory.
+
+        The record and the first chunk's read share one thread hand-off, and the reads stop at the size
+        sent in ``Content-Length``: a released assignment is one chunk, so one hand-off in all.
+        """
+
+        def record_and_read() -> tuple[Download, bytes]:
+            download = record()
+            try:
+                return download, download.file.read(min(CHUNK_SIZE, download.size))
+            except BaseException:
+                download.file.close()
+                raise
+
+        download, chunk = await self.run(record_and_read)
         with download.file as f:
-            while chunk := await self.run(f.read, CHUNK_SIZE):
+            self.set_header("Content-Type", "application/gzip")
+            self.set_header("Content-Length", str(download.size))
+            self.set_header("Content-Disposition", content_disposition(filename))
+            self.set_header("X-Nbexchange-Position", str(download.event.position))
+            left = download.size
+            while chunk:
+                left -= len(chunk)
                 self.write(chunk)
                 await self.flush()
+                chunk = await self.run(f.read, min(CHUNK_SIZE, left)) if left > 0 else b""
         self.finish()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:

@@ -26,10 +26,10 @@ class CollectionHandler(BaseHandler):
         """Download one submission by its ``path`` token; appends ``collected``."""
         course_id, assignment_id = self.id_param("course_id"), self.id_param("assignment_id")
         path = self.id_param("path")
-        download = await self.run(
-            self.exchange.collect, self.user, course_id, assignment_id, path, self.idempotency_key()
+        key = self.idempotency_key()
+        await self.send_download(
+            lambda: self.exchange.collect(self.user, course_id, assignment_id, path, key), f"{assignment_id}.tar.gz"
         )
-        await self.send_download(download, f"{assignment_id}.tar.gz")
 
 
 default_handlers = [(r"collections", CollectionsHandler), (r"collection", CollectionHandler)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import time
 import uuid
 
@@ -12,6 +13,8 @@ import requests
 from builders import make_archive, make_symlink_archive
 from httpclient import COURSE, get, headers_only, ok, refused, release, submit, until
 from service import collect, service_archives
+
+from nbexchange.storage import CHUNK_SIZE
 
 
 def url(svc, route: str) -> str:
@@ -116,6 +119,26 @@ def test_oversized_upload_is_refused_before_its_body_is_read(svc):
 
 
 # -- the cycle -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunks", [0, 1, 2.5], ids=["tiny", "about one chunk", "several chunks"])
+def test_a_download_is_the_stored_archive_whatever_its_size_in_chunks(svc, chunks):
+    # Incompressible notebooks, so the stored archive is about ``chunks`` read chunks (1 MiB) long: the
+    # reads stop at Content-Length, and a chunk's end is never taken for the archive's.
+    assignment = f"big{str(chunks).replace('.', '_')}"
+    archive = make_archive({"nb1.ipynb": os.urandom(int(chunks * CHUNK_SIZE))})
+    ok(release(svc, "ada", assignment, archive), 201)
+    fetched = get(svc, "assignment", "s1", course_id=COURSE, assignment_id=assignment)
+    assert fetched.status_code == 200 and fetched.content == archive
+    assert int(fetched.headers["Content-Length"]) == len(archive)
+
+    submitted = ok(submit(svc, "s1", assignment, archive), 201)
+    listed = ok(
+        get(svc, "collections", "ada", course_id=COURSE, assignment_id=assignment, min_position=submitted["position"])
+    )["value"]
+    collected = get(svc, "collection", "ada", course_id=COURSE, assignment_id=assignment, path=listed[0]["path"])
+    assert collected.status_code == 200 and collected.content == archive
+    assert int(collected.headers["Content-Length"]) == len(archive)
 
 
 def test_release_fetch_submit_collect_feedback(svc):
