@@ -170,3 +170,36 @@ def test_a_retry_after_an_unrelease_gets_its_first_answer_and_a_reused_key_is_re
     assert api.may_submit(student("s1"), "phys101", "ps1", when, "k1") is None  # nor when decided on the log
     with pytest.raises(KeyReused):
         api.submit(student("s1"), "phys101", "ps1", when, stored(api, {"nb1.ipynb": b"other"}), key="k1")
+
+
+SITUATIONS = {
+    "a member, in time": (student("s1"), "phys101", 0),
+    "the instructor, in time": (TEACHER, "phys101", 0),
+    "a stranger to the course": (User(name="eve", org_id=1, courses={"chem1": "Student"}), "phys101", 0),
+    "a member of another organisation": (User(name="s1", org_id=2, courses={"phys101": "Student"}), "phys101", 0),
+    "a member, clock far ahead": (student("s1"), "phys101", 3600),
+    "a member, clock far behind": (student("s1"), "phys101", -3600),
+    "a member, another assignment": (student("s1"), "phys101", 0),
+}
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "not kept"])
+@pytest.mark.parametrize("situation", SITUATIONS)
+def test_the_event_loops_answer_to_may_submit_is_a_yes_that_may_submit_gives_or_none(
+    processes: Callable[[], Exchange], situation: str, kept: bool
+) -> None:
+    api = processes()
+    released_and_kept(api)
+    if not kept:
+        api.decisions.forget()
+    user, course, skew = SITUATIONS[situation]
+    assignment = "ps2" if situation.endswith("another assignment") else "ps1"
+    when = datetime.fromtimestamp(now().timestamp() + skew, timezone.utc)
+
+    statements = queries_in_this_thread(api.rt.engine)
+    quick = api.may_submit_kept(user, course, assignment, when)
+    assert statements == []  # it reads nothing: it may run on the event loop
+    if kept and situation.endswith("in time"):
+        assert quick is not None and quick == api.may_submit(user, course, assignment, when)
+    else:
+        assert quick is None  # may_submit decides, in a thread: refusals and reads are never on the loop
