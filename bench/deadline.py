@@ -275,6 +275,21 @@ def wait_quiet(port: int, token: str, at_least: int, timeout: float, steady: flo
     raise RuntimeError(f"the exchange did not settle within {timeout} s (position {last}, wanted {at_least})")
 
 
+def wait_swept(db_url: str, timeout: float) -> float:
+    """Wait until every archive has its check outcome and the projections and the sweep reached the log's head
+    (read from the database, as ``--until-idle`` does); seconds waited."""
+    started = time.monotonic()
+    probe = LogProbe(db_url)
+    try:
+        while not settled(probe()):
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"the sweep did not reach the log's head within {timeout} s: {probe()}")
+            time.sleep(1)
+    finally:
+        probe.close()
+    return time.monotonic() - started
+
+
 def wait_checked(port: int, token: str, timeout: float) -> float:
     """Wait until every listed submission's archive is checked (unpacked or rejected); seconds waited."""
     started = time.monotonic()
@@ -1035,14 +1050,16 @@ def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, 
         ok = [r for r in seeded["records"] if r.get("status") in (200, 201)]
         seed_seconds = time.monotonic() - started
         settle = wait_quiet(servers.port, instructor, max(r["position"] for r in ok), timeout=1800)
-        # The log's head standing still is not enough: after a 10,000-upload
-        # burst the sweep still re-reads every event it has not swept yet, and
-        # a listing timed meanwhile would measure that contention.
+        # The log's head standing still is not enough: the sweep looks only at
+        # events older than sweep_grace (30 s), so it reads the seeded events
+        # after they settle, and a listing timed meanwhile would measure that
+        # contention. Wait until it has swept them, then for idle processes.
+        swept = settle + wait_swept(servers.db_url, timeout=1800)
         pids = list(servers.pids().values())
         quiet = wait_for_idle(1800, below=0.05, busy_seconds=lambda: sum(cpu_by_pid(pids).values()))
         if not quiet["idle"]:
             raise RuntimeError(f"the exchange did not go idle: {quiet}")
-        idle = quiet["seconds"] + settle
+        idle = quiet["seconds"] + swept
         cfg = target("list", servers.port, instructor_token=instructor, requests=args.list_requests)
         gen = LoadGen(cfg, root, servers, args.profile, f"{args.label or 'list'}-{mode}")
         gen.expect("READY", 120)
@@ -1058,6 +1075,7 @@ def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, 
         "seeded": len(ok),
         "seed_seconds": round(seed_seconds, 1),
         "settled_after_s": round(settle, 1),
+        "swept_after_s": round(swept, 1),
         "idle_after_s": round(idle, 1),
         "items_listed": raw["items"],
         "answer_bytes": raw["bytes"],
