@@ -506,11 +506,12 @@ class Exchange:
         hand-off before the body); ``None`` where ``may_submit`` must decide, refusals included.
         """
         kept = self.decisions.get((user.org_id, course_id, assignment_id))
-        if kept is None or user.role_in(course_id) is None:
+        if kept is None:
             return None
         try:
+            self.member(user, course_id)
             self._check_clock(timestamp)
-        except Invalid:
+        except ExchangeError:
             return None
         return kept
 
