@@ -275,21 +275,6 @@ def wait_quiet(port: int, token: str, at_least: int, timeout: float, steady: flo
     raise RuntimeError(f"the exchange did not settle within {timeout} s (position {last}, wanted {at_least})")
 
 
-def wait_swept(db_url: str, timeout: float) -> float:
-    """Wait until every archive has its check outcome and the projections and the sweep reached the log's head
-    (read from the database, as ``--until-idle`` does); seconds waited."""
-    started = time.monotonic()
-    probe = LogProbe(db_url)
-    try:
-        while not settled(probe()):
-            if time.monotonic() - started > timeout:
-                raise RuntimeError(f"the sweep did not reach the log's head within {timeout} s: {probe()}")
-            time.sleep(1)
-    finally:
-        probe.close()
-    return time.monotonic() - started
-
-
 def wait_checked(port: int, token: str, timeout: float) -> float:
     """Wait until every listed submission's archive is checked (unpacked or rejected); seconds waited."""
     started = time.monotonic()
@@ -1053,13 +1038,20 @@ def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, 
         # The log's head standing still is not enough: the sweep looks only at
         # events older than sweep_grace (30 s), so it reads the seeded events
         # after they settle, and a listing timed meanwhile would measure that
-        # contention. Wait until it has swept them, then for idle processes.
-        swept = settle + wait_swept(servers.db_url, timeout=1800)
-        pids = list(servers.pids().values())
-        quiet = wait_for_idle(1800, below=0.05, busy_seconds=lambda: sum(cpu_by_pid(pids).values()))
+        # contention. Wait, as --until-idle does, until every archive is checked
+        # and the projections and the sweep reached the head, then for idle processes.
+        probe = LogProbe(servers.db_url)
+        watch = Watch(lambda: {role: [pid] for role, pid in servers.pids().items()}, probe)
+        watch.start()
+        try:
+            quiet = wait_until_idle(watch, list(servers.procs), settled, timeout=1800)
+        finally:
+            watch.stop()
+            probe.close()
         if not quiet["idle"]:
             raise RuntimeError(f"the exchange did not go idle: {quiet}")
-        idle = quiet["seconds"] + swept
+        swept = settle + quiet["settled_after_s"]
+        idle = settle + quiet["seconds"]
         cfg = target("list", servers.port, instructor_token=instructor, requests=args.list_requests)
         gen = LoadGen(cfg, root, servers, args.profile, f"{args.label or 'list'}-{mode}")
         gen.expect("READY", 120)
