@@ -121,3 +121,10 @@ def make_symlink_archive() -> bytes:
         info.linkname = "/etc/passwd"
         tar.addfile(info)
     return buf.getvalue()
+
+
+def fix_checksum(tar: bytearray, block: int) -> None:
+    """Make the checksum of the tar header at byte ``block`` right again after a change to its fields
+    (the sum of the header's bytes, its own eight counted as spaces), so that tarfile parses on."""
+    header = tar[block : block + 512]
+    tar[block + 148 : block + 156] = b"%06o\0 " % (sum(header[:148]) + 8 * ord(" ") + sum(header[156:]))

@@ -68,6 +68,14 @@ class ArchiveReport:
     notebooks: tuple[str, ...]
 
 
+#: What reading an archive raises when its bytes are not a readable gzip'd tar. tarfile raises ValueError or
+#: IndexError, not a TarError, for some headers it cannot read (numbers in pax headers: GNU.sparse.size,
+#: .map, .realsize, a 1.0 sparse map; a GNU sparse member whose extension blocks are cut short): refused
+#: like any other unreadable header. The source's own failures (OSError, Unavailable) are not here: the
+#: check is tried again, not decided.
+UNREADABLE: tuple[type[Exception], ...] = (tarfile.TarError, EOFError, ValueError, IndexError, _INFLATE_ERROR)
+
+
 def inspect_archive(source: Readable, limits: ArchiveLimits) -> ArchiveReport:
     """Check every member of the gzip'd tar read from ``source`` against the rules, writing nothing.
 
@@ -94,11 +102,7 @@ def inspect_archive(source: Readable, limits: ArchiveLimits) -> ArchiveReport:
                 if member.type in _FILE_TYPES:
                     unpacked.skip_data(member)
         unpacked.skip_rest()
-    # tarfile raises ValueError or IndexError, not a TarError, for some headers it cannot read (numbers
-    # in pax headers: GNU.sparse.size, .map, .realsize, a 1.0 sparse map; a GNU sparse member whose
-    # extension blocks are cut short): refused like any other unreadable header. The source's own
-    # failures (OSError, Unavailable) pass through: the check is tried again, not decided.
-    except (tarfile.TarError, EOFError, ValueError, IndexError, _INFLATE_ERROR) as e:
+    except UNREADABLE as e:
         raise UnsupportedMedia(f"The archive is not a readable gzip'd tar: {e}") from e
     return checker.report()
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from builders import UNREADABLE_PAX, make_archive
+from builders import UNREADABLE_PAX, fix_checksum, make_archive
 
 from nbexchange.errors import UnsafeArchive, UnsupportedMedia
 from nbexchange.workers import archives
@@ -361,8 +361,7 @@ def _sparse_with_extension_blocks_cut(tail: bytes) -> bytes:
     info.type = tarfile.GNUTYPE_SPARSE
     header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
     header[482] = 1  # isextended
-    header[148:156] = b" " * 8
-    header[148:156] = b"%06o\0 " % sum(header[:512])  # the header's checksum again
+    fix_checksum(header, 0)
     return gzip.compress(bytes(header) + tail)
 
 
