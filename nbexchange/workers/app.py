@@ -9,6 +9,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from celery import Celery
@@ -294,7 +295,7 @@ class Dispatcher:
         if not busy:
             return in_messages([position for position, _ in held], CHECKS_PER_MESSAGE), []
         oldest = now - self.hold_max
-        count = bisect.bisect_right(held, oldest, key=_since)
+        count = bisect.bisect_right(held, oldest, key=itemgetter(1))
         if count and held[0][1] > oldest - BUSY_FILL:
             count -= count % CHECKS_PER_BUSY_MESSAGE  # the last message is not full yet
         if not count:
@@ -338,10 +339,6 @@ class Dispatcher:
                 self._outage.failed(e)
             else:
                 self._outage.worked()
-
-
-def _since(held: tuple[int, float]) -> float:
-    return held[1]
 
 
 def in_messages(positions: list[int], size: int) -> list[list[int]]:
