@@ -30,9 +30,9 @@ def test_migrations_create_exactly_the_declared_schema(db_url):
     upgrade(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-    assert current_revision(engine) == "0007"
+    assert current_revision(engine) == "0008"
     upgrade(engine)  # a second upgrade is a no-op
-    assert current_revision(engine) == "0007"
+    assert current_revision(engine) == "0008"
     engine.dispose()
 
 

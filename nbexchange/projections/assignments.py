@@ -42,6 +42,8 @@ releases = sa.Table(
     sa.Column("archive_state", sa.String(16), nullable=False),
     sa.Column("archive_reason", sa.Text, nullable=True),
     sa.Column("active", sa.Boolean, nullable=False),
+    # A course's releases are listed in order from it, never sorted.
+    sa.Index("ix_proj_releases_course", "org_id", "course_id", "position"),
 )
 
 actions = sa.Table(
@@ -59,7 +61,8 @@ actions = sa.Table(
     sa.Column("archive_sha256", sa.String(64), nullable=True),
     sa.Column("archive_state", sa.String(16), nullable=True),
     sa.Column("archive_reason", sa.Text, nullable=True),
-    sa.Index("ix_proj_actions_user", "org_id", "course_id", "user_id"),
+    # A user's actions are listed in order from it, never sorted.
+    sa.Index("ix_proj_actions_user", "org_id", "course_id", "user_id", "position"),
 )
 
 

@@ -48,7 +48,9 @@ submissions = sa.Table(
     sa.Column("stamp", sa.String(64), nullable=False),
     sa.Column("collected_count", sa.Integer, nullable=False),
     sa.Column("last_collected_at", Moment, nullable=True),
-    sa.Index("ix_proj_submissions_assignment", "org_id", "course_id", "assignment_id", "student_id"),
+    # Lists read their rows in order from these, never sorting them.
+    sa.Index("ix_proj_submissions_assignment", "org_id", "course_id", "assignment_id", "student_id", "position"),
+    sa.Index("ix_proj_submissions_listed", "org_id", "course_id", "assignment_id", "position"),
 )
 
 

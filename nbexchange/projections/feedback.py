@@ -28,15 +28,18 @@ feedback = sa.Table(
     sa.Column("released_by", sa.String(255), nullable=False),
     sa.Column("released_at", Moment, nullable=False),
     sa.Column("fetched_at", Moment, nullable=True),
-    # ``apply`` finds the feedback a new release replaces through it.
+    # ``apply`` finds the feedback a new release replaces through it. Lists read
+    # their rows in order from these, never sorting them.
     sa.Index(
         "ix_proj_feedback_student",
         "org_id",
         "course_id",
         "assignment_id",
         "student_id",
+        "position",
         info={USED_BY_APPLY: True},
     ),
+    sa.Index("ix_proj_feedback_listed", "org_id", "course_id", "assignment_id", "position"),
 )
 
 

@@ -27,7 +27,8 @@ history = sa.Table(
     sa.Column("student_id", sa.String(255), nullable=True),
     sa.Column("recorded_at", Moment, nullable=False),
     sa.Column("details", sa.Text, nullable=False),
-    sa.Index("ix_proj_history_course", "org_id", "course_id", "assignment_id"),
+    # A course's history is read in order from it, never sorted.
+    sa.Index("ix_proj_history_course", "org_id", "course_id", "position"),
 )
 
 #: Payload fields worth showing in a history line; the rest is in the log.
