@@ -28,6 +28,8 @@ BENCH_SELF = "bench (this script)"
 MACHINE = "machine (all processes)"
 EVERYONE_ELSE = "everyone else"
 PG_OURS = "postgres: our backends"
+#: Followed by a role ("api-0"): that process's share of PG_OURS, by the application_name its connections carry.
+PG_BACKENDS_OF = "postgres: backends of "
 PG_BACKGROUND = "postgres: background (walwriter, checkpointer, ...; shared)"
 PG_OTHERS = "postgres: other clients' backends"
 REDIS = "redis (shared)"
@@ -94,14 +96,17 @@ class LogProbe:
             "sweep": marks.get(self.sweep_name, 0),
         }
 
-    def backends(self, application_name: str) -> list[int]:
-        """The pids of PostgreSQL backends whose connections carry this ``application_name``."""
+    def backends(self, prefix: str) -> dict[str, list[int]]:
+        """The pids of PostgreSQL backends whose ``application_name`` is ``<prefix>.<role>``, by role."""
         sa = self._sa
+        out: dict[str, list[int]] = {}
         with self.engine.connect() as conn:
-            pids = conn.execute(
-                sa.text("SELECT pid FROM pg_stat_activity WHERE application_name = :name"), {"name": application_name}
-            ).scalars()
-            out = [int(pid) for pid in pids]
+            rows = conn.execute(
+                sa.text("SELECT application_name, pid FROM pg_stat_activity WHERE starts_with(application_name, :p)"),
+                {"p": f"{prefix}."},
+            )
+            for name, pid in rows:
+                out.setdefault(name[len(prefix) + 1 :], []).append(int(pid))
             conn.rollback()
         return out
 

@@ -29,6 +29,7 @@ import bisect
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -47,6 +48,7 @@ from urllib.parse import urlencode
 
 from cost import (
     LOADGEN,
+    PG_BACKENDS_OF,
     PG_BACKGROUND,
     PG_OTHERS,
     PG_OURS,
@@ -368,13 +370,17 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
         queue = f"nbx-bench-{uuid.uuid4().hex[:8]}"
         broker = BROKERS[mode]
         servers.cleanup.append(lambda: _forget_queue(broker, queue))
-        # The application_name tells our PostgreSQL backends from everyone else's (CPU by process).
+        # The application_name tells our PostgreSQL backends from everyone else's, and each process's
+        # from the others' ("<queue>.api-0"): CPU by process, and by whose statements a backend ran.
         servers.app_name = queue
         servers.db_url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+
+        def db_flag(role: str) -> str:
+            return f"--NbExchange.db_url={servers.db_url}&application_name={queue}.{role}"
+
         flags += [
             # The workers share this machine's cores with the APIs, as in docker-compose.yml.
             f"--NbExchange.check_defer_max={CHECK_DEFER_MAX}",
-            f"--NbExchange.db_url={servers.db_url}&application_name={queue}",
             f"--NbExchange.broker_url={broker}",
             f"--NbExchange.queue_name={queue}",
         ]
@@ -382,7 +388,14 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
             # Only the first process migrates, so two never race to create the schema.
             migrate = [] if i == 0 else ["--NbExchange.upgrade_db=False"]
             proc = spawn(
-                _nbexchange("--ip=127.0.0.1", f"--port={port}", "--NbExchange.reuse_port=True", *migrate, *flags),
+                _nbexchange(
+                    "--ip=127.0.0.1",
+                    f"--port={port}",
+                    "--NbExchange.reuse_port=True",
+                    *migrate,
+                    *flags,
+                    db_flag(f"api-{i}"),
+                ),
                 root / f"api-{i}.log",
                 args.fsync_delay,
                 args.server_cpus,
@@ -394,7 +407,10 @@ def start_exchange(mode: str, root: Path, users: Path, args: argparse.Namespace)
         for i in range(args.workers):
             log = root / f"worker-{i}.log"
             servers.procs[f"worker-{i}"] = spawn(
-                _nbexchange("worker", "--NbExchange.upgrade_db=False", *flags), log, args.fsync_delay, args.server_cpus
+                _nbexchange("worker", "--NbExchange.upgrade_db=False", *flags, db_flag(f"worker-{i}")),
+                log,
+                args.fsync_delay,
+                args.server_cpus,
             )
             _wait_log(log, " ready", servers.procs[f"worker-{i}"])
         wait_http(f"http://127.0.0.1:{port}{BASE_URL}health", list(servers.procs.values()))
@@ -783,9 +799,12 @@ def process_groups(servers: Servers, gen: LoadGen, probe: LogProbe | None) -> di
     groups = {role: [pid, *descendants(pid)] for role, pid in servers.pids().items()}
     groups[LOADGEN] = [gen.proc.pid]
     groups[PY_SPY] = [p.pid for p in gen.profilers]
-    ours = set(probe.backends(servers.app_name)) if probe is not None and servers.app_name else set()
+    by_role = probe.backends(servers.app_name) if probe is not None and servers.app_name else {}
+    ours = {pid for pids in by_role.values() for pid in pids}
     clients = set(pids_named("postgres", lambda cmdline: "(" in cmdline or "[local]" in cmdline))
     groups[PG_OURS] = sorted(ours)
+    for role, pids in by_role.items():  # shown beside PG_OURS, not counted again
+        groups[f"{PG_BACKENDS_OF}{role}"] = sorted(pids)
     groups[PG_OTHERS] = sorted(clients - ours)
     groups[PG_BACKGROUND] = sorted(set(pids_named("postgres")) - clients)
     port = urllib.parse.urlsplit(REDIS_URL).port or 6379
@@ -1059,6 +1078,9 @@ def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, 
         gen.expect("UPLOADS_DONE", 3600)
         raw = gen.result(60)
         cpu = cpu_between(gen.samples, "GO", "UPLOADS_DONE", gen.times["UPLOADS_DONE"] - gen.times["GO"])
+        handler = handler_seconds(
+            [root / f"{role}.log" for role in servers.procs if role.startswith("api")], len(raw["times"])
+        )
     finally:
         servers.stop()
     times = sorted(raw["times"])
@@ -1074,8 +1096,26 @@ def run_list_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[str, 
         "requests": len(times),
         "statuses": raw["statuses"],
         "latency_ms": {k: (round(1000 * v, 1) if v is not None else None) for k, v in _dist(times).items()},
+        # The API's own time, from its log: the request read to the answer's last write handed to the socket.
+        # The rest of latency_ms is the 5 MB crossing loopback to the load generator and being read there.
+        "handler_ms": {k: (round(1000 * v, 1) if v is not None else None) for k, v in _dist(handler).items()},
         "cpu": cpu,
     }
+
+
+#: An API process's request log line: its time stamp, then "<status> <method> <path> <ms>ms".
+_REQUEST_LINE = re.compile(r"^\[\w (\S+ \S+) [^]]*\] (\d+) (\w+) (\S+) ([\d.]+)ms$")
+
+
+def handler_seconds(logs: list[Path], count: int, path: str = f"{BASE_URL}collections") -> list[float]:
+    """The last ``count`` GETs of ``path`` in these API logs (the timed ones come last), as the APIs timed them."""
+    seen: list[tuple[str, float]] = []
+    for log in logs:
+        for line in log.read_text(errors="replace").splitlines():
+            m = _REQUEST_LINE.match(line)
+            if m and m.group(3) == "GET" and m.group(4) == path:
+                seen.append((m.group(1), float(m.group(5)) / 1000))
+    return sorted(seconds for _, seconds in sorted(seen)[-count:])
 
 
 # -- reporting ----------------------------------------------------------------------------------
