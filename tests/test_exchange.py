@@ -54,14 +54,15 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def queries_in_this_thread(engine: sa.Engine) -> list[str]:
-    """The statements this thread runs on ``engine`` from now on (the committer's thread is not this one)."""
+def queries_in_this_thread(engine: sa.Engine) -> list[tuple[str, Any]]:
+    """The statements this thread runs on ``engine`` from now on, each with the parameters the driver got
+    (the committer's thread is not this one)."""
     mine = threading.get_ident()
-    seen: list[str] = []
+    seen: list[tuple[str, Any]] = []
 
-    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+    def record(conn: object, cursor: object, statement: str, parameters: Any, *args: object) -> None:
         if threading.get_ident() == mine:
-            seen.append(statement)
+            seen.append((statement, parameters))
 
     sa.event.listen(engine, "before_cursor_execute", record)
     return seen
@@ -206,19 +207,6 @@ def test_the_event_loops_answer_to_may_submit_is_a_yes_that_may_submit_gives_or_
         assert quick is None  # may_submit decides, in a thread: refusals and reads are never on the loop
 
 
-def sent_with_parameters(engine: sa.Engine) -> list[tuple[str, Any]]:
-    """The statements this thread runs on ``engine`` from now on, each with the parameters the driver got."""
-    mine = threading.get_ident()
-    seen: list[tuple[str, Any]] = []
-
-    def record(conn: object, cursor: object, statement: str, parameters: Any, *args: object) -> None:
-        if threading.get_ident() == mine:
-            seen.append((statement, parameters))
-
-    sa.event.listen(engine, "before_cursor_execute", record)
-    return seen
-
-
 def why_not_read_in_order(conn: sa.Connection, statement: str, parameters: Any) -> str | None:
     """Why ``statement``'s plan does not read its rows in order from an index on its filters (None if it does).
 
@@ -263,7 +251,7 @@ def test_every_list_a_course_s_users_read_comes_out_of_an_index_in_order_unsorte
     feedback = stored(api, {"nb1.html": b"<p>ok</p>"})
     api.release_feedback(TEACHER, "phys101", "ps1", "nb1", "s1", when, "sum", feedback)
     api.catch_up_to(api.head())
-    sent = sent_with_parameters(api.rt.engine)
+    sent = queries_in_this_thread(api.rt.engine)
     reads: dict[str, Callable[[], object]] = {
         "assignments, instructor": lambda: api.assignments(TEACHER, "phys101"),
         "assignments, student": lambda: api.assignments(student("s1"), "phys101"),
