@@ -6,6 +6,7 @@ API processes: what one appends, the other's kept decision has not seen.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -233,7 +234,7 @@ def why_not_read_in_order(conn: sa.Connection, statement: str, parameters: Any) 
 def test_every_list_a_course_s_users_read_comes_out_of_an_index_in_order_unsorted(
     processes: Callable[[], Exchange],
 ) -> None:
-    """The lists the API serves (assignments, collections, history, each as instructor and student) never sort.
+    """The lists the API serves (assignments, collections, history, feedback; instructor and student) never sort.
 
     A list sorted at each read costs as much again as reading it: 10,000
     submissions were sorted through a temporary file on SQLite on every
@@ -260,13 +261,26 @@ def test_every_list_a_course_s_users_read_comes_out_of_an_index_in_order_unsorte
         "history, instructor": lambda: api.history(TEACHER, "phys101"),
         "history of one action": lambda: api.history(TEACHER, "phys101", action="submitted"),
         "history, student": lambda: api.history(student("s1")),
+        "feedback, student": lambda: fetched_feedback(api, student("s1")),
     }
     unordered: dict[str, list[str]] = {}
+    tables: set[str] = set()
     with api.rt.engine.connect() as conn:
         for name, read in reads.items():
             del sent[:]
             assert read()
             lists = [(s, p) for s, p in sent if "ORDER BY" in s]
             assert lists, f"{name}: no ordered read seen"
+            tables.update(t for s, _ in lists for t in re.findall(r"\bFROM (proj_\w+)", s))
             unordered[name] = [f"{s}\n{why}" for s, p in lists if (why := why_not_read_in_order(conn, s, p))]
     assert {name: plans for name, plans in unordered.items() if plans} == {}
+    # Every read model that serves a list was among them.
+    assert tables == {"proj_releases", "proj_actions", "proj_submissions", "proj_feedback", "proj_history"}
+
+
+def fetched_feedback(api: Exchange, user: User) -> list[str]:
+    """The names of the user's feedback files for ps1, fetched (``GET feedback``), their files closed."""
+    files, _ = api.fetch_feedback(user, "phys101", "ps1")
+    for f in files:
+        f.file.close()
+    return [f.filename for f in files]
