@@ -28,6 +28,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -49,6 +50,12 @@ async def wait_for_go(timeout: float = 600, word: str = "GO") -> None:
     line = await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), timeout)
     if line.strip() != word:
         raise SystemExit(f"expected {word}, got {line!r}")
+
+
+def idempotency_key() -> dict[str, str]:
+    """The header nbgrader's plugin sends with each write, the fetch's included (``api_request``): the exchange
+    looks every such key up in the log as it appends, so a load without them would skip that work."""
+    return {"Idempotency-Key": str(uuid.uuid4())}
 
 
 def arrival_times(count: int, window: float) -> list[float]:
@@ -121,7 +128,7 @@ async def deadline(cfg: dict[str, Any]) -> dict[str, Any]:
         try:
             if fetch:
                 rec["fetch_start"] = time.monotonic() - t0
-                got = await conn.request("GET", target.route("assignment"), auth)
+                got = await conn.request("GET", target.route("assignment"), {**auth, **idempotency_key()})
                 rec["fetch_end"] = time.monotonic() - t0
                 rec["fetch_status"] = got.status
             content_type, parts = bodies[i]
@@ -129,7 +136,7 @@ async def deadline(cfg: dict[str, Any]) -> dict[str, Any]:
             answer = await conn.request(
                 "POST",
                 target.route("submission", timestamp=nbgrader_now()),
-                {**auth, "Content-Type": content_type},
+                {**auth, **idempotency_key(), "Content-Type": content_type},
                 parts,
             )
             rec["submit_end"] = time.monotonic() - t0
