@@ -358,18 +358,28 @@ class DriverInsert:
             names = ", ".join(quote.quote(column.name) for column in table.columns)
             self.copy = f"COPY {quote.format_table(table)} ({names}) FROM STDIN"
 
-    def execute(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        """Insert ``rows`` (each names every column; converted in place)."""
+    def execute(self, conn: Connection, rows: list[dict[str, Any]], *, commit: bool = False) -> None:
+        """Insert ``rows`` (each names every column; converted in place).
+
+        With ``commit``, the last thing ``conn``'s transaction does: on
+        PostgreSQL the ``COMMIT`` is pipelined behind the INSERT, in one round
+        trip (COPY cannot be pipelined; nor has SQLite round trips), and the
+        transaction's own commit then finds nothing left to do.
+        """
         for name, process in self.processors:
             for row in rows:
                 row[name] = process(row[name])
         if self.copy is None or len(rows) < COPY_FROM:
             params: list[Any] = list(map(self.values, rows)) if self.positional else rows
             with driver_cursor(conn, self.sql) as cursor:
-                if len(params) == 1:
-                    cursor.execute(self.sql, params[0])
-                else:
-                    cursor.executemany(self.sql, params)
+                pipelined = commit and self.copy is not None
+                with cursor.connection.pipeline() if pipelined else contextlib.nullcontext():
+                    if len(params) == 1:
+                        cursor.execute(self.sql, params[0])
+                    else:
+                        cursor.executemany(self.sql, params)
+                    if pipelined:
+                        cursor.execute("COMMIT", prepare=False)
             return
         with driver_cursor(conn, self.copy) as cursor, cursor.copy(self.copy) as copy:  # psycopg's COPY
             for row in rows:

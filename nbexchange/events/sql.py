@@ -79,25 +79,19 @@ _HEAD_AND_VERSION = _HEAD.add_columns(
     .scalar_subquery()
     .label("stream_version")
 )
-# The same on PostgreSQL, with the lock taken first, in one round trip (migration 0003).
-_LOCK_HEAD_AND_VERSION = sa.select(
-    sa.func.nbexchange_lock_head(_APPEND_LOCK, sa.bindparam("stream"))
-    .table_valued("head_position", "head_hash", "head_recorded_at", "stream_version")
-    .render_derived()
-)
 
 
 class _HeadQuery:
-    """The single-stream head query, compiled once per dialect and sent on the driver's own cursor.
+    """SQLite: the single-stream head query, compiled once and sent on the driver's own cursor.
 
     It runs on every append under the lock; skipping SQLAlchemy's execution
     machinery there (and for the append's INSERT) is worth about a tenth of
-    one writer's throughput.
+    one writer's throughput. PostgreSQL reads under its lock with
+    :class:`_LockedReads`.
     """
 
     def __init__(self, dialect: sa.Dialect) -> None:
-        statement = _HEAD_AND_VERSION if dialect.name == "sqlite" else _LOCK_HEAD_AND_VERSION
-        self.sql, self.constants = compile_named(dialect, statement)
+        self.sql, self.constants = compile_named(dialect, _HEAD_AND_VERSION)
         self.recorded_at = Moment().result_processor(dialect, None)  # the column's type, as SQLAlchemy reads it
 
     def first(self, conn: Connection, stream: str) -> tuple[int, str, datetime, int | None] | None:
@@ -158,6 +152,47 @@ _WANTED_KEYS = sa.func.unnest(sa.bindparam("keys", type_=_TEXTS)).table_valued("
 # LIMIT keeps the planner from flattening the lookup into a join it may hash.
 _KEYED = sa.select(events_table).where(events_table.c.idempotency_key == _WANTED_KEYS.c.key).limit(1).lateral()
 _BY_KEYS_PG = sa.select(_KEYED).select_from(_WANTED_KEYS.join(_KEYED, sa.true()))
+
+
+class _LockedReads:
+    """PostgreSQL: what an append reads under the lock, on the driver's own cursors, in one round trip.
+
+    The lock with the head and each stream's version (migration 0007), then
+    the events already appended with the batch's idempotency keys, pipelined:
+    the server runs the second after the first took the lock, in the same
+    transaction, so it sees every append committed before. Every write of
+    nbgrader's plugin carries a key; through SQLAlchemy's execution, each
+    statement a round trip of its own, these reads cost a group commit more
+    than its INSERT.
+    """
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        self.heads_sql, self.heads_constants = compile_named(dialect, _LOCK_HEADS)
+        self.keys_sql, self.keys_constants = compile_named(dialect, _BY_KEYS_PG)
+        self.moment = Moment().result_processor(dialect, None)
+
+    def run(
+        self, conn: Connection, streams: list[str], keys: list[str]
+    ) -> tuple[tuple[int, str, datetime] | None, dict[str, int], list[RecordedEvent]]:
+        """The head (``None`` on an empty log), the streams' versions, and the events with these keys."""
+        with driver_cursor(conn, self.heads_sql) as heads, driver_cursor(conn, self.keys_sql) as keyed:
+            with heads.connection.pipeline():
+                heads.execute(self.heads_sql, {**self.heads_constants, "streams": streams})
+                if keys:
+                    keyed.execute(self.keys_sql, {**self.keys_constants, "keys": keys})
+            head_rows = heads.fetchall()
+            keyed_rows = keyed.fetchall() if keys else []
+        position, hash_, recorded_at = head_rows[0][:3]
+        head = None if position is None else (position, hash_, self.moment(recorded_at))
+        versions = {stream: version or 0 for *_, stream, version in head_rows}
+        moment = self.moment
+        known = [_row_to_event((*row[:6], moment(row[6]), *row[7:])) for row in keyed_rows]
+        return head, versions, known
+
+
+@functools.cache
+def _locked_reads(dialect: sa.Dialect) -> _LockedReads:
+    return _LockedReads(dialect)
 
 
 class StoredRow(NamedTuple):
@@ -277,55 +312,57 @@ class SQLEventStore:
             committing = False
             try:
                 with write_transaction(self.engine) as conn:
-                    outcomes = self._append_locked(conn, requests)
+                    outcomes, rows = self._append_locked(conn, requests)
                     committing = True
+                    if rows:
+                        # On PostgreSQL the COMMIT goes with the INSERT, in one round trip under the lock.
+                        driver_insert(conn.dialect, events_table).execute(conn, rows, commit=True)
                 return outcomes
             except Unavailable as e:
                 # A connection the server dropped fails at its first statement;
                 # nothing was written, so one retry on a fresh connection is safe.
-                # A failure in COMMIT has an unknown outcome: that one is raised.
+                # A failure once the rows are sent (with the COMMIT, on PostgreSQL)
+                # has an unknown outcome: that one is raised.
                 dropped = getattr(e.__cause__, "connection_invalidated", False)
                 if attempt == 2 or committing or not dropped:
                     raise
         raise AssertionError("unreachable")
 
-    def _append_locked(self, conn: Connection, requests: Sequence[AppendRequest]) -> list[Appended | ExchangeError]:
-        sqlite = is_sqlite(conn)
+    def _append_locked(
+        self, conn: Connection, requests: Sequence[AppendRequest]
+    ) -> tuple[list[Appended | ExchangeError], list[dict[str, Any]]]:
+        """Under the lock, each request's outcome, and the rows of the events to insert."""
         streams = sorted({r.stream for r in requests} | {stream for r in requests for stream, _ in r.requires})
+        keys = [r.idempotency_key for r in requests if r.idempotency_key]
         versions: dict[str, int] = dict.fromkeys(streams, 0)
         head: tuple[int, str, datetime] | None
-        if len(streams) == 1:
-            found = _read_head(conn, streams[0])
-            head = found[:3] if found else None
-            if found is not None:
-                versions[streams[0]] = found[3] or 0
-        elif sqlite:
-            row = conn.execute(_HEAD).first()
-            head = (row[0], row[1], row[2]) if row else None
-            # SQLite takes at most 32,766 parameters a statement.
-            for start in range(0, len(streams), 500):
-                for stream, version in conn.execute(_VERSIONS, {"streams": streams[start : start + 500]}):
-                    versions[stream] = version or 0
+        known: dict[str, RecordedEvent] = {}
+        if not is_sqlite(conn):
+            head, found, keyed = _locked_reads(conn.dialect).run(conn, streams, keys)
+            versions.update(found)
+            known = {event.idempotency_key: event for event in keyed if event.idempotency_key}
         else:
-            heads = conn.execute(_LOCK_HEADS, {"streams": streams}).all()
-            first = heads[0]
-            head = (
-                None if first.head_position is None else (first.head_position, first.head_hash, first.head_recorded_at)
-            )
-            for row in heads:
-                versions[row.stream_name] = row.stream_version or 0
+            if len(streams) == 1:
+                found_head = _read_head(conn, streams[0])
+                head = found_head[:3] if found_head else None
+                if found_head is not None:
+                    versions[streams[0]] = found_head[3] or 0
+            else:
+                row = conn.execute(_HEAD).first()
+                head = (row[0], row[1], row[2]) if row else None
+                # SQLite takes at most 32,766 parameters a statement.
+                for start in range(0, len(streams), 500):
+                    for stream, version in conn.execute(_VERSIONS, {"streams": streams[start : start + 500]}):
+                        versions[stream] = version or 0
+            if keys:
+                for row in conn.execute(_BY_KEYS, {"keys": keys}):
+                    known[row.idempotency_key] = _row_to_event(row)
         position, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
         # recorded_at never runs backwards along the log, even if the clock does,
         # so replaying "as of a time" and "as of a position" agree.
         now = utcnow()
         if head is not None and head[2] > now:
             now = head[2]
-
-        keys = [r.idempotency_key for r in requests if r.idempotency_key]
-        known: dict[str, RecordedEvent] = {}
-        if keys:
-            for row in conn.execute(_BY_KEYS if sqlite else _BY_KEYS_PG, {"keys": keys}):
-                known[row.idempotency_key] = _row_to_event(row)
 
         outcomes: list[Appended | ExchangeError] = []
         rows: list[dict[str, Any]] = []
@@ -380,9 +417,7 @@ class SQLEventStore:
             if key:
                 known[key] = event
             outcomes.append(Appended(event))
-        if rows:
-            driver_insert(conn.dialect, events_table).execute(conn, rows)
-        return outcomes
+        return outcomes, rows
 
     # -- reading ---------------------------------------------------------
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from builders import T0, TEACHER, release, submit
+from psycopg import pq
 
-from nbexchange.db import make_engine
+from nbexchange.db import COPY_FROM, make_engine
 from nbexchange.errors import ConflictError, KeyReused, NotFound
 from nbexchange.events import sql
 from nbexchange.events.domain import (
@@ -25,7 +30,7 @@ from nbexchange.events.domain import (
     decode,
 )
 from nbexchange.events.sql import SQLEventStore, events_table
-from nbexchange.events.store import GENESIS, AppendRequest, canonical_json
+from nbexchange.events.store import GENESIS, Appended, AppendRequest, canonical_json
 
 
 def test_append_assigns_positions_versions_and_chains_hashes(store):
@@ -350,26 +355,72 @@ def test_postgresql_finds_a_batch_s_streams_and_keys_by_index_in_a_generic_plan(
         assert "Index" in plan and "Seq Scan on events" not in plan, plan
 
 
-def test_a_group_commit_of_many_streams_locks_and_reads_in_one_statement(store, engine):
-    """Under the one lock every append waits for, a commit of several streams sends the same statements as a
-    commit of one more stream would: the lock, the head and the versions together on PostgreSQL."""
+@contextlib.contextmanager
+def round_trips(engine: sa.Engine) -> Iterator[list[str]]:
+    """What PostgreSQL answered, message by message (libpq's trace of every connection checked out meanwhile):
+    each ``ReadyForQuery`` ends one round trip, whichever cursor (SQLAlchemy's or the driver's) sent it."""
+    answered: list[str] = []
+    with tempfile.TemporaryFile("w+") as trace:
+
+        def on(dbapi_connection: Any, *args: object) -> None:
+            dbapi_connection.pgconn.trace(trace.fileno())
+            dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+
+        def off(dbapi_connection: Any, *args: object) -> None:
+            dbapi_connection.pgconn.untrace()
+
+        sa.event.listen(engine.pool, "checkout", on)
+        sa.event.listen(engine.pool, "checkin", off)
+        try:
+            yield answered
+        finally:
+            sa.event.remove(engine.pool, "checkout", on)
+            sa.event.remove(engine.pool, "checkin", off)
+            trace.seek(0)
+            answered.extend(line.split("\t")[2] for line in trace if line.startswith("B\t"))
+
+
+@contextlib.contextmanager
+def statements_through_sqlalchemy(engine: sa.Engine) -> Iterator[list[str]]:
+    """The statements SQLAlchemy sends meanwhile (not those sent on the driver's own cursors)."""
     sent: list[str] = []
 
-    def record(conn, cursor, statement, *args):
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
         sent.append(statement)
 
-    counts = {}
     sa.event.listen(engine, "before_cursor_execute", record)
     try:
-        for students in (2, 40):
-            sent.clear()
-            store.append_batch([submit(f"n{students}-{i}") for i in range(students)])
-            counts[students] = len(sent)
+        yield sent
     finally:
         sa.event.remove(engine, "before_cursor_execute", record)
-    assert counts[2] == counts[40], counts
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["no keys", "keys"])
+def test_a_group_commit_of_many_streams_sends_what_a_commit_of_one_more_stream_would(store, engine, keyed):
+    """Under the one lock every append waits for, a commit of several streams costs the database the same
+    statements as a commit of one more stream would. On PostgreSQL that is three round trips, keys or none:
+    ``BEGIN``; the lock, the head and the versions, with the keys' lookup pipelined behind them; the
+    ``INSERT`` with the ``COMMIT``. A batch large enough for ``COPY`` takes one more: COPY cannot be
+    pipelined."""
+    counts = {}
+    for students in (1, 2, COPY_FROM - 1, COPY_FROM):
+        batch = [submit(f"n{keyed}{students}-{i}", key=f"k{students}-{i}" if keyed else None) for i in range(students)]
+        if engine.dialect.name == "postgresql":
+            with round_trips(engine) as answered:
+                outcomes = store.append_batch(batch)
+            counts[students] = answered.count("ReadyForQuery")
+        else:
+            with statements_through_sqlalchemy(engine) as sent:
+                outcomes = store.append_batch(batch)
+            counts[students] = len(sent)
+        assert all(isinstance(outcome, Appended) and not outcome.duplicate for outcome in outcomes)
     if engine.dialect.name == "postgresql":
-        assert counts[2] == 1, counts  # the INSERT goes on the driver's own cursor
+        assert counts == {1: 3, 2: 3, COPY_FROM - 1: 3, COPY_FROM: 4}, counts
+    else:
+        assert counts[2] == counts[COPY_FROM - 1] == counts[COPY_FROM], counts
+    # A retry's key is found in that same round trip: its first answer, and nothing appended.
+    again = store.append_batch([submit(f"n{keyed}2-0", key="k2-0" if keyed else None), submit(f"n{keyed}-late")])
+    assert [outcome.duplicate for outcome in again if isinstance(outcome, Appended)] == [keyed, False]
     assert store.verify().ok
 
 
