@@ -154,6 +154,8 @@ class LocalArchiveStore(ArchiveStore):
         self.tmp = self.root / "tmp"
         #: Where versions before 2.0 unpacked each archive; nothing reads it now, and the collector empties it.
         self.extracted = self.root / "extracted"
+        #: Shards whose entry in ``archives`` this process has flushed to disk since it saw them exist.
+        self._durable_shards: set[str] = set()
         if create:  # an auditor's read of a backup creates nothing
             for folder in (self.root, self.archives, self.tmp):
                 make_dirs(folder)
@@ -246,9 +248,13 @@ class LocalArchiveStore(ArchiveStore):
             temp.unlink()
         except FileNotFoundError:
             os.replace(temp, dest)
-        # Both entries must reach the disk before an event may name this archive.
+        # Both entries must reach the disk before an event may name this archive: the blob's in its shard,
+        # each time; the shard's in ``archives``, once (nothing removes a shard, so once flushed, it stays).
         fsync_dir(dest.parent)
-        fsync_dir(dest.parent.parent)
+        shard = dest.parent.name
+        if shard not in self._durable_shards:
+            fsync_dir(self.archives)
+            self._durable_shards.add(shard)
 
     def _archive_path(self, sha256: str) -> Path:
         check_digest(sha256)

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from s3server import new_bucket_name, shared_s3
 
+from nbexchange import storage
 from nbexchange.errors import NotFound, TooLarge
 from nbexchange.storage import ArchiveStore, LocalArchiveStore, StoredArchive
 from nbexchange.storage_s3 import S3ArchiveStore
@@ -113,6 +114,41 @@ def test_a_stored_blob_reads_back_by_its_sha256(store: ArchiveStore) -> None:
     assert read_blob(store, stored.sha256) == data
     assert stored_blobs(store) == [stored.sha256]
     assert temp_files(store) == []
+
+
+def stored_as(store: LocalArchiveStore, data: bytes) -> StoredArchive:
+    with store.new_upload() as upload:
+        upload.write(data)
+        return upload.finish()
+
+
+def test_an_archive_s_folder_entries_reach_the_disk_before_it_counts_as_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``finish`` flushes the blob's entry in its shard every time, and the shard's entry in ``archives`` the
+    first time the process stores into that shard (created now or by another process): never an event naming
+    an archive whose name a crash could take back. Nothing removes a shard, so once is enough."""
+    flushed: list[Path] = []
+    monkeypatch.setattr(storage, "fsync_dir", lambda path: flushed.append(Path(path)))
+    store = LocalArchiveStore(tmp_path / "store")
+    first = stored_as(store, b"one")
+    shard = store.archives / first.sha256[:2]
+    assert flushed == [shard, store.archives]
+    same_shard = next(
+        data for i in range(10_000) if hashlib.sha256(data := b"%d" % i).hexdigest()[:2] == first.sha256[:2]
+    )
+    flushed.clear()
+    stored_as(store, same_shard)
+    stored_as(store, b"one")  # the same bytes again: kept as stored
+    assert flushed == [shard, shard]
+    other = next(data for i in range(10_000) if hashlib.sha256(data := b"%d" % i).hexdigest()[:2] != shard.name)
+    flushed.clear()
+    stored_as(store, other)
+    assert flushed == [store.archives / hashlib.sha256(other).hexdigest()[:2], store.archives]
+    flushed.clear()
+    # Another process (a store of its own) finds the shard there, made by someone else: it flushes it once too.
+    stored_as(LocalArchiveStore(tmp_path / "store"), same_shard)
+    assert flushed == [shard, store.archives]
 
 
 def test_a_large_upload_streams_through(store: ArchiveStore) -> None:
