@@ -45,6 +45,11 @@ ARCHIVES, TASKS = "nbexchange/workers/archives.py", "nbexchange/workers/tasks.py
 STORAGE, UPLOADS = "nbexchange/storage.py", "nbexchange/api/uploads.py"
 BASE, EXCHANGE = "nbexchange/api/base.py", "nbexchange/exchange.py"
 COMMIT = "append + commit (group committer: SQL, hash chain, JSON)"
+PROBES = "reads (the benchmark's probes: collections, head)"
+DISPATCH = "dispatch (check messages, wake-ups)"
+FETCH = "fetch (GET assignment: decide, append, send)"
+#: The stages of the accept path proper, by their names' beginning (with the fetch: a student's visit).
+ACCEPT = ("accept: ", FETCH)
 
 #: (stage, patterns), in order: a stack goes to the first stage one of whose patterns matches a frame.
 STAGES: list[tuple[str, list[Pattern]]] = [
@@ -63,7 +68,7 @@ STAGES: list[tuple[str, list[Pattern]]] = [
     ("check: look-ups (the event, an earlier outcome)", [P(TASKS, "check_archive", r"store\.get|by_idempotency_key")]),
     ("check: append the outcome (build, hand to the committer)", [P(TASKS, "check_archive")]),
     (
-        "reads (the benchmark's probes: collections, head)",
+        PROBES,
         [
             P("nbexchange/api/collections.py"),
             P("nbexchange/api/head.py"),
@@ -75,7 +80,7 @@ STAGES: list[tuple[str, list[Pattern]]] = [
     ("project (catch-up of the read models)", [P("nbexchange/projections/"), P(TASKS, "catch_up")]),
     ("sweep and blob collection", [P(TASKS, "sweep|collect|_advance")]),
     (COMMIT, [P("nbexchange/committer.py", r"GroupCommitter\.(_run|_commit)"), P("nbexchange/events/sql.py")]),
-    ("dispatch (check messages, wake-ups)", [P("nbexchange/workers/app.py", r"Dispatcher\..*")]),
+    (DISPATCH, [P("nbexchange/workers/app.py", r"Dispatcher\..*")]),
     (
         "accept: hash (sha256 of the upload)",
         [P(STORAGE, r"Upload\.write", "_digest"), P(STORAGE, r"Upload\.finish", "hexdigest")],
@@ -90,7 +95,7 @@ STAGES: list[tuple[str, list[Pattern]]] = [
     ),
     ("accept: parse (multipart)", [P("python_multipart/"), P(UPLOADS, r"FormStream\..*|_FilePart\..*|_ListPart\..*")]),
     (
-        "fetch (GET assignment: decide, append, send)",
+        FETCH,
         [
             P(EXCHANGE, r"Exchange\.(fetch|_download|_live_release)"),
             P("nbexchange/api/assignment.py"),
