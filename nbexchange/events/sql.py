@@ -183,8 +183,12 @@ class _LockedReads:
             head_rows = heads.fetchall()
             keyed_rows = keyed.fetchall() if keys else []
         position, hash_, recorded_at = head_rows[0][:3]
-        head = None if position is None else (position, hash_, self.moment(recorded_at))
-        versions = {stream: version or 0 for *_, stream, version in head_rows}
+        head: tuple[int, str, datetime] | None = None
+        if position is not None:
+            at = self.moment(recorded_at)
+            assert at is not None  # a NOT NULL column
+            head = (position, hash_, at)
+        versions: dict[str, int] = {stream: version or 0 for *_, stream, version in head_rows}
         moment = self.moment
         known = [_row_to_event((*row[:6], moment(row[6]), *row[7:])) for row in keyed_rows]
         return head, versions, known
