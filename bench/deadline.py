@@ -128,7 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=size_arg, default=1024**2, help="S: bytes per submitted archive (e.g. 1MB)")
     p.add_argument("--concurrency", type=int, default=64, help="C: the load generator's connections")
     p.add_argument("--window", type=float, default=5.0, help="seconds over which arrivals come, bunched at the end")
-    p.add_argument("--api-processes", type=int, default=2, help="production mode: API processes (SO_REUSEPORT)")
+    p.add_argument(
+        "--api-processes",
+        type=int,
+        default=None,
+        help="production mode: API processes (SO_REUSEPORT); default one per core the servers may use, as "
+        "docs/operations.md sizes them (2 on this machine, 1 with --pin)",
+    )
     p.add_argument("--workers", type=int, default=1, help="production mode: `nbexchange worker` processes")
     p.add_argument("--worker-concurrency", type=int, default=2, help="threads per worker (both modes)")
     p.add_argument("--no-baseline", action="store_true", help="skip the bare-tornado baseline (ratios need it)")
@@ -176,6 +182,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="deadline: after the last accept, watch until every archive has its check outcome, the projections "
         "and the sweep reached the log's head and the servers' CPU is quiet; report CPU per accepted submission "
         "by phase and process, a per-second timeline, and (with --profile) a breakdown by stage",
+    )
+    p.add_argument(
+        "--no-keys",
+        action="store_true",
+        help="deadline: send no Idempotency-Key with the fetches and submissions (nbgrader's plugin sends one with "
+        "each; the passes before the eleventh measured without)",
     )
     p.add_argument("--idle-timeout", type=float, default=1800.0, help="--until-idle: the longest wait for idle")
     p.add_argument(
@@ -674,6 +686,7 @@ def run_deadline_mode(mode: str, root: Path, args: argparse.Namespace) -> dict[s
             lag_timeout=args.lag_timeout,
             until_idle=args.until_idle,
             idle_timeout=args.idle_timeout,
+            idempotency_keys=not args.no_keys,
         )
         watch = probe = None
         if args.until_idle:
@@ -1329,6 +1342,10 @@ def main(argv: list[str] | None = None) -> None:
         os.sched_setaffinity(0, {cores[-1]})  # the load generator and py-spy inherit it
         report["pinned"] = {"servers": args.server_cpus, "loadgen, py-spy, this script": str(cores[-1])}
         print(f"pinned: {report['pinned']}", flush=True)
+    if args.api_processes is None:
+        # A second process on a core costs each submission more CPU than it saves (bench/README.md, eleventh pass).
+        args.api_processes = len(args.server_cpus.split(",")) if args.server_cpus else len(os.sched_getaffinity(0))
+    report["api_processes"] = args.api_processes
     print(f"machine: {report['machine']}", flush=True)
     print(f"fsync on {storage} before: {report['fsync_before']}", flush=True)
     if args.fsync_delay:
