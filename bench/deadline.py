@@ -532,13 +532,16 @@ class LoadGen:
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None and not select.select([self.proc.stdout], [], [], 0)[0]:
-                raise RuntimeError(
-                    f"the load generator exited with {self.proc.returncode}; see {self.root}/loadgen.log"
-                )
             ready, _, _ = select.select([self.proc.stdout], [], [], min(1.0, max(0.0, deadline - time.monotonic())))
             if ready:
-                line = self.proc.stdout.readline().decode().strip()
+                raw = self.proc.stdout.readline()
+                if not raw:
+                    # The end of its output: it has exited (reading on would return nothing, at once, for ever).
+                    self.proc.wait(timeout=10)
+                    raise RuntimeError(
+                        f"the load generator exited with {self.proc.returncode}; see {self.root}/loadgen.log"
+                    )
+                line = raw.decode().strip()
                 if line == word:
                     self.times[word] = time.monotonic()
                     self.samples[word] = self.snapshot()
@@ -547,8 +550,6 @@ class LoadGen:
                     elif word == "UPLOADS_DONE":
                         self.stop_profilers()
                     return
-                if not line and self.proc.poll() is not None:
-                    continue
         raise RuntimeError(f"the load generator did not say {word} within {timeout} s")
 
     def go(self) -> None:
