@@ -1145,8 +1145,17 @@ def handler_seconds(logs: list[Path], count: int, path: str = f"{BASE_URL}collec
 # -- reporting ----------------------------------------------------------------------------------
 
 
-#: The second baseline run's name: the same server, measured after the exchange's modes.
-AFTER = "baseline (after)"
+def is_baseline(mode: str) -> bool:
+    """Whether a run is one of the baseline's (``baseline``, ``baseline (after embedded)``, ...)."""
+    return mode.startswith("baseline")
+
+
+def adjacent_baselines(runs: list[dict[str, Any]], run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The baseline runs just before and just after ``run`` (the machine drifts: a mode is held to its neighbours)."""
+    at = runs.index(run)
+    before = [r for r in runs[:at] if is_baseline(r["mode"])][-1:]
+    after = [r for r in runs[at + 1 :] if is_baseline(r["mode"])][:1]
+    return before + after
 
 
 def _ms(value: float | None) -> str:
@@ -1161,7 +1170,6 @@ def _ratios(value: float | None, bases: list[float | None]) -> str:
 
 
 def deadline_table(summaries: list[dict[str, Any]]) -> str:
-    bases = [s for s in summaries if s["mode"] in ("baseline", AFTER)]
     lines = [
         "| mode | accepted | accepted/s (saturated) | × baseline (before / after) | overall/s "
         "| accept p50 / p99 / max (ms) | p99 × baseline (before / after) | projection lag p50 / p99 / max (ms) "
@@ -1171,7 +1179,8 @@ def deadline_table(summaries: list[dict[str, Any]]) -> str:
     for s in summaries:
         lat = s["accept_latency_s"]
         ratio = p99_ratio = "–"
-        if s not in bases:
+        if not is_baseline(s["mode"]):
+            bases = adjacent_baselines(summaries, s)
             ratio = _ratios(s.get("accepted_per_s"), [b.get("accepted_per_s") for b in bases])
             p99_ratio = _ratios(lat["p99"], [b["accept_latency_s"]["p99"] for b in bases])
         lag = s.get("projection_lag_s") or {}
@@ -1197,7 +1206,10 @@ def deadline_table(summaries: list[dict[str, Any]]) -> str:
 def cost_table(summaries: list[dict[str, Any]]) -> str:
     """CPU per accepted submission (ms) by phase, with each process's share of the total."""
     runs = [s for s in summaries if "cost" in s]
-    bases = [s["cost"]["total"]["total"]["ms_per_submission"] for s in runs if s["mode"] in ("baseline", AFTER)]
+
+    def bases(s: dict[str, Any]) -> list[float | None]:
+        return [b["cost"]["total"]["total"]["ms_per_submission"] for b in adjacent_baselines(runs, s)]
+
     lines = [
         "| mode | accepted | accepted/s (saturated) | accept p99 (ms) | accept phase (ms/sub) | after the burst "
         "(ms/sub) | total (ms/sub) | total × baseline (before / after) | idle after last accept (s) "
@@ -1211,7 +1223,7 @@ def cost_table(summaries: list[dict[str, Any]]) -> str:
             f"| {s['mode']} | {s['accepted']}/{s['students']} | {s.get('accepted_per_s') or '–'} "
             f"| {_ms(s['accept_latency_s']['p99'])} | {c['accept_phase']['total']['ms_per_submission']} "
             f"| {c['after_burst']['total']['ms_per_submission']} | {total} "
-            f"| {_ratios(total, bases) if s['mode'] not in ('baseline', AFTER) else '1'} "
+            f"| {'1' if is_baseline(s['mode']) else _ratios(total, bases(s))} "
             f"| {round(s['idle_s'] - s['uploads_done_s'], 1)} | {round(1000 / total, 1) if total else '–'} "
             f"| {s['idle_floor_cores']} |"
         )
@@ -1283,14 +1295,14 @@ def accept_path_ms(run: dict[str, Any]) -> float | None:
     return round(own + backends, 2)
 
 
-def accept_path_table(runs: list[dict[str, Any]], bases: list[float | None]) -> list[str]:
-    """The accept path's CPU per submission beside the baselines' whole (needs ``--profile``)."""
-    rows = [(run["mode"], accept_path_ms(run)) for run in runs if run["mode"] not in ("baseline", AFTER)]
-    rows = [(mode, ms) for mode, ms in rows if ms is not None]
+def accept_path_table(runs: list[dict[str, Any]], bases: Callable[[dict[str, Any]], list[float | None]]) -> list[str]:
+    """The accept path's CPU per submission beside the adjacent baselines' whole (needs ``--profile``)."""
+    rows = [(run, accept_path_ms(run)) for run in runs if not is_baseline(run["mode"])]
+    rows = [(run, ms) for run, ms in rows if ms is not None]
     if not rows:
         return []
     lines = ["", "| mode | accept path (ms/sub) | × baseline (before / after) |", "|---|---|---|"]
-    return lines + [f"| {mode} | {ms} | {_ratios(ms, bases)} |" for mode, ms in rows]
+    return lines + [f"| {run['mode']} | {ms} | {_ratios(ms, bases(run))} |" for run, ms in rows]
 
 
 def stage_totals(by_role: dict[str, dict[str, Any]]) -> list[tuple[str, float]]:
@@ -1356,18 +1368,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         modes = list(args.modes)
         if args.scenario == "deadline" and not args.no_baseline:
-            # Before and after: this machine's baseline drifts between runs, and within one.
-            modes = ["baseline", *modes, "baseline"]
+            # Before and after each mode: this machine's baseline drifts between runs, and within one,
+            # so each mode is held to the baseline runs beside it.
+            modes = ["baseline", *(step for mode in modes for step in (mode, "baseline"))]
         runner = {"deadline": run_deadline_mode, "bigupload": run_bigupload_mode, "list": run_list_mode}[args.scenario]
         for mode in modes:
             os.sync()
             waited = wait_for_idle(args.quiet_wait)
-            again = "-after" if mode == "baseline" and runs else ""
+            again = f"-after-{runs[-1]['mode']}" if mode == "baseline" and runs else ""
             root = storage / f"{args.scenario}-{mode}{again}-{stamp}"
             print(f"== {args.scenario}: {mode} ({root})", flush=True)
             result = runner(mode, root, args)
             if again:
-                result["mode"] = AFTER
+                result["mode"] = f"baseline (after {runs[-1]['mode']})"
             result["waited_for_idle"] = waited
             runs.append(result)
             print(json.dumps(result, indent=1), flush=True)
