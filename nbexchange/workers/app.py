@@ -31,8 +31,14 @@ log = logging.getLogger(__name__)
 EMBEDDED_BROKER = "memory://localhost/"
 
 CHECK_ARCHIVES = "nbexchange.check_archives"
-#: Archives per check message: fewer messages in a burst, still spread over workers.
+#: The fewest archives per check message: fewer messages in a burst, still spread over workers.
 CHECKS_PER_MESSAGE = 8
+#: A backlog of held checks (a burst's, once its uploads stop) goes in at least this many messages, each
+#: of ``CHECKS_PER_MESSAGE`` to ``CHECKS_PER_BUSY_MESSAGE`` archives: a few thousand held go in messages of
+#: 64, not hundreds of 8, each costing its worker two reads, a commit and a catch-up (a check cost
+#: 2.9-3.1 ms of CPU in messages of 8 on PostgreSQL, 2.0-2.1 in messages of 64: bench/check_cost.py;
+#: end to end, the CPU after a 3,000-student burst fell by a quarter to a third: bench/README.md).
+BACKLOG_MESSAGES = 32
 #: Archives per check message while the process receives uploads (checks held, see ``Dispatcher``):
 #: each message costs its worker two reads, a commit and the outcomes' catch-up, on the CPUs the
 #: uploads need. A held check whose time has come waits up to ``BUSY_FILL`` seconds more for its
@@ -293,7 +299,7 @@ class Dispatcher:
         holds ~20 s of submissions, and the dispatcher passes every ``HOLD_POLL`` and after each commit).
         """
         if not busy:
-            return in_messages([position for position, _ in held], CHECKS_PER_MESSAGE), []
+            return in_messages([position for position, _ in held], backlog_message_size(len(held))), []
         oldest = now - self.hold_max
         count = bisect.bisect_right(held, oldest, key=itemgetter(1))
         if count and held[0][1] > oldest - BUSY_FILL:
@@ -339,6 +345,11 @@ class Dispatcher:
                 self._outage.failed(e)
             else:
                 self._outage.worked()
+
+
+def backlog_message_size(held: int) -> int:
+    """Archives per message for ``held`` checks sent at once: ``BACKLOG_MESSAGES`` messages, or fewer if small."""
+    return max(CHECKS_PER_MESSAGE, min(CHECKS_PER_BUSY_MESSAGE, -(-held // BACKLOG_MESSAGES)))
 
 
 def in_messages(positions: list[int], size: int) -> list[list[int]]:

@@ -17,7 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from service import TEST_BROKER_URL, Service
 
-from nbexchange.workers.app import BUSY_FILL, CHECK_ARCHIVES, CHECKS_PER_BUSY_MESSAGE, CHECKS_PER_MESSAGE, Dispatcher
+from nbexchange.workers.app import (
+    BACKLOG_MESSAGES,
+    BUSY_FILL,
+    CHECK_ARCHIVES,
+    CHECKS_PER_BUSY_MESSAGE,
+    CHECKS_PER_MESSAGE,
+    Dispatcher,
+)
 
 USERS = {"ada": {COURSE: "Instructor"}, "s1": {COURSE: "Student"}, "s2": {COURSE: "Student"}}
 
@@ -88,8 +95,12 @@ def _due_by_reading_every_held_check(
 ) -> tuple[list[list[int]], list[tuple[int, float]]]:
     """What the dispatcher must send: each held check looked at, in the plainest words."""
     if not busy:
+        # As few messages as BACKLOG_MESSAGES, as long as each holds CHECKS_PER_MESSAGE to CHECKS_PER_BUSY_MESSAGE.
+        size = CHECKS_PER_MESSAGE
+        while size < CHECKS_PER_BUSY_MESSAGE and size * BACKLOG_MESSAGES < len(held):
+            size += 1
         positions = [position for position, _ in held]
-        return [positions[i : i + CHECKS_PER_MESSAGE] for i in range(0, len(positions), CHECKS_PER_MESSAGE)], []
+        return [positions[i : i + size] for i in range(0, len(positions), size)], []
     due = [position for position, since in held if since <= now - hold_max]
     if due and held[0][1] > now - hold_max - BUSY_FILL:
         due = due[: len(due) - len(due) % CHECKS_PER_BUSY_MESSAGE]
@@ -117,6 +128,21 @@ def test_the_due_checks_are_those_held_long_enough_in_full_messages(passes, busy
     dispatcher = SimpleNamespace(hold_max=hold_max)
     expected = _due_by_reading_every_held_check(list(held), busy, now, hold_max)
     assert Dispatcher._due(dispatcher, held, busy, now) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("held", "sizes"),
+    [(20, [8, 8, 4]), (256, [8] * 32), (641, [21] * 30 + [11]), (3000, [64] * 46 + [56])],
+)
+def test_a_burst_backlog_goes_in_messages_as_large_as_its_spread_over_workers_allows(held, sizes):
+    # Once the uploads stop, what a burst held goes at once: in BACKLOG_MESSAGES messages (fewer if small),
+    # each of CHECKS_PER_MESSAGE to CHECKS_PER_BUSY_MESSAGE archives, every check once and in commit order.
+    assert (CHECKS_PER_MESSAGE, CHECKS_PER_BUSY_MESSAGE, BACKLOG_MESSAGES) == (8, 64, 32)  # the sizes below
+    dispatcher = SimpleNamespace(hold_max=20.0)
+    messages, still_held = Dispatcher._due(dispatcher, [(p, 0.0) for p in range(held)], False, 100.0)  # type: ignore[arg-type]
+    assert still_held == []
+    assert [p for message in messages for p in message] == list(range(held))
+    assert list(map(len, messages)) == sizes
 
 
 def test_catch_up_is_spaced_while_uploads_arrive():
