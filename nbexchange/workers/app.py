@@ -33,11 +33,12 @@ EMBEDDED_BROKER = "memory://localhost/"
 CHECK_ARCHIVES = "nbexchange.check_archives"
 #: The fewest archives per check message: fewer messages in a burst, still spread over workers.
 CHECKS_PER_MESSAGE = 8
-#: A backlog of held checks (a burst's, once its uploads stop) goes in at least this many messages, each
-#: of ``CHECKS_PER_MESSAGE`` to ``CHECKS_PER_BUSY_MESSAGE`` archives: a few thousand held go in messages of
-#: 64, not hundreds of 8, each costing its worker two reads, a commit and a catch-up (a check cost
-#: 2.9-3.1 ms of CPU in messages of 8 on PostgreSQL, 2.0-2.1 in messages of 64: bench/check_cost.py;
-#: end to end, the CPU after a 3,000-student burst fell by a quarter to a third: bench/README.md).
+#: A backlog of held checks (a burst's, once its uploads stop) is split into about this many messages, each
+#: of ``CHECKS_PER_MESSAGE`` to ``CHECKS_PER_BUSY_MESSAGE`` archives (fewer messages of 8 for a backlog of
+#: 256 or less, more of 64 past 2,048): a few thousand held go in messages of 64, not hundreds of 8, each
+#: costing its worker two reads, a commit and a catch-up (a check cost 2.9-3.1 ms of CPU in messages of 8
+#: on PostgreSQL, 2.0-2.1 in messages of 64: bench/check_cost.py; end to end, the CPU after a
+#: 3,000-student burst fell by a quarter to a third: bench/README.md).
 BACKLOG_MESSAGES = 32
 #: Archives per check message while the process receives uploads (checks held, see ``Dispatcher``):
 #: each message costs its worker two reads, a commit and the outcomes' catch-up, on the CPUs the
@@ -348,7 +349,7 @@ class Dispatcher:
 
 
 def backlog_message_size(held: int) -> int:
-    """Archives per message for ``held`` checks sent at once: ``BACKLOG_MESSAGES`` messages, or fewer if small."""
+    """Archives per message for ``held`` checks sent at once: a ``BACKLOG_MESSAGES``th, within the messages' bounds."""
     return max(CHECKS_PER_MESSAGE, min(CHECKS_PER_BUSY_MESSAGE, -(-held // BACKLOG_MESSAGES)))
 
 

@@ -135,8 +135,8 @@ def test_the_due_checks_are_those_held_long_enough_in_full_messages(passes, busy
     [(20, [8, 8, 4]), (256, [8] * 32), (641, [21] * 30 + [11]), (3000, [64] * 46 + [56])],
 )
 def test_a_burst_backlog_goes_in_messages_as_large_as_its_spread_over_workers_allows(held, sizes):
-    # Once the uploads stop, what a burst held goes at once: in BACKLOG_MESSAGES messages (fewer if small),
-    # each of CHECKS_PER_MESSAGE to CHECKS_PER_BUSY_MESSAGE archives, every check once and in commit order.
+    # Once the uploads stop, what a burst held goes at once: in about BACKLOG_MESSAGES messages (fewer if small,
+    # more if large), each of CHECKS_PER_MESSAGE to CHECKS_PER_BUSY_MESSAGE archives, every check once, in order.
     assert (CHECKS_PER_MESSAGE, CHECKS_PER_BUSY_MESSAGE, BACKLOG_MESSAGES) == (8, 64, 32)  # the sizes below
     dispatcher = SimpleNamespace(hold_max=20.0)
     messages, still_held = Dispatcher._due(dispatcher, [(p, 0.0) for p in range(held)], False, 100.0)  # type: ignore[arg-type]
