@@ -313,6 +313,11 @@ def _filled(bins: list[dict[str, Any]], key: str) -> list[Any]:
     return out
 
 
+def is_baseline(mode: str) -> bool:
+    """Whether a run is one of the baseline's (``baseline``, ``baseline (after embedded)``, ...)."""
+    return mode.startswith("baseline")
+
+
 def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     """One column per mode: accepts/s, accept p99, projection lag, checks done, cores by process, over time."""
     import matplotlib
@@ -321,7 +326,7 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     # The baselines have no checks nor projections: their accept rate is in the tables.
-    runs = [r for r in runs if r.get("timeline") and not r["mode"].startswith("baseline")]
+    runs = [r for r in runs if r.get("timeline") and not is_baseline(r["mode"])]
     if not runs:
         return
     rows = 5

@@ -56,6 +56,7 @@ from cost import (
     REDIS,
     LogProbe,
     Watch,
+    is_baseline,
     phase_cost,
     plot,
     settled,
@@ -1143,11 +1144,6 @@ def handler_seconds(logs: list[Path], count: int, path: str = f"{BASE_URL}collec
 
 
 # -- reporting ----------------------------------------------------------------------------------
-
-
-def is_baseline(mode: str) -> bool:
-    """Whether a run is one of the baseline's (``baseline``, ``baseline (after embedded)``, ...)."""
-    return mode.startswith("baseline")
 
 
 def adjacent_baselines(runs: list[dict[str, Any]], run: dict[str, Any]) -> list[dict[str, Any]]:
